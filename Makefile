@@ -1,0 +1,40 @@
+# Everything a fresh machine needs: `make test` and `make demo` create or update .venv themselves.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Prefect keeps its state (and its temporary server's SQLite database) inside the project; its first
+# start runs database migrations that take longer than the default 20 s on a 2-core machine.
+export PREFECT_HOME := $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+export NO_ALBUMENTATIONS_UPDATE := 1
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	# img2dataset pulls in the `dataclasses` backport, which shadows the standard library module and
+	# breaks Prefect's server ("dataclass() got an unexpected keyword argument 'slots'").
+	$(BIN)/pip uninstall --quiet -y dataclasses
+	$(BIN)/python -c "import dataclasses, sys; assert dataclasses.__file__.startswith(sys.base_prefix), dataclasses.__file__"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+demo: $(STAMP)
+	$(BIN)/vlkd synth
+	$(BIN)/vlkd download
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/download.py
+
+clean:
+	rm -rf data/world data/shards .prefect

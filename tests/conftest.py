@@ -1,0 +1,110 @@
+"""Shared fixtures: a real HTTP server on 127.0.0.1 that serves good images and every kind of bad answer."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from PIL import Image
+
+SLOW_SECONDS = 3.0
+
+
+def png_bytes(index: int, size: int = 48) -> bytes:
+    """A small PNG that differs per index."""
+    image = Image.new("RGB", (size, size), ((index * 37) % 256, (index * 91) % 256, (index * 13) % 256))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg_bytes(size: int = 64) -> bytes:
+    image = Image.effect_noise((size, size), 64).convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class ImageServer:
+    """Paths: /img/N.png good; /404; /html; /truncated.jpg; /empty.jpg; /huge.png (decodes to 1000x1000);
+    /redirect/N -> /img/N.png; /loop (redirects to itself); /slow.png (answers after SLOW_SECONDS);
+    /flaky/N.png (404 on the first request, then an image); /delay/N.png (a good image after 50 ms)."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        handler = self._handler()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    def _handler(self):
+        server = self
+        truncated = jpeg_bytes(128)
+        truncated = truncated[: len(truncated) // 3]
+        huge = png_bytes(1, size=1000)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes = b"", content_type: str = "image/png", **headers) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                path = self.path
+                with server.lock:
+                    server.requests[path] += 1
+                    seen = server.requests[path]
+                if path.startswith("/img/"):
+                    self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])))
+                elif path.startswith("/delay/"):
+                    time.sleep(0.05)
+                    self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])))
+                elif path.startswith("/flaky/"):
+                    if seen == 1:
+                        self._send(404, b"not yet", "text/plain")
+                    else:
+                        self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])))
+                elif path == "/html":
+                    self._send(200, b"<html><body>not an image</body></html>", "text/html")
+                elif path == "/truncated.jpg":
+                    self._send(200, truncated, "image/jpeg")
+                elif path == "/empty.jpg":
+                    self._send(200, b"", "image/jpeg")
+                elif path == "/huge.png":
+                    self._send(200, huge)
+                elif path.startswith("/redirect/"):
+                    self._send(302, Location=f"/img/{path.split('/')[-1]}.png")
+                elif path == "/loop":
+                    self._send(302, Location="/loop")
+                elif path == "/slow.png":
+                    time.sleep(SLOW_SECONDS)
+                    self._send(200, png_bytes(0))
+                else:
+                    self._send(404, b"no such thing", "text/plain")
+
+        return Handler
+
+
+@pytest.fixture
+def image_server():
+    server = ImageServer()
+    server.thread.start()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()

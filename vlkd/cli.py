@@ -1,0 +1,89 @@
+"""`vlkd <stage>`: thin entry points over the library; params.yaml gives the defaults, flags override.
+
+Bad input ends in one line on stderr (what, where, what to do) and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from vlkd.config import Params, load_params, with_overrides
+from vlkd.errors import VlkdError
+
+
+def _reports_errors(command):
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VlkdError as err:
+            click.echo(f"vlkd: error: {err}", err=True)
+            sys.exit(2)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=None,
+              help="params.yaml to read (default: the nearest one from the working directory upwards).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.pass_context
+@_reports_errors
+def main(ctx: click.Context, params_file: Path | None, verbose: bool) -> None:
+    """vlkd: image URLs with captions in, a CLIP-distilled generative vision-language model out."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if params_file is not None and not params_file.is_file():
+        raise VlkdError(f"params file {params_file} does not exist; check --params")
+    ctx.obj = load_params(params_file)
+
+
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), help="World folder [synth.output].")
+@click.option("--images", type=int, help="Training images [synth.images].")
+@click.option("--seed", type=int, help="Random seed [synth.seed].")
+@click.pass_obj
+@_reports_errors
+def synth(params: Params, output: Path | None, images: int | None, seed: int | None) -> None:
+    """Generate the synthetic world: images, URL list, VQA and COCO files, text corpus."""
+    from vlkd.corpus.synth import generate_world
+
+    world = with_overrides(params.synth, output=output, images=images, seed=seed)
+    manifest = generate_world(world.output, world)
+    click.echo(f"world written to {world.output} ({len(manifest['files'])} files)")
+
+
+@main.command()
+@click.option("--url-list", type=click.Path(path_type=Path), help="Parquet, csv or tsv file [download.url_list].")
+@click.option("--output", type=click.Path(path_type=Path), help="Shard folder [download.output].")
+@click.option("--url-col", help="Column with the image URLs [download.url_col].")
+@click.option("--caption-col", help="Column with the captions [download.caption_col].")
+@click.option("--input-format", type=click.Choice(["auto", "parquet", "csv", "tsv"]),
+              help="Format of the list; auto goes by the extension [download.input_format].")
+@click.option("--column-names", help="For a csv/tsv without a header: its column names, comma-separated, "
+              "e.g. 'caption,url' for Conceptual Captions [download.column_names].")
+@click.option("--retry-failed", is_flag=True, help="Also re-attempt URLs whose earlier download failed.")
+@click.pass_obj
+@_reports_errors
+def download(params: Params, url_list: Path | None, output: Path | None, url_col: str | None,
+             caption_col: str | None, input_format: str | None, column_names: str | None,
+             retry_failed: bool) -> None:
+    """Download a URL list into webdataset shards with img2dataset (incremental, resumable)."""
+    from vlkd.corpus.download import download as run_download
+
+    names = [name.strip() for name in column_names.split(",")] if column_names else None
+    stage = with_overrides(params.download, url_list=url_list, output=output, url_col=url_col,
+                       caption_col=caption_col, input_format=input_format, column_names=names)
+    summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
+    click.echo(json.dumps(summary["url_list"], indent=2))
+    click.echo(f"shards in {stage.output}: {summary['shards']['count']}, "
+               f"{summary['shards']['samples']} samples")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Typed view of params.yaml: the one place where defaults live.
+
+Inside a project (a folder with params.yaml, found from the working directory upwards) the file is
+read and validated; elsewhere the defaults below apply. CLI flags override both. Relative paths in
+params.yaml are relative to the folder that holds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vlkd.errors import VlkdError
+
+PARAMS_FILE = "params.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SynthParams(_Section):
+    """The embedded synthetic world (vlkd synth)."""
+
+    output: Path = Path("data/world")
+    seed: int = 0
+    images: int = Field(2000, ge=1, description="training images in the URL list")
+    eval_images: int = Field(200, ge=1, description="held-out images with VQA questions and COCO captions")
+    shifted_images: int = Field(100, ge=1, description="domain-shifted held-out images")
+    image_size: int = Field(96, ge=32, le=1024, description="side of the generated PNGs, in pixels")
+    captions_per_image: int = Field(3, ge=1)
+    text_scenes: int = Field(20000, ge=10, description="scenes described in words for the language model")
+    # Fixed so the URL list (a DVC-tracked input) is identical from run to run; change it only if the
+    # port is taken on your machine.
+    port: int = Field(18473, ge=1024, le=65535)
+
+
+class DownloadParams(_Section):
+    """The download stage (img2dataset into webdataset shards)."""
+
+    url_list: Path = Path("data/world/urls.parquet")
+    output: Path = Path("data/shards")
+    url_col: str = "url"
+    caption_col: str = "caption"
+    input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
+    # For headerless csv/tsv files (Conceptual Captions: [caption, url]): the column names in order.
+    column_names: list[str] | None = None
+    image_size: int = Field(64, ge=8)
+    resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100)
+    processes: int = Field(2, ge=1)
+    threads: int = Field(16, ge=1)
+    timeout: float = Field(10.0, gt=0, description="seconds per request")
+    retries: int = Field(0, ge=0)
+    shard_size: int = Field(1000, ge=1, description="samples per shard")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    max_image_area: float = Field(40e6, gt=0, description="larger decoded images are recorded as failures")
+    max_caption_chars: int = Field(1000, ge=1, description="longer captions are truncated and counted")
+
+    @field_validator("column_names")
+    @classmethod
+    def _unique_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is not None and len(set(names)) != len(names):
+            raise ValueError(f"column names must be unique, got {names}")
+        return names
+
+
+class Params(_Section):
+    synth: SynthParams = SynthParams()
+    download: DownloadParams = DownloadParams()
+
+
+def find_params_file(start: Path | None = None) -> Path | None:
+    """The nearest params.yaml from `start` (default: the working directory) upwards."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / PARAMS_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_params(path: Path | None = None) -> Params:
+    """Validated params from `path`, or from the project's params.yaml, or the defaults."""
+    path = path or find_params_file()
+    if path is None:
+        return Params()
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as err:
+        raise VlkdError(f"cannot read {path}: {err.strerror}; check the path") from err
+    except yaml.YAMLError as err:
+        raise VlkdError(f"{path} is not valid YAML ({err}); fix the file") from err
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise VlkdError(f"{path}: {_first_problem(err)}; fix params.yaml") from err
+    return _resolve_paths(params, Path(path).resolve().parent)
+
+
+def with_overrides(section: _Section, **flags) -> _Section:
+    """The section with every flag that was given (not None) replacing its value, validated."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as err:
+        raise VlkdError(f"bad option: {_first_problem(err)}; see --help") from err
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def _resolve_paths(params: Params, root: Path) -> Params:
+    """Make the sections' relative paths relative to the folder of params.yaml."""
+    sections = {}
+    for name in Params.model_fields:
+        section = getattr(params, name)
+        updates = {
+            field: root / value
+            for field, value in section
+            if isinstance(value, Path) and not value.is_absolute()
+        }
+        sections[name] = section.model_copy(update=updates)
+    return params.model_copy(update=sections)

@@ -1,0 +1,201 @@
+"""The download stage: a URL list into img2dataset webdataset shards, incremental and resumable.
+
+    read and check the list -> recover a killed run -> fetch only new URLs into new shards
+    -> adopt complete shards -> account for every row (summary.json, failed.parquet)
+
+img2dataset does the downloading, resizing and shard writing. Its own entry point is not used because
+its incremental mode keys on shard numbers: rows added to a list that land in an already finished shard
+number are silently skipped. Here the rows to fetch are computed by URL against every shard's parquet,
+and img2dataset's reader is started at the first unused shard number, so existing shards are never
+rewritten and a refresh costs in proportion to the new rows.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vlkd.config import DownloadParams
+from vlkd.corpus import shards
+from vlkd.corpus.server import world_server
+from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
+from vlkd.errors import VlkdError
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+
+log = logging.getLogger(__name__)
+
+STAGING = "_staging"
+SUMMARY = "summary.json"
+FAILED = "failed.parquet"
+LOCK = ".lock"
+NOT_RECORDED = "not recorded by img2dataset (its shard failed); run again to retry"
+
+
+def download(url_list: Path, output: Path, params: DownloadParams, retry_failed: bool = False) -> dict:
+    """Bring `output` up to date with `url_list`; returns the summary also written to summary.json."""
+    started = time.perf_counter()
+    checked = check_rows(read_url_list(url_list, params), params)
+    output.mkdir(parents=True, exist_ok=True)
+    with _exclusive(output):
+        staging = output / STAGING
+        _recover(staging, output)
+        pending = _rows_to_fetch(checked.valid, shards.read_ledger(output).outcomes(), retry_failed)
+        new_shards: list[int] = []
+        if pending.num_rows:
+            log.info("fetching %d new URL(s) of %d usable", pending.num_rows, checked.valid.num_rows)
+            with world_server(url_list):
+                _run_img2dataset(pending, staging, shards.next_shard_id(output), params)
+            new_shards = shards.adopt(staging, output)
+            shards.reset_staging(staging)
+        else:
+            log.info("all %d usable URL(s) are in the shards already", checked.valid.num_rows)
+        staging.rmdir()
+        outcomes = shards.read_ledger(output).outcomes()
+        summary = summarize(checked, outcomes, output)
+        summary["this_run"] = {
+            "fetched": pending.num_rows,
+            "new_shards": new_shards,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        _write_failed(checked, outcomes, output / FAILED)
+        _write_json_atomic(output / SUMMARY, summary)
+    return summary
+
+
+@contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    """One download per output folder at a time: a second one stops with a clear line."""
+    with (output / LOCK).open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise VlkdError(
+                f"another download is writing to {output}; wait for it to finish or use another --output"
+            ) from err
+        yield
+
+
+def _recover(staging: Path, output: Path) -> None:
+    """Keep what a killed run finished, drop what it left half-written."""
+    if staging.exists():
+        kept = shards.adopt(staging, output)
+        if kept:
+            log.info("kept %d shard(s) finished by an interrupted run: %s", len(kept), kept)
+    shards.remove_incomplete(output)
+    shards.reset_staging(staging)
+
+
+def _rows_to_fetch(valid: pa.Table, outcomes: dict[str, str | None], retry_failed: bool) -> pa.Table:
+    """Usable rows whose URL no shard holds yet (with `retry_failed`, also those that failed before)."""
+    done = [url for url, failure in outcomes.items() if failure is None or not retry_failed]
+    return valid.filter(pc.invert(pc.is_in(valid.column("url"), pa.array(done, pa.string()))))
+
+
+def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, params: DownloadParams) -> None:
+    """img2dataset's own reader, resizer, downloader and distributor, started at `start_shard_id`."""
+    from img2dataset import distributor as distributors
+    from img2dataset.downloader import Downloader
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    input_file = staging / "_input" / "pending.parquet"
+    input_file.parent.mkdir(parents=True)
+    pq.write_table(pending, input_file)
+    tmp = staging / "_tmp"
+    tmp.mkdir()
+    reader = Reader(
+        url_list=str(input_file), input_format="parquet", url_col="url", caption_col="caption",
+        verify_hash_col=None, verify_hash_type=None, save_additional_columns=None,
+        number_sample_per_shard=params.shard_size, done_shards=set(), tmp_path=str(tmp),
+        start_shard_id=start_shard_id,
+    )
+    resizer = Resizer(
+        image_size=params.image_size, resize_mode=params.resize_mode, resize_only_if_bigger=False,
+        encode_quality=params.encode_quality, encode_format=params.encode_format,
+        max_image_area=params.max_image_area,
+    )
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=params.threads,
+        save_caption=True, extract_exif=False, output_folder=str(staging), column_list=reader.column_list,
+        timeout=params.timeout, number_sample_per_shard=params.shard_size, oom_shard_count=5,
+        compute_hash="sha256", verify_hash_type=None, encode_format=params.encode_format,
+        retries=params.retries, user_agent_token="vlkd", disallowed_header_directives=None,
+    )
+    distribute = {
+        "multiprocessing": distributors.multiprocessing_distributor,
+        "pyspark": distributors.pyspark_distributor,
+        "ray": distributors.ray_distributor,
+    }[params.distributor]
+    processes = min(params.processes, math.ceil(pending.num_rows / params.shard_size))
+    distribute(processes, downloader, reader, 1000, 1)
+
+
+def summarize(checked: CheckedRows, outcomes: dict[str, str | None], output: Path) -> dict:
+    """Account for every row of the list, and roll up every shard of the folder."""
+    failures: Counter[str] = Counter()
+    successes = 0
+    for url in checked.valid.column("url").to_pylist():
+        reason = outcomes.get(url, NOT_RECORDED)
+        if reason is None:
+            successes += 1
+        else:
+            failures[reason] += 1
+    invalid = Counter(checked.invalid.column("reason").to_pylist())
+    stats = [json.loads((output / f"{i:05d}{shards.STATS_SUFFIX}").read_text())
+             for i in shards.complete_shards(output)]
+    summary = {
+        "url_list": {
+            "rows": checked.rows,
+            "successes": successes,
+            "failures": sum(failures.values()),
+            "duplicates": checked.duplicates,
+            "invalid": sum(invalid.values()),
+            "failures_by_reason": dict(failures.most_common()),
+            "invalid_by_reason": dict(invalid.most_common()),
+            **checked.caption_issues,
+        },
+        "shards": {
+            "count": len(stats),
+            "samples": sum(s["successes"] for s in stats),
+            "attempts": sum(s["count"] for s in stats),
+        },
+    }
+    url_list = summary["url_list"]
+    accounted = url_list["successes"] + url_list["failures"] + url_list["duplicates"] + url_list["invalid"]
+    assert accounted == checked.rows, f"row accounting is off: {accounted} != {checked.rows}"
+    return summary
+
+
+def _write_failed(checked: CheckedRows, outcomes: dict[str, str | None], path: Path) -> None:
+    """Every row of the list that yielded no sample, with its reason: failed downloads and invalid rows."""
+    valid = checked.valid
+    failed = [{"url": url, "caption": caption, "reason": outcomes.get(url, NOT_RECORDED), "kind": "download"}
+              for url, caption in zip(valid.column("url").to_pylist(), valid.column("caption").to_pylist(),
+                                      strict=True)
+              if outcomes.get(url, NOT_RECORDED) is not None]
+    failed += [{"url": row["url"], "caption": row["caption"], "reason": row["reason"], "kind": "invalid"}
+               for row in checked.invalid.to_pylist()]
+    schema = pa.schema([(name, pa.string()) for name in ("url", "caption", "reason", "kind")])
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(pa.Table.from_pylist(failed, schema=schema), tmp)
+    tmp.replace(path)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
