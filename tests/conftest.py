@@ -37,8 +37,8 @@ class ImageServer:
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()
         self.lock = threading.Lock()
-        handler = self._handler()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        ThreadingHTTPServer.request_queue_size = 128  # the default backlog of 5 drops img2dataset's connections
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -59,7 +59,8 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 
 
 @main.command()
-@click.option("--url-list", type=click.Path(path_type=Path), help="Parquet, csv or tsv file [download.url_list].")
+@click.option("--url-list", type=click.Path(path_type=Path),
+              help="Parquet, csv or tsv file [download.url_list].")
 @click.option("--output", type=click.Path(path_type=Path), help="Shard folder [download.output].")
 @click.option("--url-col", help="Column with the image URLs [download.url_col].")
 @click.option("--caption-col", help="Column with the captions [download.caption_col].")

@@ -33,7 +33,8 @@ from vlkd.corpus.server import world_server
 from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
 from vlkd.errors import VlkdError
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones home
+# img2dataset imports albumentations, which otherwise asks the network for a newer version.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 log = logging.getLogger(__name__)
 

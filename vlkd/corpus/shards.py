@@ -32,10 +32,28 @@ class Ledger:
     def outcomes(self) -> dict[str, str | None]:
         """URL -> None for a success, else the failure's reason (img2dataset's error, or its status)."""
         return {
-            url: None if status == "success" else (error or status)
+            url: None if status == "success" else failure_reason(error or status)
             for url, status, error in zip(*(self.table.column(c).to_pylist()
                                             for c in ("url", "status", "error_message")), strict=True)
         }
+
+
+# img2dataset's messages for common failures, and the line a person should read instead.
+_KNOWN_FAILURES = (
+    ("!buf.empty()", "empty response body"),
+    ("Image decoding error", "not a decodable image (HTML page, truncated or corrupt file)"),
+    ("infinite loop", "redirect loop"),
+    ("timed out", "timed out"),
+    ("image area too large", "image area too large (download.max_image_area)"),
+)
+
+
+def failure_reason(message: str) -> str:
+    """One short line per kind of failure, so failures group by reason."""
+    for needle, reason in _KNOWN_FAILURES:
+        if needle in message:
+            return reason
+    return " ".join(message.split())[:200]
 
 
 def shard_ids(folder: Path) -> dict[int, list[Path]]:

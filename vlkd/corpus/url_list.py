@@ -94,7 +94,8 @@ def _read_table(path: Path, fmt: str, column_names: list[str] | None) -> tuple[p
 
     table = pacsv.read_csv(
         path,
-        read_options=pacsv.ReadOptions(column_names=column_names) if column_names else None,
+        # Single-threaded so that a malformed line is reported with its line number.
+        read_options=pacsv.ReadOptions(column_names=column_names, use_threads=False),
         parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip_malformed),
         # Everything as text: a caption "2" or a numeric-looking id must stay a string.
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),

@@ -1,0 +1,273 @@
+"""The download stage against a real HTTP server on 127.0.0.1, with img2dataset doing the downloading."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vlkd.cli import main
+from vlkd.config import DownloadParams
+from vlkd.corpus import shards
+from vlkd.corpus.download import FAILED, LOCK, STAGING, SUMMARY, download
+
+PARAMS = DownloadParams(processes=1, threads=8, shard_size=10, timeout=1.0, max_image_area=250_000,
+                        image_size=32, max_caption_chars=50)
+
+
+def write_list(path: Path, urls: list[str], captions: list[str] | None = None) -> Path:
+    captions = captions if captions is not None else [f"picture number {i}" for i in range(len(urls))]
+    pq.write_table(pa.table({"url": urls, "caption": captions}), path)
+    return path
+
+
+def shard_samples(output: Path) -> dict[str, dict]:
+    """Every sample in every tar: key -> {jpg, txt, json}."""
+    samples: dict[str, dict] = {}
+    for tar_path in sorted(output.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def file_hashes(output: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(output.iterdir()) if shards.SHARD_FILE.match(p.name)}
+
+
+def check_accounting(summary: dict) -> None:
+    counts = summary["url_list"]
+    assert counts["successes"] + counts["failures"] + counts["duplicates"] + counts["invalid"] == counts["rows"]
+    assert counts["failures"] == sum(counts["failures_by_reason"].values())
+    assert counts["invalid"] == sum(counts["invalid_by_reason"].values())
+
+
+def test_every_row_is_accounted_for(tmp_path, image_server):
+    bad = ["/404", "/html", "/truncated.jpg", "/empty.jpg", "/huge.png", "/loop", "/slow.png"]
+    urls = [image_server.url(f"/img/{i}.png") for i in range(6)]
+    urls += [image_server.url("/redirect/7")]  # a redirect to an image is followed: a success
+    urls += [image_server.url(p) for p in bad]
+    urls += [image_server.url("/img/1.png"), "ftp://example.invalid/a.png", "not a url", "",
+             image_server.url("/img/8.png"), image_server.url("/img/9.png"), image_server.url("/img/10.png")]
+    captions = [f"picture number {i}" for i in range(len(urls))]
+    captions[-3] = ""  # empty caption: invalid
+    captions[-2] = "x" * 500  # huge caption: truncated
+    captions[-1] = "un café à Zürich, 東京"  # non-ASCII: kept as is
+    url_list = write_list(tmp_path / "urls.parquet", urls, captions)
+
+    summary = download(url_list, tmp_path / "shards", PARAMS)
+
+    check_accounting(summary)
+    counts = summary["url_list"]
+    assert counts["rows"] == len(urls)
+    assert counts["successes"] == 9  # 6 images, the redirect, the truncated caption and the non-ASCII one
+    assert counts["duplicates"] == 1
+    assert counts["invalid"] == 4
+    assert counts["failures"] == len(bad)
+    assert set(counts["failures_by_reason"]) == {
+        "HTTP Error 404: Not Found", "not a decodable image (HTML page, truncated or corrupt file)",
+        "empty response body", "image area too large (download.max_image_area)", "redirect loop", "timed out"}
+    assert counts["captions_truncated"] == 1 and counts["captions_non_ascii"] == 1
+
+    failed = pq.read_table(tmp_path / "shards" / FAILED).to_pylist()
+    assert sorted(row["url"] for row in failed if row["kind"] == "download") == sorted(
+        image_server.url(p) for p in bad)
+    assert {row["reason"] for row in failed if row["kind"] == "invalid"} == {
+        "not an http(s) url (scheme 'ftp')", "not an http(s) url", "empty or missing url",
+        "empty or missing caption"}
+
+    samples = shard_samples(tmp_path / "shards")
+    assert len(samples) == 9
+    texts = {sample["txt"].decode("utf-8") for sample in samples.values()}
+    assert "un café à Zürich, 東京" in texts
+    assert "x" * 50 in texts
+    for sample in samples.values():
+        assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
+        assert json.loads(sample["json"])["status"] == "success"
+    assert json.loads((tmp_path / "shards" / SUMMARY).read_text()) == summary
+    assert not (tmp_path / "shards" / STAGING).exists()
+
+
+def test_duplicates_are_downloaded_once(tmp_path, image_server):
+    url = image_server.url("/img/3.png")
+    url_list = write_list(tmp_path / "urls.parquet", [url, url, url, image_server.url("/img/4.png")])
+    summary = download(url_list, tmp_path / "shards", PARAMS)
+    assert summary["url_list"]["duplicates"] == 2
+    assert image_server.requests["/img/3.png"] == 1
+
+
+def test_refresh_fetches_only_new_rows_and_keeps_shards_byte_identical(tmp_path, image_server):
+    first = [image_server.url(f"/img/{i}.png") for i in range(25)]  # shards 0, 1, 2 (the last one partial)
+    output = tmp_path / "shards"
+    download(write_list(tmp_path / "v1.parquet", first), output, PARAMS)
+    before = file_hashes(output)
+    requests_before = sum(image_server.requests.values())
+
+    # New rows in the middle and at the end: img2dataset's own incremental mode would put some of them into
+    # shard numbers it already considers done and silently skip them.
+    refreshed = first[:5] + [image_server.url(f"/img/{i}.png") for i in range(100, 104)] + first[5:]
+    refreshed += [image_server.url(f"/img/{i}.png") for i in range(200, 203)]
+    summary = download(write_list(tmp_path / "v2.parquet", refreshed), output, PARAMS)
+
+    assert sum(image_server.requests.values()) - requests_before == 7
+    assert summary["this_run"] == {**summary["this_run"], "fetched": 7, "new_shards": [3]}
+    assert summary["url_list"]["successes"] == len(refreshed)
+    after = file_hashes(output)
+    assert {name: after[name] for name in before} == before
+    urls = [json.loads(s["json"])["url"] for s in shard_samples(output).values()]
+    assert sorted(urls) == sorted(refreshed)  # nothing lost, nothing twice
+
+    again = download(tmp_path / "v2.parquet", output, PARAMS)  # nothing new: nothing fetched
+    assert again["this_run"]["fetched"] == 0 and file_hashes(output) == after
+
+
+def test_retry_failed_reattempts_failures_only(tmp_path, image_server):
+    urls = [image_server.url(f"/img/{i}.png") for i in range(3)] + [image_server.url("/flaky/5.png")]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    output = tmp_path / "shards"
+    first = download(url_list, output, PARAMS)
+    assert first["url_list"]["failures_by_reason"] == {"HTTP Error 404: Not Found": 1}
+
+    assert download(url_list, output, PARAMS)["this_run"]["fetched"] == 0  # failures are not retried by default
+    retried = download(url_list, output, PARAMS, retry_failed=True)
+    assert retried["this_run"]["fetched"] == 1
+    assert retried["url_list"]["successes"] == 4 and retried["url_list"]["failures"] == 0
+    assert image_server.requests["/img/0.png"] == 1 and image_server.requests["/flaky/5.png"] == 2
+    assert pq.read_table(output / FAILED).num_rows == 0
+
+
+def test_headerless_tsv_with_column_names(tmp_path, image_server):
+    # Conceptual Captions' layout: caption<TAB>url, no header; one line with a stray tab is malformed.
+    lines = [f"a picture of thing {i}\t{image_server.url(f'/img/{i}.png')}" for i in range(4)]
+    lines.append("a caption\twith a tab\thttp://127.0.0.1:1/x.png")
+    (tmp_path / "cc.tsv").write_text("\n".join(lines) + "\n")
+    params = PARAMS.model_copy(update={"column_names": ["caption", "url"]})
+    summary = download(tmp_path / "cc.tsv", tmp_path / "shards", params)
+    check_accounting(summary)
+    assert summary["url_list"]["rows"] == 5 and summary["url_list"]["successes"] == 4
+    assert summary["url_list"]["invalid_by_reason"] == {"malformed line: expected 2 fields, got 3 (line 5)": 1}
+    captions = sorted(s["txt"].decode() for s in shard_samples(tmp_path / "shards").values())
+    assert captions == [f"a picture of thing {i}" for i in range(4)]
+
+
+def test_csv_with_header(tmp_path, image_server):
+    rows = ["image,text", *(f"{image_server.url(f'/img/{i}.png')},caption {i}" for i in range(3))]
+    (tmp_path / "list.csv").write_text("\n".join(rows) + "\n")
+    params = PARAMS.model_copy(update={"url_col": "image", "caption_col": "text"})
+    assert download(tmp_path / "list.csv", tmp_path / "shards", params)["url_list"]["successes"] == 3
+
+
+def test_resume_after_kill_finishes_without_redoing_or_duplicating(tmp_path, image_server):
+    urls = [image_server.url(f"/delay/{i}.png") for i in range(60)]  # 50 ms each, 6 shards of 10
+    write_list(tmp_path / "urls.parquet", urls)
+    (tmp_path / "params.yaml").write_text(
+        "download:\n  url_list: urls.parquet\n  output: shards\n  processes: 1\n  threads: 2\n"
+        "  shard_size: 10\n  image_size: 32\n")
+    command = [sys.executable, "-m", "vlkd.cli", "download"]
+    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tmp_path / "shards" / STAGING
+    deadline = time.monotonic() + 120
+    while not (staging.is_dir() and list(staging.glob("*_stats.json"))) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole process group: img2dataset's workers too
+    process.wait()
+    assert list(staging.glob("*_stats.json")), "the run ended before it finished a shard"
+    finished_before_kill = set(int(p.name[:5]) for p in staging.glob("*_stats.json"))
+
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    output = tmp_path / "shards"
+    summary = json.loads((output / SUMMARY).read_text())
+    assert summary["url_list"]["successes"] == 60
+    samples = shard_samples(output)
+    fetched_urls = [json.loads(s["json"])["url"] for s in samples.values()]
+    assert sorted(fetched_urls) == sorted(urls)  # every URL exactly once, no truncated sample
+    assert finished_before_kill <= set(shards.complete_shards(output))  # kept, not redone
+    assert sum(image_server.requests.values()) < 60 + 10 * 2  # at most the unfinished shards twice
+    for shard_id in shards.complete_shards(output):
+        table = pq.read_table(output / f"{shard_id:05d}.parquet")
+        with tarfile.open(output / f"{shard_id:05d}.tar") as tar:
+            assert len([m for m in tar.getmembers() if m.name.endswith(".jpg")]) == table.num_rows
+
+
+def test_a_second_download_into_the_same_folder_stops(tmp_path, image_server):
+    import fcntl
+
+    url_list = write_list(tmp_path / "urls.parquet", [image_server.url("/img/1.png")])
+    output = tmp_path / "shards"
+    output.mkdir()
+    with (output / LOCK).open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(main, ["download", "--url-list", str(url_list), "--output", str(output)])
+    assert result.exit_code == 2
+    assert "another download is writing to" in result.stderr
+
+
+def test_leftovers_of_a_killed_run_are_cleaned(tmp_path, image_server):
+    output = tmp_path / "shards"
+    url_list = write_list(tmp_path / "urls.parquet", [image_server.url(f"/img/{i}.png") for i in range(12)])
+    download(url_list, output, PARAMS)
+    (output / "00007.tar").write_bytes(b"half a tar")  # a shard without its stats file
+    summary = download(url_list, output, PARAMS)
+    assert not (output / "00007.tar").exists()
+    assert summary["this_run"]["fetched"] == 0
+
+
+def _missing(folder: Path) -> Path:
+    return folder / "missing.parquet"
+
+
+def _garbage(folder: Path) -> Path:
+    (folder / "garbage.parquet").write_bytes(b"not parquet at all")
+    return folder / "garbage.parquet"
+
+
+def _no_url_column(folder: Path) -> Path:
+    pq.write_table(pa.table({"link": ["http://127.0.0.1:1/a.png"], "caption": ["a"]}), folder / "x.parquet")
+    return folder / "x.parquet"
+
+
+def _empty(folder: Path) -> Path:
+    return write_list(folder / "empty.parquet", [], [])
+
+
+def _unknown_format(folder: Path) -> Path:
+    (folder / "list.json").write_text("{}")
+    return folder / "list.json"
+
+
+@pytest.mark.parametrize(
+    ("make_list", "message"),
+    [
+        (_missing, "does not exist"),
+        (_garbage, "cannot read URL list"),
+        (_no_url_column, "has no column 'url'"),
+        (_empty, "has no rows"),
+        (_unknown_format, "cannot tell the format"),
+    ],
+)
+def test_bad_url_lists_give_one_clear_line(tmp_path, make_list, message):
+    url_list = make_list(tmp_path)
+    result = CliRunner().invoke(main, ["download", "--url-list", str(url_list), "--output",
+                                       str(tmp_path / "shards")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlkd: error: ") and message in lines[0]
+    assert "Traceback" not in result.output
