@@ -23,7 +23,7 @@ def _reports_errors(command):
         try:
             return command(*args, **kwargs)
         except VlkdError as err:
-            click.echo(f"vlkd: error: {err}", err=True)
+            click.echo("vlkd: error: " + " ".join(str(err).split()), err=True)
             sys.exit(2)
     return wrapper
 

@@ -94,7 +94,10 @@ def load_params(path: Path | None = None) -> Params:
     except OSError as err:
         raise VlkdError(f"cannot read {path}: {err.strerror}; check the path") from err
     except yaml.YAMLError as err:
-        raise VlkdError(f"{path} is not valid YAML ({err}); fix the file") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "syntax error"
+        raise VlkdError(f"{path} is not valid YAML{where} ({problem}); fix the file") from err
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
