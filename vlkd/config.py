@@ -69,9 +69,46 @@ class DownloadParams(_Section):
         return names
 
 
+class TeacherParams(_Section):
+    """The teacher stage: an open_clip model, or the embedded one trained on the world's shards."""
+
+    output: Path = Path("data/teacher")
+    model: str = "vlkd-tiny-vit"
+    # A pretrained tag (e.g. `openai` for ViT-L-14) or a checkpoint file: use that teacher as it is.
+    # null: train the embedded model contrastively on `shards` (no weights can be downloaded here).
+    pretrained: str | None = None
+    shards: Path = Path("data/shards")
+    eval_images: Path = Path("data/world/images/eval")
+    eval_captions: Path = Path("data/world/captions/annotations.json")
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FeaturesParams(_Section):
+    """The features stage: open_clip embeddings of every shard to Parquet."""
+
+    shards: Path = Path("data/shards")
+    output: Path = Path("data/features")
+    teacher: Path = Path("data/teacher")  # a teacher folder; its manifest names the model and weights
+    model: str | None = None  # with `pretrained`: use this open_clip model instead of `teacher`
+    pretrained: str | None = None
+    batch_size: int = Field(256, ge=1)
+    num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    image_tokens: bool = False  # also store the final-layer patch tokens (for `image_tokens: patch`)
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     download: DownloadParams = DownloadParams()
+    teacher: TeacherParams = TeacherParams()
+    features: FeaturesParams = FeaturesParams()
 
 
 def find_params_file(start: Path | None = None) -> Path | None:

@@ -32,6 +32,7 @@ from vlkd.corpus import shards
 from vlkd.corpus.server import world_server
 from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
 from vlkd.errors import VlkdError
+from vlkd.io import tmp_path_for, write_json_atomic
 
 # img2dataset imports albumentations, which otherwise asks the network for a newer version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -72,7 +73,7 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
             "seconds": round(time.perf_counter() - started, 3),
         }
         _write_failed(checked, outcomes, output / FAILED)
-        _write_json_atomic(output / SUMMARY, summary)
+        write_json_atomic(output / SUMMARY, summary)
     return summary
 
 
@@ -191,12 +192,6 @@ def _write_failed(checked: CheckedRows, outcomes: dict[str, str | None], path: P
     failed += [{"url": row["url"], "caption": row["caption"], "reason": row["reason"], "kind": "invalid"}
                for row in checked.invalid.to_pylist()]
     schema = pa.schema([(name, pa.string()) for name in ("url", "caption", "reason", "kind")])
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = tmp_path_for(path)
     pq.write_table(pa.Table.from_pylist(failed, schema=schema), tmp)
-    tmp.replace(path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)

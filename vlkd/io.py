@@ -1,0 +1,27 @@
+"""Small file helpers every stage uses: atomic writes and content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def tmp_path_for(path: Path) -> Path:
+    """A sibling temporary name; renaming it onto `path` is atomic on one file system."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = tmp_path_for(path)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while block := file.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
