@@ -108,3 +108,56 @@ def image_server():
     yield server
     server.httpd.shutdown()
     server.httpd.server_close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_world_shards(tmp_path_factory):
+    """A tiny synthetic world downloaded for real into 3 shards of 10 images: (world folder, shard folder)."""
+    from vlkd.config import DownloadParams, SynthParams
+    from vlkd.corpus.download import download
+    from vlkd.corpus.synth import generate_world
+
+    root = tmp_path_factory.mktemp("tiny")
+    generate_world(root / "world", SynthParams(images=30, eval_images=6, shifted_images=2, text_scenes=20,
+                                               image_size=48, port=free_port()))
+    download(root / "world" / "urls.parquet", root / "shards",
+             DownloadParams(processes=1, shard_size=10, image_size=32))
+    return root / "world", root / "shards"
+
+
+TEST_MODEL = "vlkd-test-vit"
+TEST_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def make_random_teacher(folder, seed: int = 0):
+    """A randomly initialised tiny open_clip ViT saved like the teacher stage saves one; returns its file."""
+    import json
+
+    import open_clip
+    import torch
+
+    from vlkd.models.teacher import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{TEST_MODEL}.json").write_text(json.dumps(TEST_CONFIG))
+    open_clip.add_model_config(folder / f"{TEST_MODEL}.json")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TEST_MODEL)
+    return save_checkpoint(model, TEST_MODEL, TEST_CONFIG, folder)
+
+
+@pytest.fixture(scope="session")
+def random_teacher(tmp_path_factory):
+    return make_random_teacher(tmp_path_factory.mktemp("teacher"))

@@ -86,5 +86,68 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
                f"{summary['shards']['samples']} samples")
 
 
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), help="Teacher folder [teacher.output].")
+@click.option("--model", help="open_clip architecture, e.g. ViT-L-14 [teacher.model].")
+@click.option("--pretrained", help="Pretrained tag (e.g. openai) or checkpoint file; without one the embedded "
+              "model is trained on the shards [teacher.pretrained].")
+@click.option("--shards", type=click.Path(path_type=Path), help="Shards to train on [teacher.shards].")
+@click.option("--epochs", type=int, help="Training epochs [teacher.epochs].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[teacher.device]")
+@click.pass_obj
+@_reports_errors
+def teacher(params: Params, **flags) -> None:
+    """Make the teacher folder: an open_clip model, or train the embedded one on the shards."""
+    from vlkd.models.train_teacher import build_teacher
+
+    manifest = build_teacher(with_overrides(params.teacher, **flags))
+    click.echo(f"teacher {manifest['model']} (weights {manifest['weights_sha256'][:12]}) in "
+               f"{with_overrides(params.teacher, **flags).output}")
+
+
+@main.command()
+@click.option("--shards", type=click.Path(path_type=Path), help="Shard folder [features.shards].")
+@click.option("--output", type=click.Path(path_type=Path), help="Feature folder [features.output].")
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher folder [features.teacher].")
+@click.option("--model", help="open_clip model name; with --pretrained, used instead of --teacher.")
+@click.option("--pretrained", help="Pretrained tag or checkpoint file for --model.")
+@click.option("--batch-size", type=int, help="[features.batch_size]")
+@click.option("--num-workers", type=int, help="DataLoader processes decoding images [features.num_workers].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[features.device]")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="[features.precision]")
+@click.option("--image-tokens/--no-image-tokens", default=None, help="Also store patch tokens "
+              "[features.image_tokens].")
+@click.option("--rank", type=int, envvar="RANK", default=0, show_default=True,
+              help="This process's share of the shard list (torchrun sets RANK).")
+@click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
+              help="Number of processes splitting the shard list (torchrun sets WORLD_SIZE).")
+@click.pass_obj
+@_reports_errors
+def features(params: Params, rank: int, world_size: int, **flags) -> None:
+    """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
+    from vlkd.features.extract import extract_features
+    from vlkd.models.teacher import load_teacher
+
+    if not 0 <= rank < world_size:
+        raise VlkdError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
+    stage = with_overrides(params.features, **flags)
+    model, pretrained = _teacher_names(stage)
+    teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
+    summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size)
+    click.echo(f"features in {stage.output}: {summary['shards']['computed']} shard(s) computed, "
+               f"{summary['shards']['skipped']} skipped, {summary['images']} images, "
+               f"{summary['bad_samples']['count']} bad sample(s), {summary['images_per_second']} images/s")
+
+
+def _teacher_names(stage) -> tuple[str, str]:
+    if (stage.model is None) != (stage.pretrained is None):
+        raise VlkdError("--model and --pretrained go together (or neither, to use the teacher folder)")
+    if stage.model is not None:
+        return stage.model, stage.pretrained
+    from vlkd.models.train_teacher import resolve_teacher
+
+    return resolve_teacher(stage.teacher)
+
+
 if __name__ == "__main__":
     main()

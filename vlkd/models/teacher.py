@@ -88,8 +88,9 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                      device=device)
-    except RuntimeError as err:  # load_state_dict: missing keys, size mismatches
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+    except (RuntimeError, AssertionError, KeyError) as err:  # missing keys, size or embedding mismatches
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        first = lines[1] if len(lines) > 1 else lines[0]
         raise VlkdError(f"checkpoint {pretrained} does not match model {model_name!r} ({first[:200]}); "
                         "pass the --model the checkpoint was trained with") from err
     if weights is None:  # a pretrained tag: open_clip downloaded (or found cached) the file

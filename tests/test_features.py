@@ -1,0 +1,202 @@
+"""The features stage with real (tiny, randomly initialised) open_clip models on real shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from click.testing import CliRunner
+from conftest import TEST_MODEL, make_random_teacher
+from PIL import Image
+
+from vlkd.cli import main
+from vlkd.config import FeaturesParams
+from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.errors import VlkdError
+from vlkd.features import extract
+from vlkd.features.extract import extract_features
+from vlkd.features.reader import FeatureStore, fixed_size_to_numpy
+from vlkd.features.schema import read_metadata
+from vlkd.models.teacher import load_teacher
+
+PARAMS = FeaturesParams(batch_size=4, num_workers=0, device="cpu")
+
+
+@pytest.fixture
+def shards(tiny_world_shards, tmp_path):
+    """A private copy of the tiny shards, so a test may damage them."""
+    return shutil.copytree(tiny_world_shards[1], tmp_path / "shards")
+
+
+@pytest.fixture(scope="module")
+def teacher(random_teacher):
+    return load_teacher(TEST_MODEL, str(random_teacher))
+
+
+def test_rows_equal_encode_image_and_encode_text(shards, tmp_path, teacher):
+    extract_features(shards, tmp_path / "features", teacher, PARAMS.model_copy(update={"num_workers": 2}))
+    for tar in list_shards(shards):
+        table = pq.read_table(tmp_path / "features" / f"{tar.stem}.parquet")
+        samples = list(iter_shard(tar))
+        assert table.column("key").to_pylist() == [s.key for s in samples]
+        images = torch.stack([teacher.preprocess(Image.open(io.BytesIO(s.image))) for s in samples])
+        with torch.no_grad():
+            expected_image = F.normalize(teacher.model.encode_image(images), dim=-1).numpy()
+            expected_text = F.normalize(teacher.model.encode_text(teacher.tokenizer([s.caption for s in samples])),
+                                        dim=-1).numpy()
+        stored_image = fixed_size_to_numpy(table.column("image_embedding")).astype(np.float32)
+        stored_text = fixed_size_to_numpy(table.column("text_embedding")).astype(np.float32)
+        np.testing.assert_allclose(stored_image, expected_image, atol=1e-3, rtol=1e-3)  # float16 rounding
+        np.testing.assert_allclose(stored_text, expected_text, atol=1e-3, rtol=1e-3)
+        assert np.allclose(np.linalg.norm(stored_image, axis=1), 1, atol=1e-2)
+
+
+def test_schema_and_metadata(shards, tmp_path, teacher):
+    extract_features(shards, tmp_path / "features", teacher, PARAMS)
+    path = tmp_path / "features" / "00000.parquet"
+    schema = pq.read_schema(path)
+    assert schema.field("image_embedding").type == pa.list_(pa.float16(), 32)
+    assert schema.field("text_embedding").type == pa.list_(pa.float16(), 32)
+    assert "image_tokens" not in schema.names
+    metadata = read_metadata(path)
+    assert metadata["teacher"] == teacher.fingerprint.as_dict()
+    assert metadata["embed_dim"] == 32 and metadata["dtype"] == "float16" and metadata["shard"] == "00000.tar"
+    assert "Normalize" in metadata["preprocess"] and metadata["image_size"] == 32
+
+
+def test_patch_tokens_are_the_final_layer_tokens(shards, tmp_path, random_teacher):
+    with_tokens = load_teacher(TEST_MODEL, str(random_teacher), image_tokens=True)
+    extract_features(shards, tmp_path / "features", with_tokens, PARAMS.model_copy(update={"image_tokens": True}))
+    table = pq.read_table(tmp_path / "features" / "00001.parquet")
+    assert table.schema.field("image_tokens").type == pa.list_(pa.list_(pa.float16(), 64), 16)  # 4x4 patches
+    sample = next(iter_shard(shards / "00001.tar"))
+    with torch.no_grad():
+        _, tokens = with_tokens.model.encode_image(with_tokens.preprocess(Image.open(io.BytesIO(sample.image)))[None])
+    stored = fixed_size_to_numpy(table.column("image_tokens"))[0].astype(np.float32)
+    np.testing.assert_allclose(stored, tokens[0].numpy(), atol=2e-2, rtol=1e-2)
+
+
+def test_done_shards_are_skipped_and_new_ones_computed(shards, tmp_path, teacher):
+    output = tmp_path / "features"
+    first = extract_features(shards, output, teacher, PARAMS)
+    assert first["shards"] == {"total": 3, "this_rank": 3, "computed": 3, "skipped": 0}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")}
+    again = extract_features(shards, output, teacher, PARAMS)
+    assert again["shards"]["computed"] == 0 and again["images"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")} == mtimes
+    # A refresh adds a shard: only that one is computed.
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        shutil.copy(shards / f"00002{suffix}", shards / f"00003{suffix}")
+    refresh = extract_features(shards, output, teacher, PARAMS)
+    assert refresh["shards"]["computed"] == 1 and (output / "00003.parquet").exists()
+
+
+def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monkeypatch):
+    clean = tmp_path / "clean"
+    extract_features(shards, clean, teacher, PARAMS)
+
+    killed = tmp_path / "killed"
+    real_commit = extract.ShardWriter.commit
+    commits = []
+
+    def commit_then_die(self):
+        if commits:  # the second shard's file is still partial when the process "dies"
+            raise KeyboardInterrupt
+        real_commit(self)
+        commits.append(self.path)
+
+    monkeypatch.setattr(extract.ShardWriter, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(shards, killed, teacher, PARAMS)
+    monkeypatch.setattr(extract.ShardWriter, "commit", real_commit)
+    assert len(list(killed.glob("[0-9]*.parquet"))) == 1 and list(killed.glob(".*.partial"))
+
+    resumed = extract_features(shards, killed, teacher, PARAMS)
+    assert resumed["shards"]["skipped"] == 1 and resumed["shards"]["computed"] == 2
+    assert not list(killed.glob(".*.partial"))
+    for path in sorted(clean.glob("[0-9]*.parquet")):
+        assert pq.read_table(killed / path.name).equals(pq.read_table(path))
+
+
+def test_a_corrupt_image_is_counted_and_skipped(shards, tmp_path, teacher):
+    tar_path = shards / "00001.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    broken_key = next(m.name.split(".")[0] for m, _ in members if m.name.endswith(".jpg"))
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            if member.name == f"{broken_key}.jpg":
+                data = b"\xff\xd8 this is no jpeg"
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+    summary = extract_features(shards, tmp_path / "features", teacher, PARAMS)
+    assert summary["bad_samples"]["count"] == 1 and summary["bad_samples"]["keys"] == [broken_key]
+    keys = pq.read_table(tmp_path / "features" / "00001.parquet").column("key").to_pylist()
+    assert broken_key not in keys and len(keys) == 9
+    assert json.loads((tmp_path / "features" / "summary.json").read_text())["bad_samples"]["keys"] == [broken_key]
+
+
+def test_ranks_split_the_shards_deterministically(shards, tmp_path, teacher):
+    output = tmp_path / "features"
+    zero = extract_features(shards, output, teacher, PARAMS, rank=0, world_size=2)
+    one = extract_features(shards, output, teacher, PARAMS, rank=1, world_size=2)
+    assert zero["shards"]["this_rank"] == 2 and one["shards"]["this_rank"] == 1
+    assert sorted(p.name for p in output.glob("[0-9]*.parquet")) == ["00000.parquet", "00001.parquet",
+                                                                     "00002.parquet"]
+    assert (output / "summary.rank-0-of-2.json").exists() and (output / "summary.rank-1-of-2.json").exists()
+
+
+def test_reader_batches_across_files_and_refuses_other_teachers(shards, tmp_path, teacher, random_teacher):
+    output = tmp_path / "features"
+    extract_features(shards, output, teacher, PARAMS)
+    store = FeatureStore(output, expected_teacher=teacher.fingerprint.as_dict())
+    assert store.num_rows == 30 and store.embed_dim == 32
+    batches = list(store.iter_batches(batch_size=7))
+    assert [len(b["key"]) for b in batches] == [7, 7, 7, 7, 2]
+    assert batches[0]["image_embedding"].shape == (7, 32) and batches[0]["image_embedding"].dtype == torch.float32
+    keys = [k for b in batches for k in b["key"]]
+    assert keys == [k for p in sorted(output.glob("[0-9]*.parquet")) for k in pq.read_table(p)["key"].to_pylist()]
+    with pytest.raises(VlkdError, match="no column"):
+        next(store.iter_batches(4, columns=["image_tokens"]))
+    other = {**teacher.fingerprint.as_dict(), "weights_sha256": "0" * 64}
+    with pytest.raises(VlkdError, match="not the expected"):
+        FeatureStore(output, expected_teacher=other)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, ["features", "--num-workers", "0", "--device", "cpu", *args])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_bad_inputs_give_one_clear_line(shards, tmp_path, random_teacher):
+    good = ["--model", TEST_MODEL, "--pretrained", str(random_teacher)]
+    assert_one_line_error(invoke("--shards", str(tmp_path / "nope"), "--output", str(tmp_path / "f"), *good),
+                          "does not exist")
+    assert_one_line_error(invoke("--shards", str(shards), "--output", str(tmp_path / "f"),
+                                 "--model", "no-such-model", "--pretrained", str(random_teacher)),
+                          "unknown open_clip model 'no-such-model'")
+    assert_one_line_error(invoke("--shards", str(shards), "--output", str(tmp_path / "f"),
+                                 "--model", "RN50", "--pretrained", str(random_teacher)), "does not match model")
+    assert_one_line_error(invoke("--shards", str(shards), "--output", str(tmp_path / "f"),
+                                 "--model", TEST_MODEL, "--pretrained", str(tmp_path / "missing.safetensors")),
+                          "does not exist")
+
+    made = invoke("--shards", str(shards), "--output", str(tmp_path / "f"), *good)
+    assert made.exit_code == 0, made.output
+    other = make_random_teacher(tmp_path / "other-teacher", seed=1)
+    assert_one_line_error(invoke("--shards", str(shards), "--output", str(tmp_path / "f"),
+                                 "--model", TEST_MODEL, "--pretrained", str(other)), "made by another teacher")

@@ -1,0 +1,261 @@
+"""The features stage: the frozen teacher's embeddings of every shard, one Parquet file per shard.
+
+    pending shards (not done for this teacher) -> DataLoader workers decode + tokenize, whole batches
+    of one shard each -> teacher forward (autocast on GPU) -> streamed row groups -> atomic rename
+
+clip-retrieval's `inference` does the same job but writes .npy files, holds a partition in memory and
+cannot resume; here memory is bounded by a batch, a killed run leaves whole files or none, and a shard
+whose file exists for the same teacher is skipped, so a corpus refresh only computes the new shards.
+Several processes split the shard list deterministically (rank i of n takes every n-th shard).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F  # noqa: N812 (the usual name)
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from vlkd.config import FeaturesParams
+from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.errors import VlkdError
+from vlkd.features.schema import DTYPE, FORMAT, feature_schema, fixed_size_array, read_metadata
+from vlkd.io import write_json_atomic
+from vlkd.models.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_BAD_KEYS = 10_000
+
+
+@dataclass
+class ShardBatch:
+    """Up to batch_size decoded samples of one shard; `last` marks the shard's final batch."""
+
+    shard: Path
+    keys: list[str]
+    captions: list[str]
+    images: torch.Tensor  # [n, 3, H, W]
+    tokens: torch.Tensor  # [n, context_length]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of undecodable samples
+    last: bool = False
+
+    def pin_memory(self) -> ShardBatch:  # called by DataLoader(pin_memory=True)
+        self.images, self.tokens = self.images.pin_memory(), self.tokens.pin_memory()
+        return self
+
+
+class ShardBatches(IterableDataset):
+    """Decodes shards in DataLoader workers; worker w takes shards w, w + workers, ... so batches never
+    mix shards and each shard's rows keep their order."""
+
+    def __init__(self, tars: list[Path], preprocess: Callable, tokenizer: Callable, batch_size: int):
+        self.tars, self.preprocess, self.tokenizer, self.batch_size = tars, preprocess, tokenizer, batch_size
+
+    def __iter__(self) -> Iterator[ShardBatch]:
+        worker = get_worker_info()
+        mine = self.tars if worker is None else self.tars[worker.id :: worker.num_workers]
+        for tar in mine:
+            yield from self._shard_batches(tar)
+
+    def _shard_batches(self, tar: Path) -> Iterator[ShardBatch]:
+        keys, captions, images, bad = [], [], [], []
+        for sample in iter_shard(tar):
+            try:
+                if sample.image is None:
+                    raise ValueError("no image in the shard for this key")
+                images.append(self.preprocess(Image.open(io.BytesIO(sample.image))))
+            except Exception as err:  # noqa: BLE001 (any decoder error means: skip this sample, keep its key)
+                bad.append((sample.key, f"{type(err).__name__}: {err}"[:200]))
+                continue
+            keys.append(sample.key)
+            captions.append(sample.caption)
+            if len(keys) == self.batch_size:
+                yield self._batch(tar, keys, captions, images, bad, last=False)
+                keys, captions, images, bad = [], [], [], []
+        yield self._batch(tar, keys, captions, images, bad, last=True)
+
+    def _batch(self, tar, keys, captions, images, bad, last) -> ShardBatch:
+        return ShardBatch(
+            shard=tar, keys=keys, captions=captions, bad=bad, last=last,
+            images=torch.stack(images) if images else torch.empty(0),
+            tokens=self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long),
+        )
+
+
+class ShardWriter:
+    """Streams one shard's rows into a hidden partial file and renames it into place when complete."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        self.partial = partial_path(path)
+        self.writer = pq.ParquetWriter(self.partial, schema)
+        self.rows = 0
+
+    def write(self, keys: list[str], captions: list[str], image: np.ndarray, text: np.ndarray,
+              tokens: np.ndarray | None) -> None:
+        if not keys:
+            return
+        columns = [pa.array(keys, pa.string()), pa.array(captions, pa.string()),
+                   fixed_size_array(image), fixed_size_array(text)]
+        if tokens is not None:
+            columns.append(fixed_size_array(tokens))
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.rows += len(keys)
+
+    def commit(self) -> None:
+        self.writer.close()
+        self.partial.replace(self.path)
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
+def output_path(output: Path, tar: Path) -> Path:
+    return output / f"{tar.stem}.parquet"
+
+
+def extract_features(shards: Path, output: Path, teacher: Teacher, params: FeaturesParams,
+                     rank: int = 0, world_size: int = 1) -> dict:
+    """Bring `output` up to date with the shards in `shards`; returns this process's summary."""
+    started = time.perf_counter()
+    tars = list_shards(shards)
+    if not tars:
+        raise VlkdError(f"no complete shards in {shards}; run `vlkd download` first")
+    output.mkdir(parents=True, exist_ok=True)
+    fingerprint = teacher.fingerprint.as_dict()
+    _refuse_other_teachers(output, fingerprint)
+    mine = tars[rank::world_size]
+    for tar in mine:  # partial files of a killed run; only this rank ever writes these shards
+        partial_path(output_path(output, tar)).unlink(missing_ok=True)
+    todo = [tar for tar in mine if not _is_done(output_path(output, tar), fingerprint, params.image_tokens)]
+    log.info("features: %d shard(s) for rank %d of %d, %d already done", len(mine), rank, world_size,
+             len(mine) - len(todo))
+    device = _device(params.device)
+    encoded, bad = _encode_shards(todo, output, teacher, params, device) if todo else (0, [])
+    seconds = time.perf_counter() - started
+    summary = {
+        "teacher": fingerprint,
+        "rank": rank, "world_size": world_size, "device": str(device), "precision": _precision(params, device),
+        "shards": {"total": len(tars), "this_rank": len(mine), "computed": len(todo),
+                   "skipped": len(mine) - len(todo)},
+        "images": encoded,
+        "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
+                        "reasons": dict(bad[:20])},
+        "seconds": round(seconds, 3),
+        "images_per_second": round(encoded / seconds, 2) if encoded else 0.0,
+    }
+    name = "summary.json" if world_size == 1 else f"summary.rank-{rank}-of-{world_size}.json"
+    write_json_atomic(output / name, summary)
+    return summary
+
+
+def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: FeaturesParams,
+                   device: torch.device) -> tuple[int, list[tuple[str, str]]]:
+    dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, params.batch_size)
+    workers = min(params.num_workers, len(todo))
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
+    model = teacher.model.to(device)
+    writers: dict[Path, ShardWriter] = {}
+    bad: list[tuple[str, str]] = []
+    encoded = 0
+    with tqdm(total=len(todo), desc="features", unit="shard") as bar:
+        for batch in loader:
+            writer = writers.get(batch.shard)
+            if writer is None:
+                writer = writers[batch.shard] = ShardWriter(
+                    output_path(output, batch.shard),
+                    feature_schema(teacher.embed_dim, _token_shape(model, teacher) if params.image_tokens
+                                   else None, _metadata(teacher, params, batch.shard)))
+            if batch.keys:
+                image, text, tokens = _encode(model, batch, device, params)
+                writer.write(batch.keys, batch.captions, image, text, tokens)
+                encoded += len(batch.keys)
+            bad.extend(batch.bad)
+            if batch.last:
+                writers.pop(batch.shard).commit()
+                bar.update()
+    return encoded, bad
+
+
+@torch.inference_mode()
+def _encode(model: torch.nn.Module, batch: ShardBatch, device: torch.device, params: FeaturesParams):
+    images = batch.images.to(device, non_blocking=True)
+    tokens = batch.tokens.to(device, non_blocking=True)
+    precision = _precision(params, device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        image_out = model.encode_image(images)
+        text = model.encode_text(tokens)
+    pooled, patch = image_out if isinstance(image_out, tuple) else (image_out, None)
+    image = F.normalize(pooled.float(), dim=-1).cpu().numpy()
+    text = F.normalize(text.float(), dim=-1).cpu().numpy()
+    patch = patch.float().cpu().numpy() if patch is not None and params.image_tokens else None
+    return image, text, patch
+
+
+def _token_shape(model: torch.nn.Module, teacher: Teacher) -> tuple[int, int]:
+    with torch.inference_mode():
+        probe = torch.zeros(1, 3, teacher.image_size, teacher.image_size, device=next(model.parameters()).device)
+        _, tokens = model.encode_image(probe)
+    return tuple(tokens.shape[1:])
+
+
+def _metadata(teacher: Teacher, params: FeaturesParams, tar: Path) -> dict:
+    return {
+        "format": FORMAT,
+        "teacher": teacher.fingerprint.as_dict(),
+        "preprocess": teacher.preprocess_description,
+        "image_size": teacher.image_size,
+        "embed_dim": teacher.embed_dim,
+        "dtype": DTYPE,
+        "normalized": True,
+        "image_tokens": params.image_tokens,
+        "shard": tar.name,
+    }
+
+
+def _refuse_other_teachers(output: Path, fingerprint: dict) -> None:
+    for path in sorted(output.glob("[0-9]*.parquet")):
+        metadata = read_metadata(path)
+        theirs = metadata and metadata.get("teacher")
+        if theirs != fingerprint:
+            raise VlkdError(
+                f"features in {output} were made by another teacher ({path.name}: "
+                f"{(theirs or {}).get('model', 'unknown')}, weights {str((theirs or {}).get('weights_sha256'))[:12]}) "
+                f"than this one ({fingerprint['model']}, weights {fingerprint['weights_sha256'][:12]}); "
+                "use another --output or delete that folder")
+
+
+def _is_done(path: Path, fingerprint: dict, image_tokens: bool) -> bool:
+    if not path.is_file():
+        return False
+    metadata = read_metadata(path)
+    return metadata["teacher"] == fingerprint and (metadata["image_tokens"] or not image_tokens)
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise VlkdError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def _precision(params: FeaturesParams, device: torch.device) -> str:
+    if params.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return params.precision
