@@ -167,7 +167,7 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
     dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, params.batch_size)
     workers = min(params.num_workers, len(todo))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+                        prefetch_factor=2 if workers else None, persistent_workers=False)
     model = teacher.model.to(device)
     writers: dict[Path, ShardWriter] = {}
     bad: list[tuple[str, str]] = []
