@@ -14,6 +14,10 @@ Five runs, each in a fresh process so that its peak RSS is its own (ru_maxrss is
                            with img2dataset alone (its incremental mode keys on shard numbers and skips rows
                            that land in an already finished shard number)
 
+Before them, two fixed costs that no row count changes are measured the same way, to show where a small
+refresh's time goes: importing img2dataset (it pulls in torch through webdataset), and spawning one pool
+worker that imports it, as img2dataset's multiprocessing distributor does for every run with rows to fetch.
+
 Peak RSS is the largest single process of the run: the run's own process or one of img2dataset's spawned
 workers, whichever is larger (not their sum). The table goes to stdout, logs to stderr.
 """
@@ -102,6 +106,7 @@ def timed(fn: Callable, *args) -> tuple[object, float, float]:
 
 
 def _measure(send, fn: Callable, args: tuple) -> None:
+    os.dup2(2, 1)  # img2dataset prints its progress to stdout (in this process and its workers): stdout is the table's
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         started = time.perf_counter()
@@ -196,7 +201,7 @@ def report(results: list[dict], overheads: list[dict], args: argparse.Namespace)
     print("| run | rows fetched | seconds | samples/s | peak RSS MiB |")
     print("|---|---:|---:|---:|---:|")
     for r in results:
-        rate = f"{r['fetched'] / r['seconds']:.0f}" if r["fetched"] else "-"
+        rate = f"{r['fetched'] / r['seconds']:.1f}" if r["fetched"] else "-"
         print(f"| {r['run']} | {r['fetched']} | {r['seconds']:.2f} | {rate} | {r['peak_rss_mib']:.0f} |")
     full_ratio = seconds_of(results, "vlkd full") / seconds_of(results, "img2dataset full")
     refresh_ratio = seconds_of(results, "vlkd refresh") / seconds_of(results, "vlkd full")
@@ -227,6 +232,7 @@ def main() -> None:
         overheads = measure_overheads()
         results = measure_all(v1, v2, workdir, params, port)
     ratios = report(results, overheads, args)
+    log.info("benchmark took %.0f s in all", time.perf_counter() - started)
     if args.json:
         machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
         args.json.write_text(json.dumps({"machine": machine, "args": {k: str(v) for k, v in vars(args).items()},

@@ -142,8 +142,15 @@ def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, para
         "pyspark": distributors.pyspark_distributor,
         "ray": distributors.ray_distributor,
     }[params.distributor]
-    processes = min(params.processes, math.ceil(pending.num_rows / params.shard_size))
-    distribute(processes, downloader, reader, 1000, 1)
+    shard_count = math.ceil(pending.num_rows / params.shard_size)
+    if shard_count == 1 and params.distributor == "multiprocessing":
+        # One shard is one process's work anyway; a worker pool would only add its start-up (about 3 s of
+        # spawning and importing img2dataset), which dominates a small refresh.
+        failed = [row for row in reader if not downloader(row)[0]]
+        for row in failed:  # one retry, as img2dataset's distributors do
+            downloader(row)
+        return
+    distribute(min(params.processes, shard_count), downloader, reader, 1000, 1)
 
 
 def summarize(checked: CheckedRows, outcomes: dict[str, str | None], output: Path) -> dict:
