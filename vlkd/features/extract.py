@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -250,9 +251,9 @@ def _is_done(path: Path, fingerprint: dict, image_tokens: bool) -> bool:
 def _device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise VlkdError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
 
 
 def _precision(params: FeaturesParams, device: torch.device) -> str:
