@@ -15,6 +15,7 @@ import click
 
 from vlkd.config import Params, load_params, with_overrides
 from vlkd.errors import VlkdError
+from vlkd.io import write_json_atomic
 
 
 def _reports_errors(command):
@@ -26,6 +27,17 @@ def _reports_errors(command):
             click.echo("vlkd: error: " + " ".join(str(err).split()), err=True)
             sys.exit(2)
     return wrapper
+
+
+metrics_option = click.option(
+    "--metrics", "metrics_file", type=click.Path(path_type=Path),
+    help="Also write the stage's metrics to this JSON file (for `dvc metrics`, outside the stage's outputs).")
+
+
+def _write_metrics(path: Path | None, metrics: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, metrics)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -69,11 +81,12 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 @click.option("--column-names", help="For a csv/tsv without a header: its column names, comma-separated, "
               "e.g. 'caption,url' for Conceptual Captions [download.column_names].")
 @click.option("--retry-failed", is_flag=True, help="Also re-attempt URLs whose earlier download failed.")
+@metrics_option
 @click.pass_obj
 @_reports_errors
 def download(params: Params, url_list: Path | None, output: Path | None, url_col: str | None,
              caption_col: str | None, input_format: str | None, column_names: str | None,
-             retry_failed: bool) -> None:
+             retry_failed: bool, metrics_file: Path | None) -> None:
     """Download a URL list into webdataset shards with img2dataset (incremental, resumable)."""
     from vlkd.corpus.download import download as run_download
 
@@ -81,6 +94,7 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
     stage = with_overrides(params.download, url_list=url_list, output=output, url_col=url_col,
                        caption_col=caption_col, input_format=input_format, column_names=names)
     summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
+    _write_metrics(metrics_file, summary)
     click.echo(json.dumps(summary["url_list"], indent=2))
     click.echo(f"shards in {stage.output}: {summary['shards']['count']}, "
                f"{summary['shards']['samples']} samples")
@@ -121,9 +135,10 @@ def teacher(params: Params, **flags) -> None:
               help="This process's share of the shard list (torchrun sets RANK).")
 @click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
               help="Number of processes splitting the shard list (torchrun sets WORLD_SIZE).")
+@metrics_option
 @click.pass_obj
 @_reports_errors
-def features(params: Params, rank: int, world_size: int, **flags) -> None:
+def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
     from vlkd.features.extract import extract_features
     from vlkd.models.teacher import load_teacher
@@ -134,6 +149,7 @@ def features(params: Params, rank: int, world_size: int, **flags) -> None:
     model, pretrained = _teacher_names(stage)
     teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
     summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size)
+    _write_metrics(metrics_file, summary)
     click.echo(f"features in {stage.output}: {summary['shards']['computed']} shard(s) computed, "
                f"{summary['shards']['skipped']} skipped, {summary['images']} images, "
                f"{summary['bad_samples']['count']} bad sample(s), {summary['images_per_second']} images/s")
