@@ -29,12 +29,13 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The pipeline through DVC (which runs each stage's `vlkd` command and skips what is up to date).
 demo: $(STAMP)
-	$(BIN)/vlkd synth
-	$(BIN)/vlkd download
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/download.py
 
 clean:
-	rm -rf data/world data/shards .prefect
+	rm -rf data/world data/shards data/teacher data/features metrics .prefect

@@ -108,15 +108,17 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
 @click.option("--shards", type=click.Path(path_type=Path), help="Shards to train on [teacher.shards].")
 @click.option("--epochs", type=int, help="Training epochs [teacher.epochs].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[teacher.device]")
+@metrics_option
 @click.pass_obj
 @_reports_errors
-def teacher(params: Params, **flags) -> None:
+def teacher(params: Params, metrics_file: Path | None, **flags) -> None:
     """Make the teacher folder: an open_clip model, or train the embedded one on the shards."""
-    from vlkd.models.train_teacher import build_teacher
+    from vlkd.models.train_teacher import METRICS, build_teacher, read_json
 
-    manifest = build_teacher(with_overrides(params.teacher, **flags))
-    click.echo(f"teacher {manifest['model']} (weights {manifest['weights_sha256'][:12]}) in "
-               f"{with_overrides(params.teacher, **flags).output}")
+    stage = with_overrides(params.teacher, **flags)
+    manifest = build_teacher(stage)
+    _write_metrics(metrics_file, read_json(stage.output / METRICS))
+    click.echo(f"teacher {manifest['model']} (weights {manifest['weights_sha256'][:12]}) in {stage.output}")
 
 
 @main.command()
