@@ -81,7 +81,7 @@ class TeacherParams(_Section):
     eval_images: Path = Path("data/world/images/eval")
     eval_captions: Path = Path("data/world/captions/annotations.json")
     epochs: int = Field(12, ge=1)
-    batch_size: int = Field(128, ge=2)
+    batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(20, ge=0)

@@ -28,8 +28,8 @@ CHECKPOINT_NAME = "open_clip_model.safetensors"  # the name open_clip's `local-d
 EMBEDDED_MODEL = "vlkd-tiny-vit"
 EMBEDDED_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 192, "head_width": 48, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 
 

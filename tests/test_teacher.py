@@ -1,0 +1,247 @@
+"""The teacher stage on a tiny real world: train the embedded open_clip model, save, load, check, skip."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from vlkd.config import TeacherParams
+from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.errors import VlkdError
+from vlkd.io import sha256_file
+from vlkd.models import train_teacher
+from vlkd.models.teacher import CHECKPOINT_NAME, EMBEDDED_MODEL, load_teacher
+from vlkd.models.train_teacher import (
+    MANIFEST,
+    METRICS,
+    _recalls,
+    build_teacher,
+    resolve_teacher,
+    train_contrastive,
+)
+
+
+# The embedded architecture at test size: the same code path, a fraction of the compute.
+EMBEDDED_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_embedded_model():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_teacher, "EMBEDDED_CONFIG", EMBEDDED_CONFIG)
+        yield
+
+
+def teacher_params(world: Path, shards: Path, output: Path, **overrides) -> TeacherParams:
+    settings = {"output": output, "shards": shards, "eval_images": world / "images" / "eval",
+                "eval_captions": world / "captions" / "annotations.json", "epochs": 10, "batch_size": 10,
+                "lr": 1e-3, "warmup_steps": 3, "seed": 0, "device": "cpu"}
+    return TeacherParams(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world_shards, tmp_path_factory):
+    """(params, manifest) of one teacher trained by the stage."""
+    world, shards = tiny_world_shards
+    params = teacher_params(world, shards, tmp_path_factory.mktemp("stage") / "teacher")
+    return params, build_teacher(params)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def probe_inputs(image_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(3, 3, image_size, image_size, generator=generator)
+    tokens = open_clip.get_tokenizer(EMBEDDED_MODEL)(["a red circle on the left", "a small blue square", "two"])
+    return images, tokens
+
+
+@torch.no_grad()
+def embeddings(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    images, tokens = probe_inputs()
+    model.eval()
+    return model.encode_image(images), model.encode_text(tokens)
+
+
+def test_checkpoint_loads_through_open_clip_and_load_teacher(trained, tmp_path):
+    params, manifest = trained
+    folder = Path(params.output)
+    checkpoint = folder / CHECKPOINT_NAME
+    assert manifest["pretrained"] == CHECKPOINT_NAME and checkpoint.is_file()
+    assert resolve_teacher(folder) == (EMBEDDED_MODEL, str(checkpoint.resolve()))
+
+    open_clip.add_model_config(folder / f"{EMBEDDED_MODEL}.json")
+    by_open_clip, _, _ = open_clip.create_model_and_transforms(EMBEDDED_MODEL, pretrained=str(checkpoint))
+    by_load_teacher = load_teacher(*resolve_teacher(folder)).model
+    # The same training again, kept in memory: the stage saved exactly these weights.
+    in_memory, _ = train_contrastive(params, tmp_path, save=False)
+    expected = embeddings(in_memory)
+    for loaded in (by_open_clip, by_load_teacher):
+        state, want_state = loaded.state_dict(), in_memory.state_dict()
+        assert state.keys() == want_state.keys()
+        assert all(torch.equal(state[name], want_state[name]) for name in state)
+        # A frozen model (requires_grad off) may take PyTorch's fused attention path: equal up to rounding.
+        for got, want in zip(embeddings(loaded), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_manifest_and_metrics(trained):
+    params, manifest = trained
+    folder = Path(params.output)
+    assert read_json(folder / MANIFEST) == manifest
+    assert manifest["weights_sha256"] == sha256_file(folder / CHECKPOINT_NAME)
+    assert manifest["model"] == EMBEDDED_MODEL
+    assert manifest["source"] == f"trained on {params.shards}"
+    assert manifest["open_clip_version"] == open_clip.__version__
+    assert manifest["embed_dim"] == EMBEDDED_CONFIG["embed_dim"]
+    assert manifest["image_size"] == EMBEDDED_CONFIG["vision_cfg"]["image_size"]
+    assert manifest["params"] == params.model_dump(mode="json")
+    assert manifest["inputs"]["shards"] == {tar.name: sha256_file(tar) for tar in list_shards(params.shards)}
+    assert manifest["training_setup"]["model_config"] == EMBEDDED_CONFIG
+
+    metrics = read_json(folder / METRICS)
+    retrieval = metrics["retrieval"]
+    assert retrieval["images"] == 6
+    for direction in ("image_to_text", "text_to_image"):
+        for key in ("recall@1", "recall@5", "chance@1", "chance@5"):
+            assert 0 <= retrieval[direction][key] <= 1
+        assert retrieval[direction]["chance@1"] <= retrieval[direction]["chance@5"]
+    training = metrics["training"]
+    assert training["train_images"] == 30 and training["bad_samples"] == {"count": 0, "keys": []}
+    assert training["images_seen"] == params.epochs * 30  # 3 full batches of 10 per epoch
+    assert training["steps"] == params.epochs * 3
+    assert len(training["loss_per_epoch"]) == params.epochs
+
+
+def test_training_lowers_the_contrastive_loss(trained):
+    params, _ = trained
+    training = read_json(Path(params.output) / METRICS)["training"]
+    # At test size the model only starts to separate the pairs of a batch (uniform: log(batch) = 2.30);
+    # the default-size teacher's retrieval is measured by the stage itself (metrics.json).
+    assert training["loss_last_epoch"] < training["loss_first_epoch"] - 0.2
+    assert training["loss_last_epoch"] < math.log(params.batch_size)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_world_shards, trained, tmp_path):
+    world, shards = tiny_world_shards
+    params, manifest = trained
+    again = build_teacher(params.model_copy(update={"output": tmp_path / "again"}))
+    assert again["weights_sha256"] == manifest["weights_sha256"]
+    other = build_teacher(params.model_copy(update={"output": tmp_path / "other", "seed": 1}))
+    assert other["weights_sha256"] != manifest["weights_sha256"]
+
+
+def test_rerun_with_the_same_params_is_skipped(trained):
+    params, manifest = trained
+    checkpoint = Path(params.output) / CHECKPOINT_NAME
+    before = checkpoint.stat().st_mtime_ns, (Path(params.output) / METRICS).read_bytes()
+    assert build_teacher(params) == manifest
+    assert (checkpoint.stat().st_mtime_ns, (Path(params.output) / METRICS).read_bytes()) == before
+
+
+def test_changed_weights_are_not_trusted(tiny_world_shards, trained, tmp_path):
+    params, manifest = trained
+    copy = tmp_path / "teacher"
+    shutil.copytree(params.output, copy)
+    moved = params.model_copy(update={"output": copy})
+    with (copy / CHECKPOINT_NAME).open("ab") as file:
+        file.write(b"\0")
+    rebuilt = build_teacher(moved)
+    assert rebuilt["weights_sha256"] == manifest["weights_sha256"] == sha256_file(copy / CHECKPOINT_NAME)
+
+
+def corrupt_one_image(shards: Path) -> str:
+    """Replace the first image of the second shard with garbage, in place; returns its key."""
+    tar_path = list_shards(shards)[1]
+    with tarfile.open(tar_path) as tar:
+        members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+    victim = next(member.name for member, _ in members if member.name.endswith(".jpg"))
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            data = b"this is not a jpeg" * 5 if member.name == victim else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return victim.split(".")[0]
+
+
+def test_a_corrupt_image_is_counted_and_skipped_and_changed_shards_retrain(tiny_world_shards, tmp_path):
+    world, shards = tiny_world_shards
+    shutil.copytree(shards, tmp_path / "shards")
+    params = teacher_params(world, tmp_path / "shards", tmp_path / "teacher", epochs=1)
+    clean = build_teacher(params)
+    key = corrupt_one_image(tmp_path / "shards")
+    assert key in {sample.key for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)}
+    rebuilt = build_teacher(params)  # same params, different shard contents: not skipped
+    assert rebuilt["inputs"]["shards"] != clean["inputs"]["shards"]
+    training = read_json(tmp_path / "teacher" / METRICS)["training"]
+    assert training["bad_samples"] == {"count": 1, "keys": [key]}
+    assert training["train_images"] == 29
+
+
+def test_a_checkpoint_file_is_used_as_it_is(tiny_world_shards, trained, tmp_path):
+    world, _ = tiny_world_shards
+    params, manifest = trained
+    checkpoint = Path(params.output) / CHECKPOINT_NAME
+    use = params.model_copy(update={"output": tmp_path / "given", "pretrained": str(checkpoint),
+                                    "shards": tmp_path / "no-shards-needed",
+                                    "eval_captions": tmp_path / "missing.json"})
+    given = build_teacher(use)
+    assert given["source"] == "checkpoint file"
+    assert given["weights_sha256"] == manifest["weights_sha256"]
+    assert not (tmp_path / "given" / CHECKPOINT_NAME).exists()
+    assert resolve_teacher(tmp_path / "given") == (EMBEDDED_MODEL, str(checkpoint.resolve()))
+    assert "missing.json" in read_json(tmp_path / "given" / METRICS)["retrieval"]["skipped"]
+
+
+def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    params, _ = trained
+    checkpoint = str(Path(params.output) / CHECKPOINT_NAME)
+    with pytest.raises(VlkdError, match="does not match"):
+        build_teacher(params.model_copy(update={"output": tmp_path / "a", "model": "ViT-B-32",
+                                                "pretrained": checkpoint}))
+    with pytest.raises(VlkdError, match="unknown open_clip model"):
+        build_teacher(params.model_copy(update={"output": tmp_path / "b", "model": "no-such-model",
+                                                "pretrained": checkpoint}))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resolve_teacher_without_a_teacher(tmp_path):
+    with pytest.raises(VlkdError, match="run `vlkd teacher` first"):
+        resolve_teacher(tmp_path / "nothing-here")
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_teacher(tiny_world_shards, tmp_path):
+    world, shards = tiny_world_shards
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "precious.txt").write_text("keep me")
+    with pytest.raises(VlkdError, match="not a teacher folder"):
+        build_teacher(teacher_params(world, shards, tmp_path / "teacher"))
+    assert (tmp_path / "teacher" / "precious.txt").read_text() == "keep me"
+
+
+def test_recall_and_chance_judge_hits_by_text():
+    # 2 images, 3 texts; text 1 belongs to both images.
+    relevant = torch.tensor([[True, True, False], [False, True, True]])
+    similarity = torch.tensor([[0.9, 0.1, 0.75], [0.8, 0.2, 0.7]])
+    result = _recalls(similarity, relevant, (1, 2))
+    assert result["recall@1"] == 0.5  # image 0 ranks text 0 first (its own); image 1 ranks text 0 (not its own)
+    assert result["recall@2"] == 1.0
+    assert result["chance@1"] == pytest.approx(2 / 3, abs=1e-4)
+    assert result["chance@2"] == 1.0
+    by_text = _recalls(similarity.T, relevant.T, (1,))
+    assert by_text["recall@1"] == pytest.approx(2 / 3, abs=1e-4)  # text 2 ranks image 0 first: a miss
+    assert by_text["chance@1"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3, abs=1e-4)
