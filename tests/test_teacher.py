@@ -28,7 +28,6 @@ from vlkd.models.train_teacher import (
     train_contrastive,
 )
 
-
 # The embedded architecture at test size: the same code path, a fraction of the compute.
 EMBEDDED_CONFIG = {
     "embed_dim": 32,
