@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 
@@ -25,3 +26,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := file.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link or a folder tree, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def replace_folder(built: Path, output: Path) -> None:
+    """Swap a finished folder in: at every moment `output` is the old folder, the new one, or (between
+    two renames) absent; never half written."""
+    old = output.parent / (output.name + ".old")
+    remove_path(old)
+    if output.exists():
+        output.rename(old)
+    built.rename(output)
+    remove_path(old)

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from tqdm import tqdm
 
 from vlkd.config import SynthParams
 from vlkd.errors import VlkdError
+from vlkd.io import remove_path, replace_folder
 
 logger = logging.getLogger(__name__)
 
@@ -748,11 +748,6 @@ def _manifest(
 # ---------------------------------------------------------------------------------------------------
 # The world
 # ---------------------------------------------------------------------------------------------------
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _check_replaceable(output: Path) -> None:
@@ -768,15 +763,6 @@ def _check_replaceable(output: Path) -> None:
         )
 
 
-def _replace(built: Path, output: Path) -> None:
-    """Swap the finished world in: at every moment `output` is the old world, the new one, or
-    (between two renames) absent; never half written."""
-    old = output.parent / (output.name + ".old")
-    _remove(old)
-    if output.exists():
-        output.rename(old)
-    built.rename(output)
-    _remove(old)
 
 
 def _build(root: Path, params: SynthParams) -> dict[str, Any]:
@@ -795,10 +781,10 @@ def generate_world(output: Path, params: SynthParams) -> dict[str, Any]:
     _check_replaceable(output)
     building = output.parent / (output.name + ".tmp")
     try:
-        _remove(building)
+        remove_path(building)
         building.mkdir(parents=True)
         manifest = _build(building, params)
-        _replace(building, output)
+        replace_folder(building, output)
     except OSError as err:
         raise VlkdError(
             f"cannot write the synthetic world to {output}: {err.strerror or err}; "

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from vlkd.config import TeacherParams
 from vlkd.corpus.shard_reader import iter_shard, list_shards
 from vlkd.errors import VlkdError
-from vlkd.io import sha256_file, write_json_atomic
+from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
 from vlkd.models.teacher import (
     CHECKPOINT_NAME,
     EMBEDDED_CONFIG,
@@ -83,14 +82,14 @@ def build_teacher(params: TeacherParams) -> dict:
     _check_replaceable(output)
     device = resolve_device(params.device)
     building = output.parent / (output.name + ".tmp")
-    _remove(building)
+    remove_path(building)
     building.mkdir(parents=True)
     try:
         manifest = _build(params, building, device)
     except BaseException:
-        _remove(building)
+        remove_path(building)
         raise
-    _replace(building, output)
+    replace_folder(building, output)
     _log_retrieval(output, read_json(output / METRICS)["retrieval"])
     return manifest
 
@@ -494,11 +493,6 @@ def _none_relevant(n: int, relevant: int, k: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 # The folder
 # ---------------------------------------------------------------------------------------------------
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _check_replaceable(output: Path) -> None:
@@ -507,11 +501,3 @@ def _check_replaceable(output: Path) -> None:
                         "choose another teacher output or remove it")
 
 
-def _replace(built: Path, output: Path) -> None:
-    """Swap the finished folder in: `output` is the old teacher, the new one, or briefly absent."""
-    old = output.parent / (output.name + ".old")
-    _remove(old)
-    if output.exists():
-        output.rename(old)
-    built.rename(output)
-    _remove(old)
