@@ -104,11 +104,111 @@ class FeaturesParams(_Section):
     image_tokens: bool = False  # also store the final-layer patch tokens (for `image_tokens: patch`)
 
 
+class PlmParams(_Section):
+    """The language-model stage: a BART checkpoint, or the embedded one pretrained on the world's text."""
+
+    output: Path = Path("data/plm")
+    # A hub name or local directory (e.g. facebook/bart-base), loaded with `from_pretrained`.
+    # null: train a byte-level BPE tokenizer and pretrain a small BART on `corpus` (text infilling).
+    model: str | None = None
+    corpus: Path = Path("data/world/text/train.txt")
+    heldout: Path = Path("data/world/text/heldout.txt")
+    vocab_size: int = Field(1024, ge=300)
+    d_model: int = Field(192, ge=16)
+    layers: int = Field(3, ge=1, description="encoder layers, and as many decoder layers")
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(768, ge=16)
+    max_length: int = Field(96, ge=8, description="tokens per document, longer ones are truncated")
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    mask_ratio: float = Field(0.3, ge=0, le=1, description="share of tokens hidden by text infilling")
+    poisson_lambda: float = Field(3.0, gt=0, description="mean masked span length")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DistillParams(_Section):
+    """VLKD: distil the frozen teacher, through its stored features, into the language model."""
+
+    features: Path = Path("data/features")
+    plm: Path = Path("data/plm")
+    output: Path = Path("data/student")
+    prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
+    prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding")
+    ttdm_weight: float = Field(1.0, ge=0)
+    itcl_weight: float = Field(1.0, ge=0)
+    icti_weight: float = Field(1.0, ge=0)
+    ttdm_distance: Literal["mse", "cosine"] = "mse"
+    itcl_temperature: float = Field(0.01, gt=0, description="CLIP's temperature; the starting value if learnable")
+    itcl_learnable_temperature: bool = False
+    mask_ratio: float = Field(0.3, ge=0, le=1)
+    poisson_lambda: float = Field(3.0, gt=0)
+    max_length: int = Field(64, ge=8, description="caption tokens, longer ones are truncated")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=2)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(100, ge=1, description="optimizer steps between checkpoints")
+    compile: bool = False  # torch.compile the student
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class BenchmarkSpec(_Section):
+    """One evaluation set in the public formats (VQAv2/OK-VQA questions and annotations, COCO captions)."""
+
+    task: Literal["vqa", "caption"]
+    images: Path  # folder of the images
+    image_pattern: str = "{image_id:06d}.png"  # file name of an image id (VQAv2: COCO_val2014_{image_id:012d}.jpg)
+    questions: Path | None = None  # vqa
+    annotations: Path  # vqa annotations, or COCO caption annotations
+
+
+class EvaluateParams(_Section):
+    """Zero-shot evaluation of the student, with controls, on the benchmarks below."""
+
+    student: Path = Path("data/student")
+    plm: Path = Path("data/plm")
+    output: Path = Path("data/eval")
+    benchmarks: dict[str, BenchmarkSpec] = {
+        "vqa": BenchmarkSpec(task="vqa", images=Path("data/world/images/eval"),
+                             questions=Path("data/world/vqa/questions.json"),
+                             annotations=Path("data/world/vqa/annotations.json")),
+        "vqa-shifted": BenchmarkSpec(task="vqa", images=Path("data/world/images/shifted"),
+                                     questions=Path("data/world/shifted/vqa/questions.json"),
+                                     annotations=Path("data/world/shifted/vqa/annotations.json")),
+        "captions": BenchmarkSpec(task="caption", images=Path("data/world/images/eval"),
+                                  annotations=Path("data/world/captions/annotations.json")),
+    }
+    retention_text: Path = Path("data/world/text/heldout.txt")
+    vqa_prompt: str = "Question: {question} Answer: <mask>"
+    caption_prompt: str = "A picture of <mask>"
+    num_beams: int = Field(5, ge=1)
+    vqa_max_new_tokens: int = Field(10, ge=1)
+    caption_max_new_tokens: int = Field(30, ge=1)
+    normalize: Literal["official", "always"] = "official"
+    batch_size: int = Field(64, ge=1)
+    report_samples: int = Field(24, ge=0, description="evaluation images shown in the HTML report")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     download: DownloadParams = DownloadParams()
     teacher: TeacherParams = TeacherParams()
     features: FeaturesParams = FeaturesParams()
+    plm: PlmParams = PlmParams()
+    distill: DistillParams = DistillParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def find_params_file(start: Path | None = None) -> Path | None:
@@ -159,14 +259,19 @@ def _first_problem(err: ValidationError) -> str:
 
 
 def _resolve_paths(params: Params, root: Path) -> Params:
-    """Make the sections' relative paths relative to the folder of params.yaml."""
-    sections = {}
-    for name in Params.model_fields:
-        section = getattr(params, name)
-        updates = {
-            field: root / value
-            for field, value in section
-            if isinstance(value, Path) and not value.is_absolute()
-        }
-        sections[name] = section.model_copy(update=updates)
-    return params.model_copy(update=sections)
+    """Make every relative path (in sections and nested specs) relative to the folder of params.yaml."""
+    return _resolve_model(params, root)
+
+
+def _resolve_model(model: BaseModel, root: Path) -> BaseModel:
+    return model.model_copy(update={name: _resolve_value(value, root) for name, value in model})
+
+
+def _resolve_value(value, root: Path):
+    if isinstance(value, Path):
+        return value if value.is_absolute() else root / value
+    if isinstance(value, BaseModel):
+        return _resolve_model(value, root)
+    if isinstance(value, dict):
+        return {key: _resolve_value(item, root) for key, item in value.items()}
+    return value
