@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +33,13 @@ def _reports_errors(command):
 metrics_option = click.option(
     "--metrics", "metrics_file", type=click.Path(path_type=Path),
     help="Also write the stage's metrics to this JSON file (for `dvc metrics`, outside the stage's outputs).")
+
+
+def quiet_transformers() -> None:
+    """No progress bars for loading and saving a few-MB model: they would bury the stage's own lines."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _write_metrics(path: Path | None, metrics: dict) -> None:
@@ -165,6 +173,68 @@ def _teacher_names(stage) -> tuple[str, str]:
     from vlkd.models.train_teacher import resolve_teacher
 
     return resolve_teacher(stage.teacher)
+
+
+@main.command()
+@click.option("--features", type=click.Path(path_type=Path), help="Feature folder [distill.features].")
+@click.option("--plm", type=click.Path(path_type=Path), help="Language-model folder [distill.plm].")
+@click.option("--output", type=click.Path(path_type=Path), help="Student folder [distill.output].")
+@click.option("--init", type=click.Path(path_type=Path), help="Continue from this student [distill.init].")
+@click.option("--prefix", type=click.Choice(["pooled", "patch"]), help="Visual prefix [distill.prefix].")
+@click.option("--epochs", type=int, help="[distill.epochs]")
+@click.option("--batch-size", type=int, help="Per rank and micro-batch [distill.batch_size].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[distill.device]")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def distill(params: Params, metrics_file: Path | None, **flags) -> None:
+    """VLKD: distil the teacher's stored features into the language model (TTDM, ITCL, ICTI).
+
+    Several GPUs or machines: `torchrun --standalone --nproc_per_node N -m vlkd.cli distill` (each rank reads its own
+    share of the feature rows; gloo on CPU, nccl on CUDA).
+    """
+    from vlkd.distill.train import distill as run_distill
+
+    quiet_transformers()
+    stage = with_overrides(params.distill, **flags)
+    metrics = run_distill(stage)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_metrics(metrics_file, metrics)
+        click.echo(f"student in {stage.output}: {metrics['steps']} steps, final losses {metrics['final']}")
+
+
+@main.command("vqa-score")
+@click.option("--questions", type=click.Path(path_type=Path), required=True, help="VQA questions JSON.")
+@click.option("--annotations", type=click.Path(path_type=Path), required=True, help="VQA annotations JSON.")
+@click.option("--predictions", type=click.Path(path_type=Path), required=True,
+              help='Results JSON: [{"question_id": ..., "answer": ...}, ...].')
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Metrics JSON to write.")
+@click.option("--normalize", type=click.Choice(["official", "always"]), default="official", show_default=True,
+              help="official: normalise answers only where the humans disagree (the official script); "
+              "always: normalise every answer.")
+@_reports_errors
+def vqa_score(questions: Path, annotations: Path, predictions: Path, output: Path, normalize: str) -> None:
+    """The official VQA accuracy of a results file: overall, per answer type, per question type."""
+    from vlkd.evaluate.vqa_metric import score_vqa_files
+
+    result = score_vqa_files(questions, annotations, predictions, output, normalize)
+    click.echo(f"VQA accuracy {result['overall']:.2f} over {result['questions']} questions "
+               f"({normalize} normalisation); metrics in {output}")
+
+
+@main.command("caption-score")
+@click.option("--annotations", type=click.Path(path_type=Path), required=True, help="COCO captions JSON.")
+@click.option("--predictions", type=click.Path(path_type=Path), required=True,
+              help='Results JSON: [{"image_id": ..., "caption": ...}, ...].')
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Metrics JSON to write.")
+@_reports_errors
+def caption_score(annotations: Path, predictions: Path, output: Path) -> None:
+    """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE where Java allows) with pycocoevalcap."""
+    from vlkd.evaluate.caption_metric import score_caption_files
+
+    result = score_caption_files(annotations, predictions, output)
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in result.items() if isinstance(value, float))
+    click.echo(f"{shown} over {result['images']} images; metrics in {output}")
 
 
 if __name__ == "__main__":

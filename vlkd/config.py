@@ -119,13 +119,20 @@ class PlmParams(_Section):
     heads: int = Field(4, ge=1)
     ffn_dim: int = Field(768, ge=16)
     max_length: int = Field(96, ge=8, description="tokens per document, longer ones are truncated")
+    # Learned positions of the encoder and decoder: room for the visual prefix the student puts in front.
+    max_positions: int = Field(256, ge=16, description="longest input the model accepts, in tokens")
+    dropout: float = Field(0.1, ge=0, lt=1)
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
     mask_ratio: float = Field(0.3, ge=0, le=1, description="share of tokens hidden by text infilling")
     poisson_lambda: float = Field(3.0, gt=0, description="mean masked span length")
+    # Documents with questions: this share has one answer (the words after "Answer:") as the one <mask>.
+    answer_mask_share: float = Field(0.5, ge=0, le=1, description="share of answer-masking examples")
+    qa_questions: int = Field(300, ge=1, description="held-out questions asked for the QA metric")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -136,6 +143,11 @@ class DistillParams(_Section):
     features: Path = Path("data/features")
     plm: Path = Path("data/plm")
     output: Path = Path("data/student")
+    # Start from this student instead of a fresh one (e.g. the promoted model, when retraining on a
+    # refreshed corpus); its teacher must be the one that made `features`.
+    init: Path | None = None
+    checkpoints: Path = Path("data/checkpoints/distill")  # kept outside `output`: DVC deletes outs before a run
+    plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
     prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding")
     ttdm_weight: float = Field(1.0, ge=0)
@@ -201,6 +213,52 @@ class EvaluateParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class GateMetric(_Section):
+    """A metric the refresh gate compares with the last promoted model's (flows/refresh.py)."""
+
+    metric: str = Field(min_length=1, description="dotted key in the metrics file, e.g. vqa.overall")
+    file: Path = Path("metrics/evaluate.json")  # a metrics file a stage writes, inside the project
+    higher_is_better: bool = True
+    tolerance: float = Field(0.0, ge=0, description="allowed worsening, in the metric's units")
+    relative_tolerance: float = Field(0.0, ge=0, description="allowed worsening, as a share of the promoted value")
+
+
+class ScheduleParams(_Section):
+    """When the served deployment retrains (flows/serve.py)."""
+
+    cron: str = "0 3 * * 1"  # minute hour day-of-month month day-of-week: Mondays at 03:00
+    timezone: str = "UTC"
+    active: bool = True  # false: the deployment is served with its schedule paused
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, cron: str) -> str:
+        if len(cron.split()) not in (5, 6):
+            raise ValueError(f"cron {cron!r} needs 5 fields (minute hour day month weekday), e.g. '0 3 * * 1'")
+        return cron
+
+
+class PipelineParams(_Section):
+    """The Prefect flows (flows/): locking, retries, pushing, the refresh gate, promotion, the schedule."""
+
+    lock_timeout: float = Field(60.0, ge=0, description="seconds a run waits for another run on the workspace")
+    retries: int = Field(2, ge=0, description="extra attempts of a stage after a transient failure")
+    retry_delay_seconds: float = Field(20.0, ge=0)
+    push: bool = True  # `dvc push` to the default DVC remote after a successful run
+    report: Path = Path("data/eval/report.html")  # linked from the run's artifact
+    tag_prefix: str = Field("promoted/", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+                            description="promoted models are git tags <prefix>v1, v2, ...")
+    gate: list[GateMetric] = [
+        GateMetric(metric="vqa.overall", relative_tolerance=0.05),
+        GateMetric(metric="vqa-shifted.overall", relative_tolerance=0.05),
+        GateMetric(metric="captions.CIDEr", relative_tolerance=0.05),
+    ]
+    schedule: ScheduleParams = ScheduleParams()
+    # Credentials for DVC remotes from Prefect Secret blocks: environment variable -> block name, e.g.
+    # {AWS_SECRET_ACCESS_KEY: aws-secret-access-key}. Set in the stage commands' environment, never logged.
+    secrets: dict[str, str] = {}
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     download: DownloadParams = DownloadParams()
@@ -209,6 +267,7 @@ class Params(_Section):
     plm: PlmParams = PlmParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    pipeline: PipelineParams = PipelineParams()
 
 
 def find_params_file(start: Path | None = None) -> Path | None:

@@ -73,14 +73,14 @@ class FeatureStore:
                 pending_rows += record_batch.num_rows
                 while pending_rows >= batch_size:
                     table = pa.Table.from_batches(pending)
-                    yield _to_tensors(table.slice(0, batch_size), columns, dtype)
+                    yield table_to_batch(table.slice(0, batch_size), columns, dtype)
                     rest = table.slice(batch_size)
                     pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
-            yield _to_tensors(pa.Table.from_batches(pending), columns, dtype)
+            yield table_to_batch(pa.Table.from_batches(pending), columns, dtype)
 
 
-def _to_tensors(table: pa.Table, columns: Sequence[str], dtype: torch.dtype) -> dict:
+def table_to_batch(table: pa.Table, columns: Sequence[str], dtype: torch.dtype = torch.float32) -> dict:
     batch = {"key": table.column("key").to_pylist(), "caption": table.column("caption").to_pylist()}
     for name in columns:
         batch[name] = torch.from_numpy(fixed_size_to_numpy(table.column(name)).copy()).to(dtype)

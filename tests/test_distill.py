@@ -1,0 +1,296 @@
+"""VLKD distillation with real tiny models: a BART and a BPE tokenizer made here, features from a random
+open_clip teacher on real shards."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from click.testing import CliRunner
+from conftest import TEST_MODEL, make_random_teacher
+from safetensors.torch import load_file
+
+from vlkd.cli import main
+from vlkd.config import DistillParams, FeaturesParams
+from vlkd.distill import train
+from vlkd.distill.data import FeatureBatches
+from vlkd.distill.losses import ItclLoss, noisy_batch, ttdm_loss
+from vlkd.errors import VlkdError
+from vlkd.features.extract import extract_features
+from vlkd.features.reader import FeatureStore
+from vlkd.models.noising import infill_spans
+from vlkd.models.student import Student, StudentConfig
+from vlkd.models.teacher import load_teacher
+
+TEACHER = {"model": "t", "weights_sha256": "0" * 64, "open_clip_version": "x"}
+
+
+def make_tiny_plm(folder, captions):
+    """A byte-level BPE tokenizer trained on `captions` and a randomly initialised tiny BART."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+
+    folder.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(captions, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BartTokenizer"}')
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=96, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_world_shards, random_teacher, tmp_path_factory):
+    """(features folder, language-model folder, teacher) shared by the module; tests copy what they change."""
+    root = tmp_path_factory.mktemp("distill")
+    teacher = load_teacher(TEST_MODEL, str(random_teacher), image_tokens=True)
+    extract_features(tiny_world_shards[1], root / "features", teacher,
+                     FeaturesParams(batch_size=8, num_workers=0, device="cpu", image_tokens=True))
+    captions = [c for batch in FeatureStore(root / "features").iter_batches(64) for c in batch["caption"]]
+    return root / "features", make_tiny_plm(root / "plm", captions), random_teacher
+
+
+def params(setup, tmp_path, **changes) -> DistillParams:
+    features, plm, _ = setup
+    base = dict(features=features, plm=plm, output=tmp_path / "student", checkpoints=tmp_path / "ckpt",
+                plots=tmp_path / "plots", epochs=2, batch_size=6, lr=3e-3, warmup_steps=2,
+                checkpoint_every=2, device="cpu")
+    return DistillParams(**{**base, **changes})
+
+
+# -- losses on inputs whose value is known -----------------------------------------------------------------
+def test_ttdm_is_zero_for_identical_embeddings_and_grows_with_distance():
+    clip = F.normalize(torch.randn(4, 8), dim=-1)
+    assert ttdm_loss(clip.clone(), clip, "mse").item() == 0
+    assert ttdm_loss(clip.clone(), clip, "cosine").item() == pytest.approx(0, abs=1e-6)
+    assert ttdm_loss(-clip, clip, "mse").item() == pytest.approx(4.0)  # |2v|^2 for unit v
+    assert ttdm_loss(-clip, clip, "cosine").item() == pytest.approx(2.0)
+
+
+def test_itcl_is_minimal_for_a_perfectly_aligned_batch_and_matches_cross_entropy():
+    loss = ItclLoss()
+    aligned = torch.eye(4)
+    assert loss(aligned, aligned, torch.tensor(math.log(100.0))).item() == pytest.approx(0, abs=1e-6)
+    image, text = torch.randn(5, 8), torch.randn(5, 8)
+    scale = torch.tensor(math.log(1 / 0.07))
+    logits = scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    expected = (F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))) / 2
+    assert loss(image, text, scale).item() == pytest.approx(expected.item(), rel=1e-5)
+    shuffled = loss(aligned, aligned[[1, 0, 3, 2]], torch.tensor(math.log(100.0)))
+    assert shuffled.item() > 10
+
+
+def test_span_masking_statistics():
+    rng = np.random.default_rng(0)
+    tokens = list(range(10, 110))
+    masked_share, masks = [], 0
+    for _ in range(300):
+        noisy = infill_spans(tokens, 0, 0.3, 3.0, rng)
+        kept = [t for t in noisy if t != 0]
+        assert kept == sorted(kept)  # the order of the unmasked tokens is kept
+        masked_share.append(1 - len(kept) / len(tokens))
+        masks += noisy.count(0)
+        assert all(not (a == 0 and b == 0) for a, b in zip(noisy, noisy[1:], strict=False))  # one mask per span
+    assert np.mean(masked_share) == pytest.approx(0.3, abs=0.005)
+    mean_span = np.mean(masked_share) * len(tokens) * 300 / masks
+    assert 2.0 < mean_span < 4.0  # Poisson(3) spans, some merged, some zero-length inserts
+    assert infill_spans(tokens, 0, 1.0, 3.0, rng) == [0]
+    assert infill_spans(tokens, 0, 0.0, 3.0, rng) == tokens
+
+
+def test_noisy_batch_keeps_bos_eos_and_labels_the_whole_caption(setup):
+    tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
+    ids = [tokenizer("a red circle on the left").input_ids, tokenizer("two shapes").input_ids]
+    batch = noisy_batch(ids, tokenizer, 0.3, 3.0, np.random.default_rng(0))
+    for row, original in enumerate(ids):
+        inputs = batch["input_ids"][row][batch["attention_mask"][row] == 1].tolist()
+        assert inputs[0] == original[0] and inputs[-1] == original[-1]
+        assert tokenizer.mask_token_id in inputs
+        labels = batch["labels"][row]
+        assert labels[labels != -100].tolist() == original
+
+
+# -- the student ---------------------------------------------------------------------------------------------
+def test_prefixes_have_the_right_shape_and_wrong_features_are_refused(setup):
+    pooled = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8, prefix_tokens=3))
+    assert pooled.visual_prefix(torch.randn(2, 8)).shape == (2, 3, 32)
+    patch = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8, prefix="patch",
+                                                                visual_width=16))
+    assert patch.visual_prefix(torch.randn(2, 5, 16)).shape == (2, 5, 32)
+    with pytest.raises(VlkdError, match="do not fit the pooled prefix"):
+        pooled.visual_prefix(torch.randn(2, 12))
+    with pytest.raises(VlkdError, match="do not fit the patch prefix"):
+        patch.visual_prefix(torch.randn(2, 16))
+
+
+def test_text_embedding_ignores_padding(setup):
+    student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).eval()
+    alone = student.tokenizer(["a red circle"], return_tensors="pt")
+    padded = student.tokenizer(["a red circle", "a large blue square at the top"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        one = student.text_embedding(alone.input_ids, alone.attention_mask)
+        two = student.text_embedding(padded.input_ids, padded.attention_mask)
+    torch.testing.assert_close(one[0], two[0], atol=1e-5, rtol=1e-5)
+
+
+# -- training ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective", ["ttdm", "itcl", "icti"])
+def test_training_lowers_each_loss(setup, tmp_path, objective):
+    weights = {f"{name}_weight": float(name == objective) for name in ("ttdm", "itcl", "icti")}
+    metrics = train.distill(params(setup, tmp_path, epochs=6, batch_size=10, **weights))
+    means = [epoch[objective] for epoch in metrics["epoch_means"]]
+    assert set(metrics["final"]) == {objective, "loss"}
+    assert means[-1] < 0.9 * means[0], means
+
+
+def test_training_with_all_objectives_saves_a_loadable_student(setup, tmp_path):
+    metrics = train.distill(params(setup, tmp_path, epochs=4, batch_size=10))
+    assert metrics["epoch_means"][-1]["loss"] < metrics["epoch_means"][0]["loss"]
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())  # removed when done
+    assert (tmp_path / "plots" / "plots" / "metrics" / "train" / "icti.tsv").is_file()  # dvclive curves
+
+    student = Student.from_pretrained(tmp_path / "student")
+    assert student.config.teacher == FeatureStore(setup[0]).teacher
+    batch = next(FeatureStore(setup[0]).iter_batches(3))
+    prompts = ["Question: What color is the circle? Answer: <mask>"] * 3
+    again = Student.from_pretrained(tmp_path / "student")
+    assert student.generate(batch["image_embedding"], prompts, num_beams=2, max_new_tokens=6) == \
+        again.generate(batch["image_embedding"], prompts, num_beams=2, max_new_tokens=6)
+    saved = load_file(str(tmp_path / "student" / "projections.safetensors"))
+    torch.testing.assert_close(saved["text_projection.weight"], student.text_projection.weight.detach())
+
+
+def test_patch_prefix_and_accumulation_train(setup, tmp_path):
+    metrics = train.distill(params(setup, tmp_path, prefix="patch", grad_accum=2, epochs=1, schedule="linear"))
+    assert metrics["steps"] == 30 // 6 // 2
+    assert Student.from_pretrained(tmp_path / "student").config.prefix == "patch"
+
+
+def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
+    train.distill(params(setup, tmp_path / "clean"))
+    clean = load_file(str(tmp_path / "clean" / "student" / "model.safetensors"))
+
+    real_step, calls = train._train_step, []
+
+    def die_at_step_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # after the checkpoint of step 6
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_step", die_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train.distill(params(setup, tmp_path / "killed"))
+    assert not (tmp_path / "killed" / "student").exists()
+    monkeypatch.setattr(train, "_train_step", real_step)
+    metrics = train.distill(params(setup, tmp_path / "killed"))
+    assert metrics["resumed_from_step"] == 6
+    resumed = load_file(str(tmp_path / "killed" / "student" / "model.safetensors"))
+    for name, tensor in clean.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_ranks_read_disjoint_shares_of_the_rows(setup):
+    store = FeatureStore(setup[0])
+    shares = []
+    for rank in (0, 1):
+        batches = FeatureBatches(store, ["image_embedding"], 4, seed=3, rank=rank, world_size=2, window_files=2)
+        shares.append([key for batch in batches.epoch(0) for key in batch["key"]])
+    assert len(shares[0]) == len(shares[1]) == 3 * 4  # 30 rows: 15 per rank, 3 whole batches each
+    assert not set(shares[0]) & set(shares[1])
+    again = FeatureBatches(store, ["image_embedding"], 4, seed=3, rank=0, world_size=2, window_files=2)
+    assert [k for b in again.epoch(0, skip=1) for k in b["key"]] == shares[0][4:]
+
+
+def test_two_process_ddp_run_on_cpu(setup, tmp_path):
+    features, plm, _ = setup
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        f"distill:\n  features: {features}\n  plm: {plm}\n  output: {tmp_path / 'student'}\n"
+        f"  checkpoints: {tmp_path / 'ckpt'}\n  plots: {tmp_path / 'plots'}\n  epochs: 1\n  batch_size: 4\n"
+        "  device: cpu\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "vlkd.cli", "--params", str(params_file), "distill", "--metrics", str(tmp_path / "m.json")],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["ranks"] == 2 and metrics["steps"] == 30 // 2 // 4
+    assert Student.from_pretrained(tmp_path / "student").config.teacher == FeatureStore(features).teacher
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+def invoke(*args):
+    return CliRunner().invoke(main, ["distill", "--device", "cpu", *args])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_features_of_another_teacher_are_refused(setup, tmp_path, tiny_world_shards):
+    features, plm, _ = setup
+    trained = params(setup, tmp_path, epochs=1)
+    train.distill(trained)
+    other = load_teacher(TEST_MODEL, str(make_random_teacher(tmp_path / "other", seed=1)))
+    extract_features(tiny_world_shards[1], tmp_path / "other-features", other,
+                     FeaturesParams(batch_size=8, num_workers=0, device="cpu"))
+    assert_one_line_error(invoke("--features", str(tmp_path / "other-features"), "--plm", str(plm),
+                                 "--init", str(trained.output), "--output", str(tmp_path / "s2")),
+                          "but the student was distilled from")
+
+
+def test_missing_text_embedding_with_ttdm_is_refused(setup, tmp_path):
+    features, plm, _ = setup
+    (tmp_path / "f").mkdir()
+    for path in sorted(features.glob("*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["text_embedding"]), tmp_path / "f" / path.name)
+    assert_one_line_error(invoke("--features", str(tmp_path / "f"), "--plm", str(plm)), "no text_embedding column")
+    assert_one_line_error(invoke("--features", str(tmp_path / "missing"), "--plm", str(plm)), "no feature files")
+    assert_one_line_error(invoke("--features", str(features), "--plm", str(tmp_path / "no-plm")),
+                          "cannot load the language model")
+
+
+def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    calls = []
+    real = train.ttdm_loss
+
+    def nan_on_fifth_call(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 5 else value
+
+    monkeypatch.setattr(train, "ttdm_loss", nan_on_fifth_call)
+    with pytest.raises(VlkdError, match="not finite at step 5.*last good checkpoint"):
+        train.distill(params(setup, tmp_path))
+    checkpoints = list((tmp_path / "ckpt").glob("*/last.pt"))
+    assert len(checkpoints) == 1 and torch.load(checkpoints[0], weights_only=True)["step"] == 4
+    assert not (tmp_path / "student").exists()
+
+
+def test_broken_feature_column_types_are_refused(setup, tmp_path):
+    """Unknown columns do not matter; a features folder of plain Parquet files is refused."""
+    (tmp_path / "plain").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "caption": ["b"]}), tmp_path / "plain" / "00000.parquet")
+    assert_one_line_error(invoke("--features", str(tmp_path / "plain"), "--plm", str(setup[1])),
+                          "not a vlkd feature file")
+

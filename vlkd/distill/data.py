@@ -1,0 +1,57 @@
+"""Training batches from the feature store: shuffled per epoch, split across ranks, resumable.
+
+Why not a DataLoader over all rows: a Parquet row has no cheap random access, and a corpus can be larger
+than memory. So an epoch visits the files in a seeded order, a window of `window_files` files at a time,
+shuffles the rows inside the window, and deals the resulting stream out to ranks (row n → rank n % world).
+Memory: one window. Every rank gets the same number of batches (`steps_per_epoch`), so DDP never waits
+on a rank that ran out, and the order depends only on (seed, epoch): a resumed run skips the batches it
+has done and sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlkd.errors import VlkdError
+from vlkd.features.reader import FeatureStore, table_to_batch
+
+
+class FeatureBatches:
+    def __init__(self, store: FeatureStore, columns: Sequence[str], batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, window_files: int = 8):
+        self.store, self.columns, self.batch_size = store, list(columns), batch_size
+        self.seed, self.rank, self.world_size, self.window_files = seed, rank, world_size, window_files
+        self.rows = store.num_rows
+        self.steps_per_epoch = self.rows // world_size // batch_size
+        if self.steps_per_epoch == 0:
+            raise VlkdError(f"{self.rows} feature rows in {store.files[0].parent} make no batch of {batch_size} "
+                            f"per rank on {world_size} rank(s); lower distill.batch_size or add data")
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
+        """This rank's batches of `epoch`, from batch `skip` on."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.store.files))
+        pending: list[pa.Table] = []
+        pending_rows, position, produced = 0, 0, 0
+        for start in range(0, len(order), self.window_files):
+            window = pa.concat_tables(
+                [pq.read_table(self.store.files[i], columns=["key", "caption", *self.columns])
+                 for i in order[start:start + self.window_files]])
+            shuffled = rng.permutation(window.num_rows)
+            mine = shuffled[(self.rank - position) % self.world_size::self.world_size]
+            position += window.num_rows
+            pending.append(window.take(mine))
+            pending_rows += len(mine)
+            while pending_rows >= self.batch_size and produced < self.steps_per_epoch:
+                table = pa.concat_tables(pending)
+                if produced >= skip:
+                    yield table_to_batch(table.slice(0, self.batch_size), self.columns)
+                produced += 1
+                rest = table.slice(self.batch_size)
+                pending, pending_rows = [rest], rest.num_rows
+            if produced >= self.steps_per_epoch:
+                return

@@ -1,0 +1,162 @@
+"""The student: a BART language model plus the two projections of VLKD.
+
+  W_t (`text_projection`): the mean of BART's encoder output over non-pad tokens → CLIP embedding size.
+  W_v (`visual_projection` + LayerNorm): CLIP image features → visual tokens of BART's width, placed as a
+      prefix in front of the token embeddings at the encoder input, with the attention mask extended.
+      `pooled`: the pooled image embedding [B, E] → `prefix_tokens` tokens; `patch`: the teacher's
+      final-layer patch tokens [B, T, W] → T tokens.
+
+On disk (`Student.save_pretrained`): BART's and the tokenizer's own `save_pretrained` files, the
+projections in `projections.safetensors`, and `vlkd-student.json` naming the teacher the student was
+distilled from. `Student.from_pretrained(dir)` loads it all in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoTokenizer, BartForConditionalGeneration, PreTrainedTokenizerBase
+
+from vlkd.errors import VlkdError
+
+STUDENT_CONFIG = "vlkd-student.json"
+PROJECTIONS = "projections.safetensors"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    teacher: dict  # the teacher fingerprint of the features the student learns from
+    embed_dim: int  # CLIP's joint embedding size (W_t's output)
+    prefix: str = "pooled"  # pooled | patch
+    prefix_tokens: int = 1  # visual tokens made from the pooled embedding
+    visual_width: int = 0  # input width of W_v: embed_dim (pooled) or the patch tokens' width
+    itcl_temperature: float = 0.01
+    plm: dict = field(default_factory=dict)  # the language model's manifest (name, source, sha256)
+    format: int = FORMAT
+
+    def __post_init__(self):
+        if self.prefix not in ("pooled", "patch"):
+            raise VlkdError(f"unknown prefix kind {self.prefix!r}; use pooled or patch")
+
+
+class Student(nn.Module):
+    def __init__(self, bart: BartForConditionalGeneration, tokenizer: PreTrainedTokenizerBase,
+                 config: StudentConfig):
+        super().__init__()
+        if tokenizer.mask_token_id is None:
+            raise VlkdError("the language model's tokenizer has no <mask> token; use a BART tokenizer")
+        self.bart, self.tokenizer, self.config = bart, tokenizer, config
+        width = bart.config.d_model
+        self.text_projection = nn.Linear(width, config.embed_dim)
+        tokens = config.prefix_tokens if config.prefix == "pooled" else 1
+        self.visual_projection = nn.Linear(config.visual_width or config.embed_dim, width * tokens)
+        self.visual_norm = nn.LayerNorm(width)
+        # CLIP's convention: logits = exp(logit_scale) * cos; trainable only if ITCL's temperature is learnable.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.itcl_temperature)), requires_grad=False)
+
+    # -- the two projections --------------------------------------------------------------------------
+    def visual_prefix(self, image_features: torch.Tensor) -> torch.Tensor:
+        """[B, E] pooled embeddings or [B, T, W] patch tokens → [B, P, d_model] visual tokens."""
+        expected = 2 if self.config.prefix == "pooled" else 3
+        if image_features.dim() != expected or image_features.shape[-1] != self.visual_projection.in_features:
+            kind = "[batch, embed_dim]" if expected == 2 else "[batch, tokens, width]"
+            raise VlkdError(
+                f"image features of shape {tuple(image_features.shape)} do not fit the {self.config.prefix} prefix "
+                f"projection, which takes {kind} with last size {self.visual_projection.in_features}; use features "
+                "from the student's teacher")
+        projected = self.visual_projection(image_features.to(self.visual_projection.weight.dtype))
+        return self.visual_norm(projected.reshape(image_features.shape[0], -1, self.bart.config.d_model))
+
+    def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """W_t(mean of the encoder output over non-pad tokens): the student's text in CLIP's space."""
+        hidden = self.bart.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.text_projection((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+    def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[visual prefix ; token embeddings] and the attention mask extended over the prefix."""
+        prefix = self.visual_prefix(image_features)
+        embeddings = self.bart.get_encoder().embed_tokens(input_ids)  # BART's scaled embedding
+        prefix_mask = attention_mask.new_ones(prefix.shape[:2])
+        return torch.cat([prefix.to(embeddings.dtype), embeddings], 1), torch.cat([prefix_mask, attention_mask], 1)
+
+    def infilling_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                       image_features: torch.Tensor | None) -> torch.Tensor:
+        """BART's denoising loss (mean over label tokens; -100 ignored), with the image prefix if given."""
+        if image_features is None:
+            return self.bart(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, image_features)
+        return self.bart(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    # -- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, image_features: torch.Tensor | None, prompts: list[str], num_beams: int = 5,
+                 max_new_tokens: int = 30) -> list[str]:
+        """Texts generated for `prompts` (each with a `<mask>`), with each image's prefix in front;
+        `image_features` None: the language model alone, no prefix (the text-only control)."""
+        device = self.text_projection.weight.device
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+        if image_features is None:
+            kwargs = {"input_ids": encoded.input_ids, "attention_mask": encoded.attention_mask}
+        else:
+            embeds, mask = self.encoder_inputs(encoded.input_ids, encoded.attention_mask, image_features.to(device))
+            kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
+        output = self.bart.generate(**kwargs, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                    early_stopping=True)
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+    # -- persistence ----------------------------------------------------------------------------------
+    def projection_state(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()
+                if not name.startswith("bart.")}
+
+    def save_pretrained(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.bart.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        save_file(self.projection_state(), str(folder / PROJECTIONS))
+        (folder / STUDENT_CONFIG).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, folder: Path | str, device: str | torch.device = "cpu") -> Student:
+        folder = Path(folder)
+        config_file = folder / STUDENT_CONFIG
+        if not config_file.is_file():
+            raise VlkdError(f"{folder} is not a vlkd student (no {STUDENT_CONFIG}); run `vlkd distill` or check "
+                            "the path")
+        config = StudentConfig(**json.loads(config_file.read_text()))
+        bart = BartForConditionalGeneration.from_pretrained(folder)
+        student = cls(bart, AutoTokenizer.from_pretrained(folder), config)
+        unexpected = student.load_state_dict(load_file(str(folder / PROJECTIONS)), strict=False).unexpected_keys
+        if unexpected:
+            raise VlkdError(f"{folder / PROJECTIONS} has weights the student does not know ({unexpected[0]}, ...); "
+                            "it was saved by another vlkd version, distil again")
+        return student.to(device).eval()
+
+    @classmethod
+    def from_language_model(cls, folder: Path, config: StudentConfig) -> Student:
+        """A fresh student: the language model stage's BART and tokenizer, new projections."""
+        try:
+            bart = BartForConditionalGeneration.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as err:
+            raise VlkdError(f"cannot load the language model from {folder} ({_first_line(err)}); "
+                            "run `vlkd plm` or check distill.plm") from err
+        return cls(bart, tokenizer, config)
+
+
+def normalized(embeddings: torch.Tensor) -> torch.Tensor:
+    return F.normalize(embeddings.float(), dim=-1)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
