@@ -1,0 +1,158 @@
+"""`dvc repro` of the real dvc.yaml in a temporary git repo at a tiny size: the first run builds every
+stage, a rerun changes nothing, a params change re-runs only the stages that depend on it.
+
+The tests run the pipeline up to TARGET (as `dvc repro TARGET`), so stages appended to dvc.yaml later
+are not run here; the tiny params cover every section anyway. test_flows.py builds its projects with
+make_tiny_project too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+TARGET = "features"
+UPSTREAM = ["synth", "download", "teacher", "features"]  # TARGET and what it depends on, in order
+SKIP = ("data/", "metrics/", "dvc.lock", ".ci/", "dvclive/")
+
+# Every stage at a size that runs in seconds on 2 CPU cores (sections a stage does not have yet are
+# left out by tiny_params).
+TINY = {
+    "synth": {"images": 40, "eval_images": 8, "shifted_images": 4, "text_scenes": 50, "image_size": 48},
+    "download": {"shard_size": 20, "processes": 1, "threads": 4},
+    "teacher": {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
+    "features": {"batch_size": 32, "num_workers": 0, "device": "cpu"},
+    "plm": {"vocab_size": 300, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 32,
+            "epochs": 1, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
+    "distill": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "device": "cpu"},
+    "evaluate": {"num_beams": 1, "batch_size": 8, "report_samples": 2, "vqa_max_new_tokens": 3,
+                 "caption_max_new_tokens": 5, "device": "cpu"},
+    "pipeline": {"lock_timeout": 5, "retries": 1, "retry_delay_seconds": 0},
+}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def project_files() -> list[str]:
+    """The project's files as a fresh clone would have them (plus files not yet committed)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=PROJECT, check=True,
+                            capture_output=True, text=True).stdout.splitlines()
+    return [name for name in listed if not name.startswith(SKIP) and (PROJECT / name).is_file()]
+
+
+def tiny_overrides(**sections) -> dict:
+    """TINY (and `sections`) as overrides of the project's params.yaml, for the sections it has."""
+    from vlkd.orchestrate.params import flatten
+
+    present = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    chosen = {name: values for name, values in TINY.items() if name in present}
+    for name, values in sections.items():
+        chosen[name] = {**chosen.get(name, {}), **values}
+    return {**flatten(chosen), "synth.port": free_port()}
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args], cwd=root,
+                          check=True, capture_output=True, text=True).stdout
+
+
+def make_tiny_project(root: Path, **sections) -> Path:
+    """A copy of the project (no data, no lock) with tiny params, as a git repo with one commit."""
+    for name in project_files():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / name, target)
+    from vlkd.orchestrate.params import apply_overrides
+
+    apply_overrides(root, tiny_overrides(**sections))  # edits the copy of params.yaml, comments kept
+    git(root, "init", "--quiet")
+    git(root, "add", "-A")
+    git(root, "commit", "--quiet", "-m", "tiny project")
+    return root
+
+
+def dvc_env() -> dict[str, str]:
+    """DVC runs each stage's `vlkd ...` command: this interpreter's bin folder goes first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def dvc(root: Path, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 0, f"dvc {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def skipped(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.endswith("didn't change, skipping")]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """(project, output of the first `dvc repro TARGET`)."""
+    root = make_tiny_project(tmp_path_factory.mktemp("dvc") / "project")
+    return root, dvc(root, "repro", TARGET)
+
+
+def test_first_run_builds_every_stage_and_records_it(first_run):
+    root, output = first_run
+    assert ran(output) == UPSTREAM
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(UPSTREAM) <= set(lock["stages"])
+    download = json.loads((root / "metrics/download.json").read_text())
+    assert download["url_list"]["successes"] == 40 and download["shards"]["count"] == 2
+    features = json.loads((root / "metrics/features.json").read_text())
+    assert features["images"] == 40 and features["shards"]["computed"] == 2
+    assert (root / "data/teacher/manifest.json").is_file()
+    assert "up to date" in dvc(root, "status", TARGET)
+
+
+def test_rerun_with_nothing_changed_runs_no_stage(first_run):
+    root, _ = first_run
+    before = (root / "dvc.lock").read_text()
+    output = dvc(root, "repro", TARGET)
+    assert ran(output) == [] and skipped(output) == UPSTREAM
+    assert (root / "dvc.lock").read_text() == before
+
+
+def test_params_change_reruns_only_the_stages_that_depend_on_it(first_run):
+    root, _ = first_run
+    from vlkd.orchestrate.params import apply_overrides
+
+    lock_before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    text_before = (root / "params.yaml").read_text()
+    assert apply_overrides(root, {"features.batch_size": 16}) == {"features.batch_size": (32, 16)}
+    diff = difflib.ndiff(text_before.splitlines(), (root / "params.yaml").read_text().splitlines())
+    edited = [line[2:].split("#")[0].strip() for line in diff if line.startswith(("+ ", "- "))]
+    assert edited == ["batch_size: 32", "batch_size: 16"]  # one line edited, comments and layout kept
+    output = dvc(root, "repro", TARGET)
+    assert ran(output) == ["features"]
+    assert skipped(output) == ["synth", "download", "teacher"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert all(lock[name] == lock_before[name] for name in ("synth", "download", "teacher"))
+    assert lock["features"]["params"]["params.yaml"]["features"]["batch_size"] == 16
+    # the same teacher: every feature file is reused
+    assert json.loads((root / "metrics/features.json").read_text())["shards"]["skipped"] == 2
+

@@ -1,0 +1,346 @@
+"""The Prefect flows through Prefect's test harness, on tiny copies of the project in temporary git repos:
+the pipeline flow (every stage as a task, DVC deciding, push, artifacts), a no-op rerun, refreshes that
+add rows (only new rows downloaded, only new shards embedded) and promote, a gate that rejects a worse
+model, a failing stage, the workspace lock; and the library under the flows (gate, lock, overrides,
+redaction) directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_dvc_pipeline import PROJECT, TARGET, UPSTREAM, dvc, make_tiny_project
+
+from vlkd.config import GateMetric
+from vlkd.errors import VlkdError
+from vlkd.orchestrate.gate import compare
+from vlkd.orchestrate.lock import WorkspaceLock
+from vlkd.orchestrate.params import apply_overrides, parse_assignments
+from vlkd.orchestrate.process import Redactor, secret_values, stream
+
+if str(PROJECT) not in sys.path:  # flows/ is a folder of the project, not an installed package
+    sys.path.insert(0, str(PROJECT))
+
+GATE = [{"file": "metrics/download.json", "metric": "url_list.successes"},
+        {"file": "metrics/teacher.json", "metric": "retrieval.image_to_text.recall@1", "tolerance": 1.0}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures: one Prefect test server and one tiny project for the module
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server(tmp_path_factory):
+    """Prefect's test harness (a temporary local server on SQLite), set up as the Makefile sets Prefect."""
+    settings = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project whose teacher is a fixed checkpoint (no training), so a refresh that adds shards
+    keeps the teacher and the features stage embeds only the new shards."""
+    from conftest import TEST_MODEL, make_random_teacher
+
+    root = tmp_path_factory.mktemp("flows") / "project"
+    checkpoint = make_random_teacher(root.parent / "checkpoint")
+    return make_tiny_project(root, teacher={"model": TEST_MODEL, "pretrained": str(checkpoint)},
+                             pipeline={"gate": GATE})
+
+
+def read(root: Path, name: str) -> dict:
+    return json.loads((root / name).read_text())
+
+
+def tags(root: Path) -> list[str]:
+    return subprocess.run(["git", "tag", "--list"], cwd=root, capture_output=True, text=True).stdout.split()
+
+
+def artifact(key: str):
+    from prefect.artifacts import Artifact
+
+    return Artifact.get(key)
+
+
+def task_runs(state) -> dict[str, int]:
+    """{task run name: run count} of a flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {run.name: run.run_count for run in runs}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline flow
+# ---------------------------------------------------------------------------------------------------
+def test_pipeline_flow_runs_each_stage_as_a_task_pushes_and_publishes(project):
+    from flows.pipeline import METRICS_ARTIFACT, RUN_ARTIFACT, pipeline
+
+    state = pipeline(params_file=str(project / "params.yaml"), until=TARGET, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert [run["stage"] for run in result["stages"]] == UPSTREAM
+    assert result["ran"] == UPSTREAM
+    assert set(task_runs(state)) == {*UPSTREAM, *(name for name in task_runs(state) if name.startswith("dvc push"))}
+    assert set(yaml.safe_load((project / "dvc.lock").read_text())["stages"]) >= set(UPSTREAM)
+    assert "up to date" in dvc(project, "status", TARGET)
+    # pushed to the default remote, a folder beside the project
+    assert any((project.parent / "vlkd-remote").rglob("*")), "dvc push wrote nothing to the local remote"
+    assert "Everything is up to date" in dvc(project, "push")
+    metrics = artifact(METRICS_ARTIFACT)
+    rows = metrics.data if isinstance(metrics.data, list) else json.loads(metrics.data)
+    assert {"file": "metrics/download.json", "metric": "url_list.successes", "value": 40} in rows
+    summary = artifact(RUN_ARTIFACT).data
+    assert "features" in summary and "report.html" in summary
+
+
+def test_second_run_with_nothing_changed_reruns_no_stage(project):
+    from flows.pipeline import pipeline
+
+    lock = (project / "dvc.lock").read_text()
+    result = pipeline(params_file=str(project / "params.yaml"), until=TARGET)
+    assert result["ran"] == []
+    assert {run["status"] for run in result["stages"]} == {"skipped"}
+    assert (project / "dvc.lock").read_text() == lock
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refresh, gate and promotion
+# ---------------------------------------------------------------------------------------------------
+def test_first_refresh_promotes_the_current_model(project):
+    from flows.refresh import refresh
+
+    result = refresh(params_file=str(project / "params.yaml"), until=TARGET)
+    assert result["ran"] == [] and result["gate_passed"] and result["baseline"] is None
+    assert result["promoted"] == "promoted/v1" and tags(project) == ["promoted/v1"]
+    committed = subprocess.run(["git", "show", "promoted/v1:dvc.lock"], cwd=project, capture_output=True,
+                               text=True, check=True).stdout
+    assert committed == (project / "dvc.lock").read_text()
+    again = refresh(params_file=str(project / "params.yaml"), until=TARGET)  # nothing new: no new tag
+    assert again["gate_passed"] and again["promoted"] is None and again["current"] == "promoted/v1"
+    assert tags(project) == ["promoted/v1"]
+
+
+def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(project):
+    from flows.refresh import GATE_ARTIFACT, refresh
+
+    # A new version of the URL list: the same world with 20 more images (the first 40 rows are the same).
+    result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60}, until=TARGET)
+    download = read(project, "metrics/download.json")
+    assert download["this_run"]["fetched"] == 20 and download["this_run"]["new_shards"] == [2]
+    assert download["url_list"]["successes"] == 60
+    features = read(project, "metrics/features.json")
+    assert features["shards"]["computed"] == 1 and features["shards"]["skipped"] == 2
+    assert result["gate_passed"] and result["baseline"] == "promoted/v1" and result["promoted"] == "promoted/v2"
+    gate = {row["metric"]: row for row in result["gate"]}
+    assert gate["url_list.successes (metrics/download.json)"]["promoted"] == 40
+    assert gate["url_list.successes (metrics/download.json)"]["new"] == 60
+    assert "Promoted" in artifact(f"{GATE_ARTIFACT}-summary").data
+
+
+def test_gate_rejects_a_worse_model_and_the_promoted_one_can_be_restored(project):
+    import pyarrow.parquet as pq
+
+    from flows.refresh import GATE_ARTIFACT, refresh
+
+    # A new list that lost a third of its rows: fewer successes than the promoted model had.
+    shrunk = project / "lists" / "shrunk.parquet"
+    shrunk.parent.mkdir()
+    pq.write_table(pq.read_table(project / "data/world/urls.parquet").slice(0, 40), shrunk)
+    promoted_lock = subprocess.run(["git", "show", "promoted/v2:dvc.lock"], cwd=project, capture_output=True,
+                                   text=True, check=True).stdout
+    # (only as far as the download stage, whose metrics fail the gate: the later stages cost time here)
+    result = refresh(url_list=str(shrunk), params_file=str(project / "params.yaml"), until="download")
+    assert result["ran"] == ["download"]
+    assert not result["gate_passed"] and result["promoted"] is None and result["current"] == "promoted/v2"
+    assert "url_list.successes 60 -> 40" in result["gate_summary"]
+    assert tags(project) == ["promoted/v1", "promoted/v2"]
+    assert "Not promoted" in artifact(f"{GATE_ARTIFACT}-summary").data
+    assert (project / "dvc.lock").read_text() != promoted_lock
+    # the command the flow gives brings the promoted model back (git for the lock, DVC for the data)
+    assert result["restore"].startswith("git checkout promoted/v2 -- ")
+    subprocess.run(result["restore"], shell=True, cwd=project, check=True, capture_output=True,
+                   env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert (project / "dvc.lock").read_text() == promoted_lock
+    assert "up to date" in dvc(project, "status", TARGET)
+    assert read(project, "metrics/download.json")["url_list"]["successes"] == 60
+
+
+def test_stage_failure_keeps_earlier_outputs_and_the_promoted_model(project):
+    from flows.pipeline import pipeline
+
+    lock_before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    teacher_manifest = (project / "data/teacher/manifest.json").read_text()
+    shards = {p.name: p.stat().st_mtime_ns for p in (project / "data/shards").iterdir()}
+    state = pipeline(params_file=str(project / "params.yaml"), overrides={"teacher.pretrained": "missing.safetensors"},
+                     until=TARGET, return_state=True)
+    assert state.is_failed()
+    assert "does not exist" in str(state.result(raise_on_failure=False))
+    runs = task_runs(state)
+    assert runs["teacher"] == 1, "bad input must not be retried"
+    assert "features" not in runs
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    assert lock == lock_before  # nothing recorded for the failed stage; earlier stages as they were
+    assert {p.name: p.stat().st_mtime_ns for p in (project / "data/shards").iterdir()} == shards
+    # DVC removed the teacher's outputs before running it; the flow put the last good ones back
+    assert (project / "data/teacher/manifest.json").read_text() == teacher_manifest
+    assert (project / "metrics/teacher.json").is_file()
+    assert tags(project) == ["promoted/v1", "promoted/v2"]
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+
+
+def test_a_second_run_on_the_same_workspace_stops_with_a_clear_message(project):
+    from flows.pipeline import pipeline
+
+    params_before = (project / "params.yaml").read_text()
+    with WorkspaceLock(project, owner="a run in this test"):
+        state = pipeline(params_file=str(project / "params.yaml"), overrides={"pipeline.lock_timeout": 0.5,
+                                                                              "teacher.epochs": 3},
+                         until=TARGET, return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "another pipeline run holds" in message and f"pid {os.getpid()}" in message
+    assert "a run in this test" in message
+    assert (project / "params.yaml").read_text() == params_before  # it touched nothing
+
+
+# ---------------------------------------------------------------------------------------------------
+# The library under the flows
+# ---------------------------------------------------------------------------------------------------
+def test_lock_waits_for_the_holder_then_runs(tmp_path):
+    first = WorkspaceLock(tmp_path, owner="first")
+    first.acquire()
+    threading.Timer(0.5, first.release).start()
+    started = time.monotonic()
+    with WorkspaceLock(tmp_path, timeout=10, owner="second"):
+        assert time.monotonic() - started >= 0.4
+    with WorkspaceLock(tmp_path, timeout=0):  # free again
+        pass
+
+
+def test_lock_timeout_names_the_holder(tmp_path):
+    with WorkspaceLock(tmp_path, owner="nightly run"), pytest.raises(VlkdError) as err:
+        WorkspaceLock(tmp_path, timeout=0.3).acquire()
+    assert "nightly run" in str(err.value) and "lock_timeout" in str(err.value)
+
+
+def spec(metric: str, **kwargs) -> GateMetric:
+    return GateMetric(metric=metric, file="m.json", **kwargs)
+
+
+def test_gate_rejects_worse_beyond_tolerance_only():
+    before = {"m.json": {"vqa": {"overall": 50.0}, "loss": 1.0, "cider": 0.80}}
+    gate = [spec("vqa.overall", tolerance=1.0), spec("loss", higher_is_better=False),
+            spec("cider", relative_tolerance=0.05)]
+    within = compare(before, {"m.json": {"vqa": {"overall": 49.2}, "loss": 0.9, "cider": 0.77}}, gate, baseline="v1")
+    assert within.passed, within.rows()
+    assert [check.verdict for check in within.checks] == ["within tolerance", "better", "within tolerance"]
+    worse = compare(before, {"m.json": {"vqa": {"overall": 48.0}, "loss": 1.2, "cider": 0.70}}, gate, baseline="v1")
+    assert not worse.passed
+    assert [check.verdict for check in worse.checks] == ["worse", "worse", "worse"]
+    assert "vqa.overall 50 -> 48" in worse.summary()
+
+
+def test_gate_missing_and_new_metrics():
+    gate = [spec("a"), spec("b")]
+    report = compare({"m.json": {"a": 1.0}}, {"m.json": {"b": 2.0}}, gate, baseline="v3")
+    assert [check.verdict for check in report.checks] == ["missing", "new"]
+    assert not report.passed and "a is missing" in report.summary()
+    first = compare(None, {"m.json": {"a": 1.0, "b": 2.0}}, gate)
+    assert first.passed and "first" in first.summary()
+    unchecked = compare(None, {"m.json": {"b": 2.0}}, gate)
+    assert not unchecked.passed and unchecked.summary() == "a is missing from the new m.json"
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
+    assert parse_assignments(["teacher.epochs=2", "teacher.pretrained=null", "x.y=[a, b]"]) == {
+        "teacher.epochs": 2, "teacher.pretrained": None, "x.y": ["a", "b"]}
+    with pytest.raises(VlkdError, match="key=value"):
+        parse_assignments(["teacher.epochs"])
+    (tmp_path / "params.yaml").write_text((PROJECT / "params.yaml").read_text())
+    with pytest.raises(VlkdError, match="teacher.epochs"):
+        apply_overrides(tmp_path, {"teacher.epochs": 0})
+    with pytest.raises(VlkdError, match="teacher.nonsense"):
+        apply_overrides(tmp_path, {"teacher.nonsense": 1})
+    assert (tmp_path / "params.yaml").read_text() == (PROJECT / "params.yaml").read_text()
+
+
+def test_streamed_output_never_shows_credentials(tmp_path):
+    env = {**os.environ, "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-K7MDENG", "DB_PASSWORD": "hunter2-hunter2"}
+    script = ("import os, sys\n"
+              "print('key', os.environ['AWS_SECRET_ACCESS_KEY'])\n"
+              "print('remote s3://AKIAEXAMPLE:topsecret@bucket/path and https://user:pw@host/x')\n"
+              "sys.stderr.write('pw ' + os.environ['DB_PASSWORD'] + ' block-value-123\\n')\n"
+              "for i in range(3): sys.stderr.write(f'\\r{i}/3 progress')\n"
+              "sys.stderr.write('\\n')\n")
+    lines: list[str] = []
+    done = stream([sys.executable, "-c", script], tmp_path, lines.append, env=env,
+                  redact=Redactor([*secret_values(env), "block-value-123"]))
+    text = "\n".join(lines)
+    assert done.returncode == 0
+    for secret in ("wJalrXUtnFEMI-K7MDENG", "hunter2-hunter2", "topsecret", "AKIAEXAMPLE", "user:pw",
+                   "block-value-123"):
+        assert secret not in text
+    assert "s3://***@bucket/path" in text and "key ***" in text
+    assert "2/3 progress" in text
+
+
+def test_secret_blocks_reach_the_stage_environment_but_not_the_logs():
+    from prefect.blocks.system import Secret
+
+    from flows.pipeline import stage_environment
+
+    Secret(value="sk-test-value-42").save("vlkd-test-token", overwrite=True)
+    env, redact = stage_environment({"VLKD_REMOTE_TOKEN": "vlkd-test-token"})
+    assert env["VLKD_REMOTE_TOKEN"] == "sk-test-value-42"
+    assert redact("token sk-test-value-42") == "token ***"
+    with pytest.raises(VlkdError, match="no Prefect Secret block"):
+        stage_environment({"X_TOKEN": "no-such-block"})
+
+
+def test_serve_builds_the_scheduled_deployment_from_params(project):
+    from flows.serve import MANUAL, RETRAIN, deployments
+
+    retrain, manual = deployments(str(project / "params.yaml"))
+    assert (retrain.name, manual.name) == (RETRAIN, MANUAL)
+    schedule = retrain.schedules[0].schedule
+    assert schedule.cron == "0 3 * * 1" and schedule.timezone == "UTC"
+    assert retrain.parameters["params_file"] == str(project / "params.yaml")
+    assert not manual.schedules
+
+
+def test_only_transient_stage_failures_are_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import _transient
+    from vlkd.orchestrate.process import Completed
+    from vlkd.orchestrate.stages import failure
+
+    bad_input = failure("teacher", Completed(255, ["> vlkd teacher", "vlkd: error: checkpoint x does not exist",
+                                                   "ERROR: failed to reproduce 'teacher': ..., exited with 2"]))
+    crashed = failure("distill", Completed(255, ["Killed",
+                                                 "ERROR: failed to reproduce 'distill': ..., exited with -9"]))
+    dvc_lock = failure("features", Completed(255, ["ERROR: Unable to acquire lock. Most likely another DVC process "
+                                                   "is running or was terminated abruptly."]))
+    assert bad_input.permanent and bad_input.reason == "vlkd: error: checkpoint x does not exist"
+    assert not crashed.permanent and not dvc_lock.permanent and "Unable to acquire lock" in dvc_lock.reason
+    assert [_transient(None, None, Failed(data=err)) for err in (bad_input, crashed, dvc_lock)] == [False, True, True]
+    assert _transient(None, None, Failed(data=VlkdError("bad params"))) is False

@@ -1,0 +1,174 @@
+"""The project a run works on, and `key=value` overrides written into its params.yaml.
+
+DVC reads the stages' parameters from params.yaml, so a variant is a change to that file, the way
+`dvc exp run -S key=value` makes one: the overrides stay in the file after the run (and `git diff
+params.yaml` shows them). The file is edited round-trip (comments and order kept), validated by
+vlkd.config before it replaces the old one, and left untouched when no value changes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlkd.config import PARAMS_FILE, Params, load_params
+from vlkd.errors import VlkdError
+
+PIPELINE_FILE = "dvc.yaml"
+
+
+def find_project(params_file: Path | str = PARAMS_FILE) -> tuple[Path, dict[str, Any]]:
+    """(project root, overrides) for a params file.
+
+    The project's own params.yaml (next to dvc.yaml) gives no overrides. Any other YAML file is a
+    variant: each of its values becomes an override of the params.yaml of the project that holds the
+    file, or else the one that holds the working directory. Its paths are written as they are, so they
+    are relative to the project."""
+    path = Path(params_file).expanduser().resolve()
+    if not path.is_file():
+        raise VlkdError(f"params file {path} does not exist; pass the project's params.yaml or a variant file")
+    if path.name == PARAMS_FILE and (path.parent / PIPELINE_FILE).is_file():
+        return path.parent, {}
+    root = _nearest_project(path.parent) or _nearest_project(Path.cwd())
+    if root is None:
+        raise VlkdError(f"{path} is not a project's params.yaml (no {PIPELINE_FILE} next to it) and no project "
+                        f"(a folder with {PIPELINE_FILE} and {PARAMS_FILE}) holds the working directory; "
+                        "run from inside the project")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise VlkdError(f"{path} is not valid YAML ({getattr(err, 'problem', None) or err}); fix the file") from err
+    if not isinstance(raw, dict):
+        raise VlkdError(f"{path} must hold sections (a mapping), not {type(raw).__name__}")
+    return root, flatten(raw)
+
+
+def _nearest_project(start: Path) -> Path | None:
+    for folder in (start.resolve(), *start.resolve().parents):
+        if (folder / PIPELINE_FILE).is_file() and (folder / PARAMS_FILE).is_file():
+            return folder
+    return None
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"teacher": {"epochs": 1}} -> {"teacher.epochs": 1}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """["teacher.epochs=2", "download.url_list=new.parquet"] -> overrides; values are read as YAML
+    (as `dvc exp run -S` does), so 2 is a number, null is None and [a, b] is a list."""
+    overrides: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise VlkdError(f"override {item!r} is not key=value (e.g. teacher.epochs=2)")
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as err:
+            raise VlkdError(f"override {item!r}: the value is not valid YAML ({err.__class__.__name__})") from err
+    return overrides
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set(tree: dict, key: str, value: Any, make_map=dict) -> tuple[bool, Any]:
+    """Set a dotted key in a nested mapping; returns (changed, old value)."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = make_map()
+        elif not isinstance(child, dict):
+            raise VlkdError(f"override {key}: {part} is a value, not a section; check the key")
+        node = child
+    old = node.get(parts[-1], _MISSING)
+    if old is not _MISSING and _plain(old) == value:
+        return False, old
+    node[parts[-1]] = value
+    return True, None if old is _MISSING else old
+
+
+_MISSING = object()
+
+
+def preview(root: Path, overrides: Mapping[str, Any]) -> Params:
+    """The validated params the run will use, without changing any file."""
+    params_path = root / PARAMS_FILE
+    raw = yaml.safe_load(params_path.read_text()) or {}
+    for key, value in overrides.items():
+        _set(raw, key, _plain(value))
+    return _validated(root, yaml.safe_dump(raw, sort_keys=False), overrides)
+
+
+def _validated(root: Path, text: str, overrides: Mapping[str, Any]) -> Params:
+    fd, name = tempfile.mkstemp(dir=root, prefix=".params-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        try:
+            return load_params(Path(name))
+        except VlkdError as err:
+            message = str(err).replace(name, str(root / PARAMS_FILE))
+            given = ", ".join(f"{k}={v!r}" for k, v in overrides.items()) or "none"
+            raise VlkdError(f"{message} (overrides: {given})") from None
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def apply_overrides(root: Path, overrides: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Write the overrides into `root/params.yaml` (round trip, validated); returns {key: (old, new)} of
+    the values that changed."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    params_path = root / PARAMS_FILE
+    if not overrides:
+        load_params(params_path)
+        return {}
+    handler = YAML()
+    handler.preserve_quotes = True
+    handler.width = 4096
+    handler.indent(mapping=2, sequence=4, offset=2)  # the layout of params.yaml
+    handler.representer.add_representer(  # keep `null` as written (ruamel would leave the value empty)
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    document = handler.load(params_path.read_text()) or CommentedMap()
+    changed: dict[str, tuple[Any, Any]] = {}
+    for key, value in overrides.items():
+        value = _plain(value)
+        did_change, old = _set(document, key, value, make_map=CommentedMap)
+        if did_change:
+            changed[key] = (_plain(old), value)
+    if not changed:
+        load_params(params_path)
+        return {}
+    import io
+
+    buffer = io.StringIO()
+    handler.dump(document, buffer)
+    _validated(root, buffer.getvalue(), overrides)
+    tmp = params_path.with_name(f".{PARAMS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(buffer.getvalue())
+    tmp.replace(params_path)
+    return changed
