@@ -200,3 +200,8 @@ def test_bad_inputs_give_one_clear_line(shards, tmp_path, random_teacher):
     other = make_random_teacher(tmp_path / "other-teacher", seed=1)
     assert_one_line_error(invoke("--shards", str(shards), "--output", str(tmp_path / "f"),
                                  "--model", TEST_MODEL, "--pretrained", str(other)), "made by another teacher")
+    replaced = invoke("--shards", str(shards), "--output", str(tmp_path / "f"), "--model", TEST_MODEL,
+                      "--pretrained", str(other), "--replace-other-teachers")
+    assert replaced.exit_code == 0, replaced.output
+    assert {read_metadata(p)["teacher"]["weights_sha256"] for p in (tmp_path / "f").glob("*.parquet")} == {
+        load_teacher(TEST_MODEL, str(other)).fingerprint.weights_sha256}

@@ -145,10 +145,13 @@ def teacher(params: Params, metrics_file: Path | None, **flags) -> None:
               help="This process's share of the shard list (torchrun sets RANK).")
 @click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
               help="Number of processes splitting the shard list (torchrun sets WORLD_SIZE).")
+@click.option("--replace-other-teachers", is_flag=True, help="Delete feature files made by another teacher "
+              "instead of stopping (the DVC stage does: a changed teacher re-embeds every shard).")
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, **flags) -> None:
+def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, replace_other_teachers: bool,
+             **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
     from vlkd.features.extract import extract_features
     from vlkd.models.teacher import load_teacher
@@ -158,7 +161,8 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
     stage = with_overrides(params.features, **flags)
     model, pretrained = _teacher_names(stage)
     teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
-    summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size)
+    summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size,
+                               replace_other_teachers=replace_other_teachers)
     _write_metrics(metrics_file, summary)
     click.echo(f"features in {stage.output}: {summary['shards']['computed']} shard(s) computed, "
                f"{summary['shards']['skipped']} skipped, {summary['images']} images, "
@@ -173,6 +177,32 @@ def _teacher_names(stage) -> tuple[str, str]:
     from vlkd.models.train_teacher import resolve_teacher
 
     return resolve_teacher(stage.teacher)
+
+
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), help="Language-model folder [plm.output].")
+@click.option("--model", help="Hub name or local directory of a BART checkpoint, e.g. facebook/bart-base; without "
+              "one the embedded model is pretrained on the corpus [plm.model].")
+@click.option("--corpus", type=click.Path(path_type=Path), help="Text, one document per line [plm.corpus].")
+@click.option("--heldout", type=click.Path(path_type=Path), help="Held-out documents for the metrics [plm.heldout].")
+@click.option("--epochs", type=int, help="[plm.epochs]")
+@click.option("--seed", type=int, help="[plm.seed]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[plm.device]")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def plm(params: Params, metrics_file: Path | None, **flags) -> None:
+    """Make the language-model folder: a BART checkpoint, or pretrain the embedded one on the corpus."""
+    from vlkd.models.plm import build_plm
+
+    quiet_transformers()
+    stage = with_overrides(params.plm, **flags)
+    manifest = build_plm(stage)
+    _write_metrics(metrics_file, manifest["metrics"])
+    qa = manifest["metrics"].get("qa", {})
+    scores = (f", text-only QA {qa['with_description']['accuracy']:.3f} (blind {qa['blind']['accuracy']:.3f})"
+              if "with_description" in qa else "")
+    click.echo(f"language model {manifest['name']} ({manifest['parameters']} parameters) in {stage.output}{scores}")
 
 
 @main.command()
@@ -201,6 +231,33 @@ def distill(params: Params, metrics_file: Path | None, **flags) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         _write_metrics(metrics_file, metrics)
         click.echo(f"student in {stage.output}: {metrics['steps']} steps, final losses {metrics['final']}")
+
+
+@main.command()
+@click.option("--student", type=click.Path(path_type=Path), help="Student folder [evaluate.student].")
+@click.option("--plm", type=click.Path(path_type=Path), help="Language model before distillation [evaluate.plm].")
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher folder [evaluate.teacher].")
+@click.option("--output", type=click.Path(path_type=Path), help="Evaluation folder [evaluate.output].")
+@click.option("--batch-size", type=int, help="Prompts per generation batch [evaluate.batch_size].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[evaluate.device]")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def evaluate(params: Params, metrics_file: Path | None, **flags) -> None:
+    """Zero-shot VQA and captions of the student with controls, text retention, and an HTML report."""
+    from vlkd.evaluate.run import evaluate as run_evaluate
+
+    quiet_transformers()
+    stage = with_overrides(params.evaluate, **flags)
+    metrics = run_evaluate(stage)
+    _write_metrics(metrics_file, metrics)
+    for name, result in metrics.items():
+        if "overall" in result:
+            controls = ", ".join(f"{c} {v['overall']:.2f}" for c, v in result["controls"].items())
+            click.echo(f"{name}: VQA accuracy {result['overall']:.2f} (controls: {controls})")
+        elif "CIDEr" in result:
+            click.echo(f"{name}: CIDEr {result['CIDEr']:.3f} (blank image {result['controls']['blank']['CIDEr']:.3f})")
+    click.echo(f"report: {stage.output / 'report.html'}")
 
 
 @main.command("vqa-score")

@@ -129,15 +129,17 @@ def output_path(output: Path, tar: Path) -> Path:
 
 
 def extract_features(shards: Path, output: Path, teacher: Teacher, params: FeaturesParams,
-                     rank: int = 0, world_size: int = 1) -> dict:
-    """Bring `output` up to date with the shards in `shards`; returns this process's summary."""
+                     rank: int = 0, world_size: int = 1, replace_other_teachers: bool = False) -> dict:
+    """Bring `output` up to date with the shards in `shards`; returns this process's summary. Files made
+    by another teacher are refused, or with `replace_other_teachers` deleted (DVC runs: a changed teacher
+    must re-embed everything, and DVC's cache still holds the old files)."""
     started = time.perf_counter()
     tars = list_shards(shards)
     if not tars:
         raise VlkdError(f"no complete shards in {shards}; run `vlkd download` first")
     output.mkdir(parents=True, exist_ok=True)
     fingerprint = teacher.fingerprint.as_dict()
-    _refuse_other_teachers(output, fingerprint)
+    _refuse_other_teachers(output, fingerprint, delete=replace_other_teachers and rank == 0)
     mine = tars[rank::world_size]
     for tar in mine:  # partial files of a killed run; only this rank ever writes these shards
         partial_path(output_path(output, tar)).unlink(missing_ok=True)
@@ -229,11 +231,14 @@ def _metadata(teacher: Teacher, params: FeaturesParams, tar: Path) -> dict:
     }
 
 
-def _refuse_other_teachers(output: Path, fingerprint: dict) -> None:
+def _refuse_other_teachers(output: Path, fingerprint: dict, delete: bool = False) -> None:
     for path in sorted(output.glob("[0-9]*.parquet")):
         metadata = read_metadata(path)
         theirs = metadata and metadata.get("teacher")
-        if theirs != fingerprint:
+        if theirs != fingerprint and delete:
+            log.warning("deleting %s: made by another teacher (--replace-other-teachers)", path)
+            path.unlink()
+        elif theirs != fingerprint:
             raise VlkdError(
                 f"features in {output} were made by another teacher ({path.name}: "
                 f"{(theirs or {}).get('model', 'unknown')}, weights {str((theirs or {}).get('weights_sha256'))[:12]}) "
