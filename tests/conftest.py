@@ -161,3 +161,25 @@ def make_random_teacher(folder, seed: int = 0):
 @pytest.fixture(scope="session")
 def random_teacher(tmp_path_factory):
     return make_random_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def make_tiny_plm(folder, captions):
+    """A byte-level BPE tokenizer trained on `captions` and a randomly initialised tiny BART."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
+
+    folder.mkdir(parents=True)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(captions, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.save_model(str(folder))
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BartTokenizer"}')
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                        decoder_ffn_dim=64, max_position_embeddings=96, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from click.testing import CliRunner
-from conftest import TEST_MODEL, make_random_teacher
+from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 from safetensors.torch import load_file
 
 from vlkd.cli import main
@@ -31,27 +31,6 @@ from vlkd.models.student import Student, StudentConfig
 from vlkd.models.teacher import load_teacher
 
 TEACHER = {"model": "t", "weights_sha256": "0" * 64, "open_clip_version": "x"}
-
-
-def make_tiny_plm(folder, captions):
-    """A byte-level BPE tokenizer trained on `captions` and a randomly initialised tiny BART."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
-
-    folder.mkdir(parents=True)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(captions, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    bpe.save_model(str(folder))
-    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "BartTokenizer"}')
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                        decoder_ffn_dim=64, max_position_embeddings=96, pad_token_id=1, bos_token_id=0,
-                        eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0)
-    BartForConditionalGeneration(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -114,25 +114,25 @@ class PlmParams(_Section):
     corpus: Path = Path("data/world/text/train.txt")
     heldout: Path = Path("data/world/text/heldout.txt")
     vocab_size: int = Field(1024, ge=300)
-    d_model: int = Field(192, ge=16)
-    layers: int = Field(3, ge=1, description="encoder layers, and as many decoder layers")
+    d_model: int = Field(128, ge=16)
+    layers: int = Field(2, ge=1, description="encoder layers, and as many decoder layers")
     heads: int = Field(4, ge=1)
-    ffn_dim: int = Field(768, ge=16)
-    max_length: int = Field(96, ge=8, description="tokens per document, longer ones are truncated")
-    # Learned positions of the encoder and decoder: room for the visual prefix the student puts in front.
-    max_positions: int = Field(256, ge=16, description="longest input the model accepts, in tokens")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(64, ge=1)
+    ffn_dim: int = Field(512, ge=16)
+    max_positions: int = Field(128, ge=16, description="BART's position embeddings: the longest input")
+    dropout: float = Field(0.0, ge=0, le=1)
+    max_length: int = Field(64, ge=8, description="tokens per document, longer ones are truncated")
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(100, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     mask_ratio: float = Field(0.3, ge=0, le=1, description="share of tokens hidden by text infilling")
     poisson_lambda: float = Field(3.0, gt=0, description="mean masked span length")
-    # Documents with questions: this share has one answer (the words after "Answer:") as the one <mask>.
-    answer_mask_share: float = Field(0.5, ge=0, le=1, description="share of answer-masking examples")
-    qa_questions: int = Field(300, ge=1, description="held-out questions asked for the QA metric")
+    # Share of the documents with questions whose infilling hides exactly one answer (one span, one mask):
+    # the skill VQA needs. The rest, and documents without questions, get random spans.
+    answer_mask_share: float = Field(1.0, ge=0, le=1)
+    qa_questions: int = Field(300, ge=1, description="held-out questions asked for the text-only QA metric")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -189,7 +189,11 @@ class EvaluateParams(_Section):
 
     student: Path = Path("data/student")
     plm: Path = Path("data/plm")
+    teacher: Path = Path("data/teacher")  # embeds the evaluation images; must be the student's teacher
     output: Path = Path("data/eval")
+    # Evaluation images packed into a shard and their features (the features stage's code and format),
+    # kept across runs: a new student is evaluated without embedding the images again.
+    cache: Path = Path("data/cache/eval")
     benchmarks: dict[str, BenchmarkSpec] = {
         "vqa": BenchmarkSpec(task="vqa", images=Path("data/world/images/eval"),
                              questions=Path("data/world/vqa/questions.json"),
@@ -201,6 +205,7 @@ class EvaluateParams(_Section):
                                   annotations=Path("data/world/captions/annotations.json")),
     }
     retention_text: Path = Path("data/world/text/heldout.txt")
+    curves: Path = Path("metrics/distill")  # the distillation's dvclive folder, drawn in the report
     vqa_prompt: str = "Question: {question} Answer: <mask>"
     caption_prompt: str = "A picture of <mask>"
     num_beams: int = Field(5, ge=1)

@@ -102,7 +102,8 @@ class Student(nn.Module):
     def generate(self, image_features: torch.Tensor | None, prompts: list[str], num_beams: int = 5,
                  max_new_tokens: int = 30) -> list[str]:
         """Texts generated for `prompts` (each with a `<mask>`), with each image's prefix in front;
-        `image_features` None: the language model alone, no prefix (the text-only control)."""
+        `image_features` None: no prefix. BART rewrites the whole prompt with the mask filled in, so the
+        budget is the prompt's length plus `max_new_tokens` for the infill (`extract_infill` cuts it out)."""
         device = self.text_projection.weight.device
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         if image_features is None:
@@ -110,9 +111,8 @@ class Student(nn.Module):
         else:
             embeds, mask = self.encoder_inputs(encoded.input_ids, encoded.attention_mask, image_features.to(device))
             kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
-        output = self.bart.generate(**kwargs, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                    early_stopping=True)
-        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return generate_texts(self.bart, self.tokenizer, kwargs, num_beams,
+                              encoded.input_ids.shape[1] + max_new_tokens)
 
     # -- persistence ----------------------------------------------------------------------------------
     def projection_state(self) -> dict[str, torch.Tensor]:
@@ -152,6 +152,15 @@ class Student(nn.Module):
             raise VlkdError(f"cannot load the language model from {folder} ({_first_line(err)}); "
                             "run `vlkd plm` or check distill.plm") from err
         return cls(bart, tokenizer, config)
+
+
+@torch.no_grad()
+def generate_texts(bart: BartForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, encoder_inputs: dict,
+                   num_beams: int, max_new_tokens: int) -> list[str]:
+    """Beam search from `encoder_inputs` (input_ids or inputs_embeds, and attention_mask), decoded."""
+    limit = min(max_new_tokens, bart.config.max_position_embeddings)
+    output = bart.generate(**encoder_inputs, num_beams=num_beams, max_new_tokens=limit, early_stopping=True)
+    return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
 def normalized(embeddings: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,140 @@
+"""The evaluation stage end to end on the tiny world: a tiny student distilled from a random teacher's
+features, real generation, the official scorers, the report, skip-if-unchanged and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
+
+from vlkd.cli import main
+from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams, FeaturesParams
+from vlkd.distill.train import distill
+from vlkd.evaluate import run
+from vlkd.evaluate.images import BLANK_KEY, image_features
+from vlkd.features.extract import extract_features
+from vlkd.features.reader import FeatureStore
+from vlkd.models.teacher import load_teacher
+from vlkd.models.train_teacher import MANIFEST, SOURCE_FILE
+
+
+def teacher_folder(checkpoint):
+    (checkpoint.parent / MANIFEST).write_text(json.dumps(
+        {"model": TEST_MODEL, "pretrained": checkpoint.name, "source": SOURCE_FILE}))
+    return checkpoint.parent
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world_shards, random_teacher, tmp_path_factory):
+    """(world, teacher folder, language model, student) made once for the module."""
+    world, shards = tiny_world_shards
+    root = tmp_path_factory.mktemp("evaluate")
+    teacher = load_teacher(TEST_MODEL, str(random_teacher))
+    extract_features(shards, root / "features", teacher, FeaturesParams(batch_size=8, num_workers=0, device="cpu"))
+    captions = [c for batch in FeatureStore(root / "features").iter_batches(64) for c in batch["caption"]]
+    captions += (world / "text" / "train.txt").read_text().splitlines()
+    plm = make_tiny_plm(root / "plm", captions)
+    distill(DistillParams(features=root / "features", plm=plm, output=root / "student", checkpoints=root / "ckpt",
+                          plots=root / "curves", epochs=2, batch_size=6, device="cpu"))
+    return world, teacher_folder(random_teacher), plm, root
+
+
+def eval_params(trained, output, **changes) -> EvaluateParams:
+    world, teacher, plm, root = trained
+    benchmarks = {
+        "vqa": BenchmarkSpec(task="vqa", images=world / "images" / "eval", questions=world / "vqa" / "questions.json",
+                             annotations=world / "vqa" / "annotations.json"),
+        "captions": BenchmarkSpec(task="caption", images=world / "images" / "eval",
+                                  annotations=world / "captions" / "annotations.json"),
+    }
+    base = dict(student=root / "student", plm=plm, teacher=teacher, output=output, cache=root / "cache",
+                benchmarks=benchmarks, retention_text=world / "text" / "heldout.txt", curves=root / "curves",
+                num_beams=2, vqa_max_new_tokens=3, caption_max_new_tokens=4, batch_size=16, report_samples=3,
+                device="cpu")
+    return EvaluateParams(**{**base, **changes})
+
+
+def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(trained, tmp_path):
+    world = trained[0]
+    params = eval_params(trained, tmp_path / "eval")
+    metrics = run.evaluate(params)
+
+    questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
+    predictions = json.loads((tmp_path / "eval" / "vqa" / "predictions.json").read_text())
+    assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in questions)
+    assert all(set(p) == {"question_id", "answer"} and isinstance(p["answer"], str) for p in predictions)
+    for control in ("blank", "shuffled", "text_only"):
+        assert (tmp_path / "eval" / "vqa" / f"predictions_{control}.json").is_file()
+        assert 0 <= metrics["vqa"]["controls"][control]["overall"] <= 100
+    captions = json.loads((tmp_path / "eval" / "captions" / "predictions.json").read_text())
+    assert all(set(c) == {"image_id", "caption"} for c in captions) and len(captions) == 6
+
+    assert set(metrics["vqa"]) >= {"overall", "perAnswerType", "perQuestionType", "controls", "questions"}
+    assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(metrics["captions"])
+    assert metrics["retention"]["student_loss"] > 0 and metrics["retention"]["language_model_loss"] > 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
+
+    report = (tmp_path / "eval" / "report.html").read_text()
+    assert report.count("data:image/png;base64") == 6  # 3 VQA and 3 caption samples
+    assert questions[0]["question"].split()[0] in report and "<svg" in report  # questions and curves
+
+    # The shuffled control gives each question another image of the split.
+    shuffle = run._derangement(sorted({q["image_id"] for q in questions}), seed=0)
+    assert all(image != other for image, other in shuffle.items())
+
+
+def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):
+    params = eval_params(trained, tmp_path / "eval", benchmarks={})
+    first = run.evaluate(params)
+    monkeypatch.setattr(run, "_vqa", lambda *a: pytest.fail("re-evaluated"))
+    assert run.evaluate(params) == first
+    changed = run.evaluate(params.model_copy(update={"num_beams": 1}))
+    assert changed["retention"] == first["retention"]
+
+
+def test_image_features_and_the_blank_image_are_cached_as_feature_parquet(trained, tmp_path, random_teacher):
+    spec = eval_params(trained, tmp_path).benchmarks["captions"]
+    teacher = load_teacher(TEST_MODEL, str(random_teacher))
+    features, blank = image_features(spec, list(range(6)), teacher, tmp_path / "cache", patch=False, device="cpu")
+    assert sorted(features) == list(range(6)) and blank.shape == features[0].shape == (32,)
+    stores = list((tmp_path / "cache").glob("*/features"))
+    assert len(stores) == 1
+    keys = [k for batch in FeatureStore(stores[0]).iter_batches(64) for k in batch["key"]]
+    assert sorted(keys) == sorted([BLANK_KEY, *map(str, range(6))])
+    again, _ = image_features(spec, list(range(6)), teacher, tmp_path / "cache", patch=False, device="cpu")
+    assert all((again[i] == features[i]).all() for i in features)
+    summary = json.loads((stores[0] / "summary.json").read_text())
+    assert summary["shards"]["skipped"] == 1  # the second call embedded nothing
+
+
+def invoke(trained, *args):
+    world, teacher, plm, root = trained
+    return CliRunner().invoke(main, ["evaluate", "--device", "cpu", "--student", str(root / "student"), "--plm",
+                                     str(plm), *args])
+
+
+def assert_one_line_error(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_a_teacher_other_than_the_students_is_refused(trained, tmp_path):
+    other = teacher_folder(make_random_teacher(tmp_path / "other", seed=1))
+    assert_one_line_error(invoke(trained, "--teacher", str(other), "--output", str(tmp_path / "e")),
+                          "but the student was distilled from")
+
+
+def test_missing_inputs_give_one_clear_line(trained, tmp_path):
+    assert_one_line_error(invoke(trained, "--student", str(tmp_path / "none"), "--output", str(tmp_path / "e")),
+                          "does not exist")
+    world = tmp_path / "world"
+    shutil.copytree(trained[0], world)
+    (world / "images" / "eval" / "000003.png").unlink()
+    params = eval_params(trained, tmp_path / "e", benchmarks={"vqa": BenchmarkSpec(
+        task="vqa", images=world / "images" / "eval", questions=world / "vqa" / "questions.json",
+        annotations=world / "vqa" / "annotations.json")})
+    with pytest.raises(Exception, match="evaluation image\\(s\\) missing, e.g. .*000003.png"):
+        run.evaluate(params)

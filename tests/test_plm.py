@@ -1,0 +1,299 @@
+"""The language-model stage at tiny size: tokenizer, text-infilling pretraining, the saved folder, a local
+BART checkpoint, bad input through the CLI; and the prompt helpers the evaluate stage shares."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoTokenizer, BartForConditionalGeneration
+
+from vlkd.cli import main
+from vlkd.config import PlmParams, SynthParams
+from vlkd.corpus.synth import text_corpus
+from vlkd.errors import VlkdError
+from vlkd.io import sha256_file
+from vlkd.models import plm
+from vlkd.models.infill import extract_infill, fill_prompt
+from vlkd.models.plm import MANIFEST, build_plm, make_example, pretrain, qa_pairs, train_tokenizer
+
+# The embedded model at test size: the same code path, a fraction of the compute.
+TINY = {"vocab_size": 400, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 64,
+        "max_positions": 96, "epochs": 12, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "dropout": 0.0,
+        "qa_questions": 12, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """(train.txt, heldout.txt) of a small synthetic world: descriptions with questions, and captions."""
+    root = tmp_path_factory.mktemp("text")
+    train, heldout = text_corpus(SynthParams(text_scenes=200, seed=3))
+    (root / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "heldout.txt").write_text("\n".join(heldout) + "\n")
+    return root / "train.txt", root / "heldout.txt"
+
+
+def tiny_params(corpus: tuple[Path, Path], output: Path, **overrides) -> PlmParams:
+    return PlmParams(**{**TINY, "corpus": corpus[0], "heldout": corpus[1], "output": output, **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory) -> tuple[PlmParams, dict]:
+    """(params, manifest) of one embedded model made by the stage."""
+    params = tiny_params(corpus, tmp_path_factory.mktemp("stage") / "plm")
+    return params, build_plm(params)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus, tmp_path_factory):
+    documents = corpus[0].read_text().splitlines()
+    return train_tokenizer(documents, 400, tmp_path_factory.mktemp("tokenizer"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts and infills
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("prompt", "generated", "expected"), [
+    # BART writes the prompt again with the mask filled in
+    ("Question: What color is the circle? Answer: <mask>", "Question: What color is the circle? Answer: red", "red"),
+    ("A picture of <mask>", "A picture of a red circle on the left", "a red circle on the left"),
+    # case and whitespace differences
+    ("Question: What color is the circle? Answer: <mask>", "question:  what color is the circle?answer:Red", "Red"),
+    # a suffix after the mask
+    ("<mask> is on the left.", "The red circle is on the left.", "The red circle"),
+    ("Answer: <mask>. Done", "Answer: two circles. Done", "two circles"),
+    ("Answer: <mask>.", "Answer: blue", "blue"),  # the suffix not reproduced
+    # the prefix paraphrased: after the last occurrence of its final words
+    ("Question: What color is the circle? Answer: <mask>", "Question: which colour has it? Answer: green", "green"),
+    ("the scene. Question: Where is it? Answer: <mask>", "a scene, where is it? Answer: top", "top"),
+    # nothing of the prefix: the whole generation
+    ("A picture of <mask>", "a red circle on the left", "a red circle on the left"),
+    ("Answer: <mask>", "Answer:", ""),
+    ("<mask>", "  anything at all ", "anything at all"),
+])
+def test_extract_infill(prompt, generated, expected):
+    assert extract_infill(prompt, generated) == expected
+
+
+def test_extract_infill_needs_one_mask():
+    with pytest.raises(ValueError, match="exactly one"):
+        extract_infill("no mask here", "text")
+
+
+def test_fill_prompt():
+    assert fill_prompt("Question: {question} Answer: <mask>", question="What  color\nis it?") == \
+        "Question: What color is it? Answer: <mask>"
+    assert fill_prompt("A picture of <mask>") == "A picture of <mask>"
+    with pytest.raises(VlkdError, match="names field"):
+        fill_prompt("Question: {question} Answer: <mask>", query="x")
+    with pytest.raises(VlkdError, match="not exactly one"):
+        fill_prompt("Question: {question}", question="x")
+    with pytest.raises(VlkdError, match="not exactly one"):
+        fill_prompt("<mask> and <mask>")
+
+
+def test_qa_pairs_split_documents():
+    description, pairs = qa_pairs("a small red circle on the left. Question: Where is the red circle? Answer: left "
+                                  "Question: How many circles are there? Answer: 1")
+    assert description == "a small red circle on the left"
+    assert [(q, a) for q, a, _, _ in pairs] == [("Where is the red circle?", "left"),
+                                                ("How many circles are there?", "1")]
+    assert qa_pairs("a green triangle below a black circle") == ("a green triangle below a black circle", [])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer and training examples
+# ---------------------------------------------------------------------------------------------------
+def test_tokenizer_has_barts_special_ids_and_round_trips(tokenizer, corpus, tmp_path):
+    assert [tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == \
+        [0, 1, 2, 3]
+    assert tokenizer.mask_token_id == len(tokenizer) - 1
+    for line in corpus[0].read_text().splitlines()[:20]:
+        ids = tokenizer(line)["input_ids"]
+        assert ids[0] == 0 and ids[-1] == 2
+        assert tokenizer.decode(ids, skip_special_tokens=True) == line
+    # <mask> swallows the space before it, as BART's does: the masked answer " red" is one <mask>
+    ids = tokenizer("Answer: <mask>", add_special_tokens=False)["input_ids"]
+    assert ids == tokenizer("Answer:", add_special_tokens=False)["input_ids"] + [tokenizer.mask_token_id]
+    tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again("Answer: <mask> left")["input_ids"] == tokenizer("Answer: <mask> left")["input_ids"]
+
+
+def test_examples_mask_an_answer_or_random_spans(tokenizer):
+    document = "a small red circle on the left. Question: What color is the circle? Answer: red"
+    [encoded] = plm.encode_documents(tokenizer, [document], 64)
+    assert len(encoded.answers) == 1
+    start, end = encoded.answers[0]
+    assert tokenizer.decode(encoded.tokens[start:end]).strip() == "red"
+    rng = np.random.default_rng(0)
+    source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=1.0), rng)
+    assert kind == "answer"
+    assert tokenizer.decode(source) == "<s>a small red circle on the left. Question: What color is the circle? " \
+                                       "Answer:<mask></s>"
+    assert tokenizer.decode(target, skip_special_tokens=True) == document
+    source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=0.0), rng)
+    assert kind == "spans" and tokenizer.mask_token_id in source
+    assert tokenizer.decode(target, skip_special_tokens=True) == document
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded model
+# ---------------------------------------------------------------------------------------------------
+def test_saved_folder_loads_with_from_pretrained(built):
+    params, manifest = built
+    output = Path(params.output)
+    model = BartForConditionalGeneration.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    assert tokenizer.mask_token_id == manifest["mask_token_id"] == model.config.vocab_size - 1
+    assert manifest["name"] == plm.EMBEDDED_NAME and manifest["source"].startswith(plm.SOURCE_TRAINED)
+    assert manifest["sha256"] == {name: sha256_file(output / name) for name in manifest["sha256"]}
+    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+    assert json.loads((output / MANIFEST).read_text()) == manifest
+    assert not (output.parent / "plm.tmp").exists()
+    # the saved model generates through BART's own generate
+    batch = tokenizer(["Question: What color is the circle? Answer: <mask>"], return_tensors="pt")
+    assert model.generate(**batch, num_beams=2, max_new_tokens=20).shape[0] == 1
+
+
+def test_training_lowers_the_infilling_loss(built, corpus, tokenizer):
+    params, manifest = built
+    metrics = manifest["metrics"]
+    training = metrics["training"]
+    assert training["steps"] == params.epochs * -(-training["documents"] // params.batch_size)
+    assert training["loss_last_epoch"] < 0.6 * training["loss_first_epoch"]
+    assert training["answer_masked_examples"] > 0
+    # held out: the trained model against an untrained one, on the same noise
+    documents = corpus[1].read_text().splitlines()
+    trained = BartForConditionalGeneration.from_pretrained(params.output)
+    fresh = plm.create_model(params, AutoTokenizer.from_pretrained(params.output))
+    tokenizer = AutoTokenizer.from_pretrained(params.output)
+    before = plm.infilling_loss(fresh, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
+    after = plm.infilling_loss(trained, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
+    assert after == pytest.approx(metrics["heldout_infilling"]["loss"], rel=1e-4)
+    assert after < 0.6 * before
+    qa = metrics["qa"]
+    assert qa["questions"] == min(params.qa_questions, qa["available"])
+    for setting in ("with_description", "blind"):
+        assert 0 <= qa[setting]["accuracy"] <= 1
+        assert qa[setting]["examples"][0]["prompt"].endswith("Answer: <mask>")
+    assert qa["blind"]["examples"][0]["prompt"].startswith("Question: ")
+    assert not qa["with_description"]["examples"][0]["prompt"].startswith("Question: ")
+
+
+def test_same_seed_same_weights(corpus, tokenizer):
+    documents = corpus[0].read_text().splitlines()[:64]
+    params = tiny_params(corpus, Path("unused"), epochs=2)
+    first, _ = pretrain(params, tokenizer, documents)
+    second, _ = pretrain(params, tokenizer, documents)
+    other, _ = pretrain(params.model_copy(update={"seed": 1}), tokenizer, documents)
+    for (name, a), b, c in zip(first.state_dict().items(), second.state_dict().values(),
+                               other.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.state_dict().values(), other.state_dict().values(),
+                                                      strict=True))
+
+
+def test_up_to_date_folder_is_kept(built, monkeypatch):
+    params, manifest = built
+    monkeypatch.setattr(plm, "pretrain", lambda *args, **kwargs: pytest.fail("retrained an up-to-date model"))
+    assert build_plm(params) == manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# A pretrained BART from a local directory (a hub name goes through the same from_pretrained)
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def local_bart(tokenizer, tmp_path_factory) -> Path:
+    """A tiny randomly initialised BART and its tokenizer, saved like a downloaded checkpoint."""
+    folder = tmp_path_factory.mktemp("bart") / "tiny-bart"
+    torch.manual_seed(0)
+    plm.create_model(PlmParams(**{**TINY, "output": folder}), tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_local_bart_is_checked_and_saved(local_bart, corpus, tmp_path):
+    params = tiny_params(corpus, tmp_path / "plm", model=str(local_bart), qa_questions=4)
+    manifest = build_plm(params)
+    assert manifest["name"] == str(local_bart) and manifest["source"] == plm.SOURCE_LOCAL
+    assert "training" not in manifest["metrics"] and "loss" in manifest["metrics"]["heldout_infilling"]
+    original = BartForConditionalGeneration.from_pretrained(local_bart)
+    saved = BartForConditionalGeneration.from_pretrained(tmp_path / "plm")
+    for a, b in zip(original.state_dict().values(), saved.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert AutoTokenizer.from_pretrained(tmp_path / "plm").mask_token_id == manifest["mask_token_id"]
+
+
+def test_not_a_bart_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(VlkdError, match="is a 'gpt2' model, not a BART"):
+        plm.load_pretrained(str(tmp_path / "gpt2"))
+
+
+def test_unknown_hub_name_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(VlkdError, match="cannot load plm.model nobody-here/not-a-bart"):
+        plm.load_pretrained("nobody-here/not-a-bart")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad input through the CLI: exit 2 and one line
+# ---------------------------------------------------------------------------------------------------
+def run_cli(tmp_path: Path, corpus: tuple[Path, Path], *flags: str, **overrides):
+    settings = {**TINY, "corpus": str(corpus[0]), "heldout": str(corpus[1]), "output": str(tmp_path / "plm"),
+                "epochs": 1, **overrides}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"plm": settings}))
+    return CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "plm", *flags])
+
+
+def assert_one_line_error(result, *words: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vlkd: error: "), result.stderr
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+def test_cli_missing_corpus(tmp_path, corpus):
+    assert_one_line_error(run_cli(tmp_path, corpus, "--corpus", str(tmp_path / "nope.txt")), "nope.txt",
+                          "does not exist")
+
+
+def test_cli_empty_corpus(tmp_path, corpus):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert_one_line_error(run_cli(tmp_path, corpus, "--corpus", str(tmp_path / "empty.txt")), "empty.txt",
+                          "no text")
+
+
+def test_cli_missing_local_model(tmp_path, corpus):
+    assert_one_line_error(run_cli(tmp_path, corpus, "--model", str(tmp_path / "no-such-bart")), "no-such-bart",
+                          "does not exist")
+
+
+def test_cli_output_is_not_a_model_folder(tmp_path, corpus):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli(tmp_path, corpus, "--output", str(tmp_path / "taken")), "not a language-model folder")
+    (tmp_path / "file").write_text("a file")
+    assert_one_line_error(run_cli(tmp_path, corpus, "--output", str(tmp_path / "file")), "refusing")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_writes_metrics(tmp_path, corpus, local_bart):
+    result = run_cli(tmp_path, corpus, "--model", str(local_bart), "--metrics", str(tmp_path / "m" / "plm.json"),
+                     qa_questions=2)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m" / "plm.json").read_text())
+    assert metrics == json.loads((tmp_path / "plm" / MANIFEST).read_text())["metrics"]
+    assert "language model" in result.stdout

@@ -1,0 +1,144 @@
+"""The evaluation report: one self-contained HTML page (images inlined) a person would rather look at than
+read: the metrics next to their controls, sample images with questions, answers, human answers and
+scores, sample captions, and the distillation's training curves (from its dvclive files)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from vlkd.config import EvaluateParams
+
+THUMBNAIL = 128
+CONDITIONS = ("image", "blank", "shuffled", "text_only")
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
+.cards{display:flex;flex-wrap:wrap;gap:12px}.card{border:1px solid #ddd;border-radius:6px;padding:8px;width:430px}
+.card img{float:left;margin-right:8px;image-rendering:pixelated}.good{color:#07641d}.bad{color:#a31515}
+.small{font-size:85%;color:#555}svg{border:1px solid #ddd;margin:4px}
+"""
+
+
+def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParams) -> None:
+    parts = [f"<!doctype html><meta charset=utf-8><title>vlkd evaluation</title><style>{_STYLE}</style>",
+             "<h1>vlkd: zero-shot evaluation</h1>",
+             f"<p class=small>student {html.escape(str(params.student))}, language model "
+             f"{html.escape(str(params.plm))}; prompts <code>{html.escape(params.vqa_prompt)}</code> and "
+             f"<code>{html.escape(params.caption_prompt)}</code>, {params.num_beams} beams, VQA normalisation "
+             f"{params.normalize}</p>",
+             _summary_table(metrics, params), _retention(metrics.get("retention", {}))]
+    for name, spec in params.benchmarks.items():
+        cards = _vqa_cards(samples[name]) if spec.task == "vqa" else _caption_cards(samples[name])
+        parts.append(f"<h2>{html.escape(name)}: samples</h2><div class=cards>{cards}</div>")
+    parts.append(_curves(params.curves))
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+
+
+def _summary_table(metrics: dict, params: EvaluateParams) -> str:
+    rows = []
+    for name, spec in params.benchmarks.items():
+        result = metrics[name]
+        if spec.task == "vqa":
+            controls = result["controls"]
+            cells = [result["overall"], *(controls[c]["overall"] for c in CONDITIONS[1:])]
+            rows.append(_row(name, "VQA accuracy", cells))
+            for kind, value in result["perAnswerType"].items():
+                rows.append(_row("", f"  {kind}", [value, *(controls[c]["perAnswerType"].get(kind, "")
+                                                            for c in CONDITIONS[1:])]))
+        else:
+            controls = result["controls"]
+            rows.append(_row(name, "CIDEr", [result["CIDEr"], controls["blank"]["CIDEr"], "",
+                                             controls["text_only"]["CIDEr"]]))
+            for key in ("Bleu_4", "METEOR", "ROUGE_L", "SPICE"):
+                if key in result:
+                    rows.append(_row("", key, [result[key], "", "", ""]))
+    header = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in CONDITIONS)
+    return (f"<h2>Metrics</h2><table><tr><th class=l>benchmark</th><th class=l>metric</th>{header}</tr>"
+            + "".join(rows) + "</table><p class=small>image: the student with each image; blank: one grey image "
+            "for all; shuffled: another image of the split; text only: the language model before distillation."
+            "</p>")
+
+
+def _row(name: str, metric: str, cells: list) -> str:
+    shown = "".join(f"<td>{value:.3f}</td>" if isinstance(value, float) else f"<td>{value}</td>" for value in cells)
+    return f"<tr><td class=l>{html.escape(name)}</td><td class=l>{html.escape(metric)}</td>{shown}</tr>"
+
+
+def _retention(retention: dict) -> str:
+    if "student_loss" not in retention:
+        return f"<p>Text retention: {html.escape(str(retention.get('skipped', 'not measured')))}</p>"
+    return (f"<h2>Text retention</h2><p>Infilling loss on {retention['documents']} held-out documents: language "
+            f"model {retention['language_model_loss']:.4f}, student {retention['student_loss']:.4f} "
+            f"(change {retention['loss_increase']:+.4f}).</p>")
+
+
+def _vqa_cards(samples: list[dict]) -> str:
+    cards = []
+    for sample in samples:
+        lines = []
+        for q in sample["questions"]:
+            image, blank = q["image"], q.get("blank", {})
+            css = "good" if image["score"] >= 99.99 else "bad" if image["score"] == 0 else ""
+            humans = ", ".join(sorted(set(q["humans"]), key=q["humans"].count, reverse=True))
+            lines.append(f"<div><b>{html.escape(q['question'])}</b><br><span class={css}>"
+                         f"{html.escape(image['answer']) or '∅'} ({image['score']:.0f})</span>"
+                         f" <span class=small>blank: {html.escape(blank.get('answer', '')) or '∅'}; humans: "
+                         f"{html.escape(humans)}</span></div>")
+        cards.append(f"<div class=card>{_thumbnail(sample['path'])}<div class=small>image {sample['image_id']}"
+                     f"</div>{''.join(lines)}</div>")
+    return "".join(cards)
+
+
+def _caption_cards(samples: list[dict]) -> str:
+    cards = []
+    for sample in samples:
+        result, blank = sample["image"], sample.get("blank", {})
+        cider = f" (CIDEr {result['CIDEr']:.2f})" if result.get("CIDEr") is not None else ""
+        references = "<br>".join(html.escape(r) for r in sample["references"])
+        cards.append(f"<div class=card>{_thumbnail(sample['path'])}<b>{html.escape(result['caption']) or '∅'}</b>"
+                     f"{cider}<br><span class=small>blank: {html.escape(blank.get('caption', '')) or '∅'}<br>"
+                     f"references:<br>{references}</span></div>")
+    return "".join(cards)
+
+
+def _thumbnail(path: str) -> str:
+    try:
+        image = Image.open(path).convert("RGB")
+    except (OSError, ValueError):
+        return "<span class=small>(image not readable)</span>"
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return f"<img width={THUMBNAIL} src='data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def _curves(folder: Path) -> str:
+    """Each dvclive series of the distillation as a small SVG line chart."""
+    series = sorted((folder / "plots" / "metrics").rglob("*.tsv")) if folder.is_dir() else []
+    if not series:
+        return f"<h2>Training curves</h2><p class=small>no dvclive curves in {html.escape(str(folder))}</p>"
+    charts = "".join(_chart(path.relative_to(folder / "plots" / "metrics").with_suffix("").as_posix(), path)
+                     for path in series)
+    return f"<h2>Training curves</h2><div>{charts}</div>"
+
+
+def _chart(name: str, path: Path, width: int = 300, height: int = 150) -> str:
+    with path.open() as file:
+        rows = [(float(r["step"]), float(r[Path(name).name])) for r in csv.DictReader(file, delimiter="\t")]
+    if not rows:
+        return ""
+    steps, values = zip(*rows, strict=True)
+    low, high = min(values), max(values)
+    span_x, span_y = (max(steps) - min(steps)) or 1, (high - low) or 1
+    points = " ".join(f"{10 + (s - min(steps)) / span_x * (width - 20):.1f},"
+                      f"{height - 20 - (v - low) / span_y * (height - 40):.1f}" for s, v in rows)
+    return (f"<svg width={width} height={height}><text x=10 y=14 font-size=12>{html.escape(name)} "
+            f"({values[0]:.3g} → {values[-1]:.3g})</text><polyline fill=none stroke='#1f5fbf' "
+            f"stroke-width=1.5 points='{points}'/><text x=10 y={height - 5} font-size=10>min {low:.3g}, max "
+            f"{high:.3g}, {len(rows)} steps</text></svg>")

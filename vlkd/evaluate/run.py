@@ -1,0 +1,276 @@
+"""`vlkd evaluate`: zero-shot VQA and captioning of a student, with controls, text retention and a report.
+
+For every benchmark of `params.yaml` (public formats: VQAv2/OK-VQA questions + annotations, COCO
+captions), the same prompts are answered under several conditions, in one run:
+
+  image       the student with each image's own teacher features (the result)
+  blank       the student with the features of one blank grey image for every question
+  shuffled    the student with the features of another image of the split (VQA)
+  text_only   the language model before distillation, no image (what text alone gets right)
+
+Answers are what the model writes in place of the prompt's `<mask>` (`extract_infill`), scored with the
+official VQA accuracy and pycocoevalcap. Text retention: BART's infilling loss on held-out text, before
+(the language model) and after (the student) distillation, with identical noise.
+
+Outputs in `output`: `<benchmark>/predictions*.json` in the official result formats, `metrics.json`,
+`report.html` and `evaluate.json` (inputs and params); a rerun with the same inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer, BartForConditionalGeneration
+
+from vlkd.config import BenchmarkSpec, EvaluateParams
+from vlkd.distill.train import check_teacher
+from vlkd.errors import VlkdError
+from vlkd.evaluate.caption_metric import score_captions
+from vlkd.evaluate.images import image_features
+from vlkd.evaluate.report import write_report
+from vlkd.evaluate.vqa_metric import read_json, score_vqa
+from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
+from vlkd.models.infill import extract_infill, fill_prompt
+from vlkd.models.plm import infilling_loss, read_documents
+from vlkd.models.student import Student, generate_texts
+from vlkd.models.teacher import load_teacher
+from vlkd.models.train_teacher import resolve_device, resolve_teacher
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "evaluate.json"
+METRICS = "metrics.json"
+VQA_CONTROLS = ("blank", "shuffled", "text_only")
+CAPTION_CONTROLS = ("blank", "text_only")
+RETENTION_MAX_TOKENS = 128
+
+
+def evaluate(params: EvaluateParams) -> dict:
+    """Evaluate the student on every benchmark; returns metrics.json's content."""
+    inputs = _inputs(params)
+    done = _up_to_date(params, inputs)
+    if done is not None:
+        log.info("evaluation in %s is up to date with the student and the benchmarks; skipped", params.output)
+        return done
+    device = resolve_device(params.device)
+    student = Student.from_pretrained(params.student, device)
+    teacher = load_teacher(*resolve_teacher(params.teacher), device=device,
+                           image_tokens=student.config.prefix == "patch")
+    check_teacher(student.config, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
+    plm = _load_language_model(params.plm, device)
+    building = params.output.parent / f".{params.output.name}.building"
+    remove_path(building)
+    building.mkdir(parents=True)
+    metrics, samples = {}, {}
+    for name, spec in params.benchmarks.items():
+        run = _vqa if spec.task == "vqa" else _captions
+        metrics[name], samples[name] = run(name, spec, student, plm, teacher, params, building / name)
+    metrics["retention"] = _retention(params, student, plm, device)
+    write_json_atomic(building / METRICS, metrics)
+    write_report(building / "report.html", metrics, samples, params)
+    write_json_atomic(building / MANIFEST, {"inputs": inputs, "metrics": metrics})
+    replace_folder(building, params.output)
+    return metrics
+
+
+class _Generator:
+    """Batched beam search over prompts for one model and condition, answers cut out of the outputs."""
+
+    def __init__(self, student: Student, plm: tuple, params: EvaluateParams, max_new_tokens: int):
+        self.student, self.plm, self.params, self.max_new_tokens = student, plm, params, max_new_tokens
+
+    def answers(self, prompts: list[str], features: torch.Tensor | None, what: str) -> list[str]:
+        size, out = self.params.batch_size, []
+        for begin in tqdm(range(0, len(prompts), size), desc=what, unit="batch", disable=None, leave=False):
+            batch = prompts[begin:begin + size]
+            if features is None:
+                texts = self._text_only(batch)
+            else:
+                texts = self.student.generate(features[begin:begin + size], batch, self.params.num_beams,
+                                              self.max_new_tokens)
+            out.extend(extract_infill(prompt, text) for prompt, text in zip(batch, texts, strict=True))
+        return out
+
+    def _text_only(self, prompts: list[str]) -> list[str]:
+        bart, tokenizer = self.plm
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(bart.device)
+        return generate_texts(bart, tokenizer, dict(encoded), self.params.num_beams,
+                              encoded.input_ids.shape[1] + self.max_new_tokens)
+
+
+def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,
+         folder: Path) -> tuple[dict, list]:
+    questions, annotations = read_json(spec.questions), read_json(spec.annotations)
+    records = questions.get("questions") if isinstance(questions, dict) else None
+    if not isinstance(records, list):
+        raise VlkdError(f"{spec.questions} has no \"questions\" list; use the VQAv2 questions format")
+    image_ids = sorted({record["image_id"] for record in records})
+    features, blank = image_features(spec, image_ids, teacher, params.cache / name, student.config.prefix == "patch",
+                                     params.device)
+    usable = [record for record in records if record["image_id"] in features]
+    prompts = [fill_prompt(params.vqa_prompt, question=record["question"]) for record in usable]
+    own = torch.stack([features[record["image_id"]] for record in usable]) if usable else None
+    other = _derangement(image_ids, params.seed)
+    conditions = {
+        "image": own,
+        "blank": blank.expand(len(usable), *blank.shape) if usable else None,
+        "shuffled": torch.stack([features.get(other[r["image_id"]], blank) for r in usable]) if usable else None,
+        "text_only": None,
+    }
+    generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
+    results, predictions = {}, {}
+    for condition, condition_features in conditions.items():
+        answers = generator.answers(prompts, condition_features, f"{name} {condition}")
+        by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
+        # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
+        predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
+                                  for r in records]
+        results[condition] = score_vqa(questions, annotations, predictions[condition], params.normalize,
+                                       sources={"questions": str(spec.questions), "annotations": str(spec.annotations),
+                                                "predictions": f"{name} {condition} predictions"})
+        log.info("%s %s: VQA accuracy %.2f", name, condition, results[condition]["overall"])
+    _write_predictions(folder, predictions)
+    main = results["image"]
+    metrics = {key: main[key] for key in ("overall", "perAnswerType", "perQuestionType")}
+    metrics["questions"] = len(records)
+    metrics["images_not_decoded"] = len(image_ids) - len(features)
+    metrics["controls"] = {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
+                           for c in VQA_CONTROLS}
+    return metrics, _vqa_samples(spec, records, annotations, predictions, results, params)
+
+
+def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,
+              folder: Path) -> tuple[dict, list]:
+    annotations = read_json(spec.annotations)
+    images = annotations.get("images") if isinstance(annotations, dict) else None
+    if not isinstance(images, list):
+        raise VlkdError(f"{spec.annotations} has no \"images\" list; use the COCO captions format")
+    image_ids = sorted(image["id"] for image in images)
+    features, blank = image_features(spec, image_ids, teacher, params.cache / name, student.config.prefix == "patch",
+                                     params.device)
+    usable = [image_id for image_id in image_ids if image_id in features]
+    prompt = fill_prompt(params.caption_prompt)
+    conditions = {"image": torch.stack([features[i] for i in usable]) if usable else None,
+                  "blank": blank.expand(len(usable), *blank.shape) if usable else None, "text_only": None}
+    generator = _Generator(student, plm, params, params.caption_max_new_tokens)
+    results, predictions = {}, {}
+    for condition, condition_features in conditions.items():
+        captions = dict(zip(usable, generator.answers([prompt] * len(usable), condition_features,
+                                                      f"{name} {condition}"), strict=True))
+        predictions[condition] = [{"image_id": i, "caption": captions.get(i, "")} for i in image_ids]
+        results[condition] = score_captions(annotations, predictions[condition],
+                                            sources={"annotations": str(spec.annotations),
+                                                     "predictions": f"{name} {condition} predictions"})
+        log.info("%s %s: CIDEr %.3f", name, condition, results[condition]["CIDEr"])
+    _write_predictions(folder, predictions)
+    metrics = {key: value for key, value in results["image"].items() if key not in ("perImage", "tokenizer")}
+    metrics["images_not_decoded"] = len(image_ids) - len(usable)
+    metrics["controls"] = {c: {"CIDEr": results[c]["CIDEr"]} for c in CAPTION_CONTROLS}
+    return metrics, _caption_samples(spec, annotations, predictions, results, params)
+
+
+def _retention(params: EvaluateParams, student: Student, plm: tuple, device: torch.device) -> dict:
+    """Infilling loss on held-out text before and after distillation, with the same noise for both."""
+    if not params.retention_text.is_file():
+        log.warning("text retention not measured: %s does not exist (set evaluate.retention_text)",
+                    params.retention_text)
+        return {"skipped": f"{params.retention_text} does not exist"}
+    documents = read_documents(params.retention_text, "evaluate.retention_text")
+    bart, tokenizer = plm
+    before = infilling_loss(bart, tokenizer, documents, 0.3, 3.0, RETENTION_MAX_TOKENS, device=device)
+    after = infilling_loss(student.bart, student.tokenizer, documents, 0.3, 3.0, RETENTION_MAX_TOKENS, device=device)
+    return {"language_model_loss": before["loss"], "student_loss": after["loss"],
+            "loss_increase": round(after["loss"] - before["loss"], 6), "documents": before["documents"]}
+
+
+# -- helpers -------------------------------------------------------------------------------------------------
+def _derangement(image_ids: list[int], seed: int) -> dict[int, int]:
+    """Each image id mapped to another image id of the split (a seeded cyclic shift of a permutation)."""
+    if len(image_ids) < 2:
+        return {image_id: image_id for image_id in image_ids}
+    order = np.random.default_rng(seed).permutation(len(image_ids))
+    return {image_ids[order[k]]: image_ids[order[(k + 1) % len(order)]] for k in range(len(order))}
+
+
+def _write_predictions(folder: Path, predictions: dict[str, list]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for condition, records in predictions.items():
+        suffix = "" if condition == "image" else f"_{condition}"
+        (folder / f"predictions{suffix}.json").write_text(json.dumps(records) + "\n")
+
+
+def _vqa_samples(spec, records, annotations, predictions, results, params) -> list[dict]:
+    """A seeded sample of images with their questions, answers under each condition, humans and scores."""
+    humans = {a["question_id"]: [h["answer"] for h in a["answers"]] for a in annotations["annotations"]}
+    answers = {c: {p["question_id"]: p["answer"] for p in preds} for c, preds in predictions.items()}
+    by_image: dict[int, list] = {}
+    for record in records:
+        by_image.setdefault(record["image_id"], []).append(record)
+    chosen = _sample(sorted(by_image), params.report_samples, params.seed)
+    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
+             "questions": [{"question": r["question"], "humans": humans.get(r["question_id"], []),
+                            **{c: {"answer": answers[c][r["question_id"]],
+                                   "score": results[c]["perQuestion"][r["question_id"]]} for c in answers}}
+                           for r in by_image[image_id]]}
+            for image_id in chosen]
+
+
+def _caption_samples(spec, annotations, predictions, results, params) -> list[dict]:
+    references: dict[int, list[str]] = {}
+    for a in annotations["annotations"]:
+        references.setdefault(a["image_id"], []).append(a["caption"])
+    captions = {c: {p["image_id"]: p["caption"] for p in preds} for c, preds in predictions.items()}
+    chosen = _sample(sorted(references), params.report_samples, params.seed)
+    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
+             "references": references[image_id][:3],
+             **{c: {"caption": captions[c].get(image_id, ""),
+                    "CIDEr": results[c]["perImage"].get(image_id, {}).get("CIDEr")} for c in captions}}
+            for image_id in chosen]
+
+
+def _sample(ids: list[int], count: int, seed: int) -> list[int]:
+    if count >= len(ids):
+        return ids
+    return sorted(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
+
+
+def _load_language_model(folder: Path, device: torch.device) -> tuple:
+    try:
+        bart = BartForConditionalGeneration.from_pretrained(folder).to(device).eval()
+        return bart, AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise VlkdError(f"cannot load the language model from {folder} ({str(err).strip().splitlines()[0]}); "
+                        "run `vlkd plm` or check evaluate.plm") from err
+
+
+def _inputs(params: EvaluateParams) -> dict:
+    """What the evaluation depends on: the student's weights, the language model, the benchmark files."""
+    files = [params.student / "model.safetensors", params.student / "projections.safetensors",
+             params.plm / "model.safetensors", params.retention_text]
+    for spec in params.benchmarks.values():
+        files += [path for path in (spec.questions, spec.annotations) if path is not None]
+    missing = [path for path in files[:3] if not path.is_file()]
+    if missing:
+        raise VlkdError(f"{missing[0]} does not exist; run `vlkd distill` and `vlkd plm` first, or check "
+                        "evaluate.student and evaluate.plm")
+    hashes = {str(path): sha256_file(path) if path.is_file() else None for path in files}
+    record = params.model_dump(mode="json", exclude={"output", "device", "batch_size", "cache"})
+    return {"files": hashes, "params": record,
+            "key": hashlib.sha256(json.dumps([hashes, record], sort_keys=True).encode()).hexdigest()}
+
+
+def _up_to_date(params: EvaluateParams, inputs: dict) -> dict | None:
+    manifest = params.output / MANIFEST
+    if not manifest.is_file() or not (params.output / "report.html").is_file():
+        return None
+    try:
+        saved = json.loads(manifest.read_text())
+    except ValueError:
+        return None
+    return saved["metrics"] if saved.get("inputs", {}).get("key") == inputs["key"] else None

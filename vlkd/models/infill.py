@@ -1,0 +1,92 @@
+"""Prompts with one `<mask>` and the text a BART model generated in its place.
+
+BART is a denoiser: given "Question: What color is the circle? Answer: <mask>" it does not write the
+answer alone, it writes the whole input again with the mask filled in ("Question: What color is the
+circle? Answer: red"). The answer is therefore what stands between the prompt's text before the mask
+(the prefix) and its text after it (the suffix) in the generation. `extract_infill` finds it, by these
+rules, in order:
+
+1. Matching ignores case and whitespace ("answer:red" matches "Answer: red"): the model may drop or add
+   spaces around the filled span, and a small model may change case.
+2. The prefix is looked for from the start of the generation; the infill starts right after its first
+   occurrence. An empty prefix matches at the start.
+3. If the prefix is not reproduced (the model paraphrased it), the infill starts after the LAST
+   occurrence of the prefix's final words (its last 3 words, else 2, else 1); if none of them occurs,
+   the whole generation is the infill.
+4. The infill ends where the suffix starts: at the end of the generation if the generation ends with the
+   suffix, else at the suffix's first occurrence after the infill's start; a suffix that is not
+   reproduced (or an empty one) leaves the infill running to the end.
+5. The result is stripped of surrounding whitespace; nothing else is changed (answer normalisation is
+   the evaluator's job).
+
+Pass the generation decoded with `skip_special_tokens=True`: `<s>`, `</s>` and `<pad>` are not text.
+"""
+
+from __future__ import annotations
+
+import string
+
+from vlkd.errors import VlkdError
+
+MASK = "<mask>"
+TAIL_WORDS = (3, 2, 1)  # rule 3: how many of the prefix's final words to look for, longest first
+
+
+def fill_prompt(template: str, **fields: str) -> str:
+    """`template` with its `{name}` fields filled (whitespace inside a value collapsed to single spaces).
+    The result must hold exactly one `<mask>`: the one place the model is asked to fill."""
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    missing = sorted(names - fields.keys())
+    if missing:
+        raise VlkdError(f"prompt template {template!r} names field(s) {missing} but only {sorted(fields)} are "
+                        "given; use only these names in the template")
+    prompt = template.format(**{name: " ".join(str(value).split()) for name, value in fields.items()})
+    if prompt.count(MASK) != 1:
+        raise VlkdError(f"prompt template {template!r} gives {prompt.count(MASK)} {MASK} tokens, not exactly one; "
+                        f"put one {MASK} where the model should write")
+    return prompt
+
+
+def extract_infill(prompt: str, generated: str) -> str:
+    """The text `generated` put in place of the single `<mask>` of `prompt` (rules in the module doc)."""
+    if prompt.count(MASK) != 1:
+        raise ValueError(f"prompt {prompt!r} must hold exactly one {MASK}")
+    prefix, suffix = prompt.split(MASK)
+    text, positions = _squeeze(generated)
+    start = _infill_start(prefix, text)
+    end = _infill_end(_squeeze(suffix)[0], text, start)
+    begin = positions[start] if start < len(text) else len(generated)
+    finish = positions[end - 1] + 1 if end > start else begin
+    return generated[begin:finish].strip()
+
+
+def _squeeze(text: str) -> tuple[str, list[int]]:
+    """`text` lower-cased without whitespace, and for each kept character its index in `text`."""
+    kept = [(index, char) for index, char in enumerate(text.lower()) if not char.isspace()]
+    return "".join(char for _, char in kept), [index for index, _ in kept]
+
+
+def _infill_start(prefix: str, text: str) -> int:
+    """Index in the squeezed generation `text` where the infill begins (rules 2 and 3)."""
+    squeezed = _squeeze(prefix)[0]
+    found = text.find(squeezed)
+    if found >= 0:
+        return found + len(squeezed)
+    words = prefix.lower().split()
+    for count in TAIL_WORDS:
+        if len(words) >= count:
+            tail = "".join(words[-count:])
+            found = text.rfind(tail)
+            if found >= 0:
+                return found + len(tail)
+    return 0
+
+
+def _infill_end(suffix: str, text: str, start: int) -> int:
+    """Index in the squeezed generation where the infill ends (rule 4)."""
+    if not suffix:
+        return len(text)
+    if text.endswith(suffix) and len(text) - len(suffix) >= start:
+        return len(text) - len(suffix)
+    found = text.find(suffix, start)
+    return found if found >= 0 else len(text)
