@@ -86,6 +86,13 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert all(image != other for image, other in shuffle.items())
 
 
+def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trained, tmp_path):
+    params = eval_params(trained, tmp_path / "eval", vqa_mode="direct", num_beams=1)
+    params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
+    metrics = run.evaluate(params)
+    assert metrics["vqa"]["mode"] == "direct" and set(metrics["vqa"]["controls"]) == {"blank", "shuffled", "text_only"}
+
+
 def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):
     params = eval_params(trained, tmp_path / "eval", benchmarks={})
     first = run.evaluate(params)

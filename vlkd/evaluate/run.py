@@ -126,7 +126,11 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
     results, predictions = {}, {}
     for condition, condition_features in conditions.items():
-        answers = generator.answers(prompts, condition_features, f"{name} {condition}")
+        if params.vqa_mode == "describe":
+            answers = _described_answers(usable, prompts, condition_features, student, plm, params,
+                                         f"{name} {condition}")
+        else:
+            answers = generator.answers(prompts, condition_features, f"{name} {condition}")
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
         # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
         predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
@@ -139,10 +143,30 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     main = results["image"]
     metrics = {key: main[key] for key in ("overall", "perAnswerType", "perQuestionType")}
     metrics["questions"] = len(records)
+    metrics["mode"] = params.vqa_mode
     metrics["images_not_decoded"] = len(image_ids) - len(features)
     metrics["controls"] = {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
                            for c in VQA_CONTROLS}
     return metrics, _vqa_samples(spec, records, annotations, predictions, results, params)
+
+
+def _described_answers(records: list[dict], prompts: list[str], features: torch.Tensor | None, student: Student,
+                       plm: tuple, params: EvaluateParams, what: str) -> list[str]:
+    """`vqa_mode: describe`: the model under test describes each image (the caption prompt, with that
+    condition's features, or the language model alone for text_only), and the language model before
+    distillation answers "<description>. <vqa prompt>" from text, as it was pretrained to."""
+    first_row: dict[int, int] = {}
+    for row, record in enumerate(records):
+        first_row.setdefault(record["image_id"], row)
+    image_ids = list(first_row)
+    caption_prompt = fill_prompt(params.caption_prompt)
+    describer = _Generator(student, plm, params, params.caption_max_new_tokens)
+    image_features = None if features is None else features[[first_row[i] for i in image_ids]]
+    descriptions = describer.answers([caption_prompt] * len(image_ids), image_features, f"{what} describe")
+    by_image = dict(zip(image_ids, descriptions, strict=True))
+    contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
+                zip(records, prompts, strict=True)]
+    return _Generator(student, plm, params, params.vqa_max_new_tokens).answers(contexts, None, f"{what} answer")
 
 
 def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,

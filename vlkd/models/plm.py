@@ -581,7 +581,8 @@ def text_qa(model, tokenizer, documents: list[str], sample: int, seed: int = 0,
     chosen = sorted(rng.choice(available, size=min(sample, available), replace=False).tolist())
     questions = [questions[i] for i in chosen]
     result = {"questions": len(questions), "available": available, "prompt": QA_PROMPT, "num_beams": QA_BEAMS,
-              "max_new_tokens": f"prompt tokens + {QA_EXTRA_TOKENS}", "match": "exact, case and end punctuation ignored"}
+              "max_new_tokens": f"prompt tokens + {QA_EXTRA_TOKENS}",
+              "match": "exact, case and end punctuation ignored"}
     for setting, with_description in (("with_description", True), ("blind", False)):
         prompts = [(f"{description}. " if with_description else "") + fill_prompt(QA_PROMPT, question=question)
                    for description, question, _ in questions]
