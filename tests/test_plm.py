@@ -125,21 +125,23 @@ def test_tokenizer_has_barts_special_ids_and_round_trips(tokenizer, corpus, tmp_
     assert again("Answer: <mask> left")["input_ids"] == tokenizer("Answer: <mask> left")["input_ids"]
 
 
-def test_examples_mask_an_answer_or_random_spans(tokenizer):
-    document = "a small red circle on the left. Question: What color is the circle? Answer: red"
+def test_examples_mask_the_answers_or_random_spans(tokenizer):
+    document = ("a small red circle on the left. Question: What color is the circle? Answer: red "
+                "Question: Where is the red circle? Answer: left")
     [encoded] = plm.encode_documents(tokenizer, [document], 64)
-    assert len(encoded.answers) == 1
-    start, end = encoded.answers[0]
-    assert tokenizer.decode(encoded.tokens[start:end]).strip() == "red"
+    assert [tokenizer.decode(encoded.tokens[start:end]).strip() for start, end in encoded.answers] == ["red", "left"]
     rng = np.random.default_rng(0)
     source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=1.0), rng)
-    assert kind == "answer"
-    assert tokenizer.decode(source) == "<s>a small red circle on the left. Question: What color is the circle? " \
-                                       "Answer:<mask></s>"
+    assert kind == "answers"
+    assert tokenizer.decode(source) == ("<s>a small red circle on the left. Question: What color is the circle? "
+                                        "Answer:<mask> Question: Where is the red circle? Answer:<mask></s>")
     assert tokenizer.decode(target, skip_special_tokens=True) == document
     source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=0.0), rng)
     assert kind == "spans" and tokenizer.mask_token_id in source
     assert tokenizer.decode(target, skip_special_tokens=True) == document
+    # truncation drops the answers it cuts
+    [short] = plm.encode_documents(tokenizer, [document], 12)
+    assert len(short.tokens) == 10 and short.answers == []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -369,15 +369,18 @@ def encode_documents(tokenizer, documents: list[str], max_length: int) -> list[E
 
 def make_example(doc: Encoded, tokenizer, params: PlmParams,
                  rng: np.random.Generator) -> tuple[list[int], list[int], str]:
-    """(encoder input, labels, "answer" or "spans") of one document, input and labels with BOS and EOS:
-    one answer masked (for a share `answer_mask_share` of the documents with answers), the document
-    ending after it, or random spans masked in the whole document."""
+    """(encoder input, labels, "answers" or "spans") of one document, both with BOS and EOS; the labels are
+    the whole document. For a share `answer_mask_share` of the documents with questions every answer (the
+    words after "Answer:") becomes one `<mask>`; otherwise random spans are masked."""
     bos, eos, mask = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id
+    target = [bos, *doc.tokens, eos]
     if doc.answers and rng.random() < params.answer_mask_share:
-        start, end = doc.answers[int(rng.integers(len(doc.answers)))]
-        return [bos, *doc.tokens[:start], mask, eos], [bos, *doc.tokens[:end], eos], "answer"
-    noised = infill_spans(doc.tokens, mask, params.mask_ratio, params.poisson_lambda, rng)
-    return [bos, *noised, eos], [bos, *doc.tokens, eos], "spans"
+        source, last = [bos], 0
+        for start, end in doc.answers:
+            source += [*doc.tokens[last:start], mask]
+            last = end
+        return [*source, *doc.tokens[last:], eos], target, "answers"
+    return [bos, *infill_spans(doc.tokens, mask, params.mask_ratio, params.poisson_lambda, rng), eos], target, "spans"
 
 
 def length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
@@ -487,7 +490,7 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
             losses = []
             for indices in length_batches(lengths, params.batch_size, rng):
                 examples = [make_example(encoded[i], tokenizer, params, rng) for i in indices]
-                answer_masked += sum(kind == "answer" for _, _, kind in examples)
+                answer_masked += sum(kind == "answers" for _, _, kind in examples)
                 examples = [(source, target) for source, target, _ in examples]
                 batch = {name: tensor.to(device) for name, tensor in collate(examples, tokenizer.pad_token_id).items()}
                 for group in optimizer.param_groups:
