@@ -77,7 +77,10 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert metrics["retention"]["student_loss"] > 0 and metrics["retention"]["language_model_loss"] > 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
+    described = json.loads((tmp_path / "eval" / "vqa" / "descriptions_image.json").read_text())
+    assert sorted(d["image_id"] for d in described) == sorted({q["image_id"] for q in questions})
     report = (tmp_path / "eval" / "report.html").read_text()
+    assert "described as:" in report
     assert report.count("data:image/png;base64") == 6  # 3 VQA and 3 caption samples
     assert questions[0]["question"].split()[0] in report and "<svg" in report  # questions and curves
 

@@ -90,8 +90,10 @@ def _vqa_cards(samples: list[dict]) -> str:
                          f"{html.escape(image['answer']) or '∅'} ({image['score']:.0f})</span>"
                          f" <span class=small>blank: {html.escape(blank.get('answer', '')) or '∅'}; humans: "
                          f"{html.escape(humans)}</span></div>")
+        described = (f"<div class=small>described as: <i>{html.escape(sample['description'])}</i></div>"
+                     if sample.get("description") is not None else "")
         cards.append(f"<div class=card>{_thumbnail(sample['path'])}<div class=small>image {sample['image_id']}"
-                     f"</div>{''.join(lines)}</div>")
+                     f"</div>{described}{''.join(lines)}</div>")
     return "".join(cards)
 
 

@@ -124,11 +124,11 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         "text_only": None,
     }
     generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
-    results, predictions = {}, {}
+    results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
         if params.vqa_mode == "describe":
-            answers = _described_answers(usable, prompts, condition_features, student, plm, params,
-                                         f"{name} {condition}")
+            answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, student,
+                                                                  plm, params, f"{name} {condition}")
         else:
             answers = generator.answers(prompts, condition_features, f"{name} {condition}")
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
@@ -140,6 +140,9 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
                                                 "predictions": f"{name} {condition} predictions"})
         log.info("%s %s: VQA accuracy %.2f", name, condition, results[condition]["overall"])
     _write_predictions(folder, predictions)
+    for condition, by_image in descriptions.items():  # describe mode: what each answer was based on
+        (folder / f"descriptions_{condition}.json").write_text(
+            json.dumps([{"image_id": i, "description": d} for i, d in by_image.items()]) + "\n")
     main = results["image"]
     metrics = {key: main[key] for key in ("overall", "perAnswerType", "perQuestionType")}
     metrics["questions"] = len(records)
@@ -147,11 +150,14 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     metrics["images_not_decoded"] = len(image_ids) - len(features)
     metrics["controls"] = {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
                            for c in VQA_CONTROLS}
-    return metrics, _vqa_samples(spec, records, annotations, predictions, results, params)
+    samples = _vqa_samples(spec, records, annotations, predictions, results, params)
+    for sample in samples:
+        sample["description"] = descriptions.get("image", {}).get(sample["image_id"])
+    return metrics, samples
 
 
 def _described_answers(records: list[dict], prompts: list[str], features: torch.Tensor | None, student: Student,
-                       plm: tuple, params: EvaluateParams, what: str) -> list[str]:
+                       plm: tuple, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
     """`vqa_mode: describe`: the model under test describes each image (the caption prompt, with that
     condition's features, or the language model alone for text_only), and the language model before
     distillation answers "<description>. <vqa prompt>" from text, as it was pretrained to."""
@@ -166,7 +172,8 @@ def _described_answers(records: list[dict], prompts: list[str], features: torch.
     by_image = dict(zip(image_ids, descriptions, strict=True))
     contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
                 zip(records, prompts, strict=True)]
-    return _Generator(student, plm, params, params.vqa_max_new_tokens).answers(contexts, None, f"{what} answer")
+    answerer = _Generator(student, plm, params, params.vqa_max_new_tokens)
+    return answerer.answers(contexts, None, f"{what} answer"), by_image
 
 
 def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,
