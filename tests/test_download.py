@@ -23,6 +23,7 @@ from vlkd.cli import main
 from vlkd.config import DownloadParams
 from vlkd.corpus import shards
 from vlkd.corpus.download import FAILED, LOCK, STAGING, SUMMARY, download
+from vlkd.corpus.shard_reader import iter_shard, list_shards
 
 PARAMS = DownloadParams(processes=1, threads=8, shard_size=10, timeout=1.0, max_image_area=250_000,
                         image_size=32, max_caption_chars=50)
@@ -271,3 +272,25 @@ def test_bad_url_lists_give_one_clear_line(tmp_path, make_list, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vlkd: error: ") and message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_every_caption_of_an_image_is_kept_in_its_json(tmp_path, image_server):
+    urls = [image_server.url(f"/img/{i}.png") for i in range(3)]
+    url_list = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": ["a red circle", "a blue star", "a cat"],
+                             "captions": [["a red circle", "a circle\non the left", ""], ["a blue star"], None]}),
+                   url_list)
+    download(url_list, tmp_path / "shards", PARAMS.model_copy(update={"captions_col": "captions"}))
+
+    samples = {sample.caption: sample.captions for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)}
+    assert samples == {"a red circle": ("a red circle", "a circle on the left"), "a blue star": ("a blue star",),
+                       "a cat": ("a cat",)}
+
+
+def test_a_list_without_the_captions_column_keeps_one_caption(tmp_path, image_server, caplog):
+    url_list = write_list(tmp_path / "urls.parquet", [image_server.url("/img/1.png")], ["a red circle"])
+    summary = download(url_list, tmp_path / "shards", PARAMS.model_copy(update={"captions_col": "captions"}))
+    assert summary["url_list"]["successes"] == 1
+    assert "has no column 'captions'" in caplog.text
+    [sample] = [sample for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)]
+    assert sample.captions == ("a red circle",)

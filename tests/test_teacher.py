@@ -12,6 +12,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from vlkd.config import TeacherParams
 from vlkd.corpus.shard_reader import iter_shard, list_shards
@@ -244,3 +245,15 @@ def test_recall_and_chance_judge_hits_by_text():
     by_text = _recalls(similarity.T, relevant.T, (1,))
     assert by_text["recall@1"] == pytest.approx(2 / 3, abs=1e-4)  # text 2 ranks image 0 first: a miss
     assert by_text["chance@1"] == pytest.approx((1 / 2 + 2 / 2 + 1 / 2) / 3, abs=1e-4)
+
+
+def test_an_image_with_several_captions_is_paired_with_each_of_them():
+    image = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(image, format="PNG")
+    tokenizer = open_clip.get_tokenizer("RN50")
+    captions = [("a red square", "a square on the left", "a red shape"), ("a blue circle",)]
+    pairs = train_teacher._Pairs([image.getvalue()] * 2, captions, tokenizer, lambda picture: torch.zeros(1))
+    torch.manual_seed(0)
+    drawn = {tuple(pairs[0][1].tolist()) for _ in range(60)}
+    assert drawn == {tuple(tokens.tolist()) for tokens in tokenizer(list(captions[0]))}
+    assert all(torch.equal(pairs[1][1], tokenizer(["a blue circle"])[0]) for _ in range(5))

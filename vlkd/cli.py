@@ -84,6 +84,8 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 @click.option("--output", type=click.Path(path_type=Path), help="Shard folder [download.output].")
 @click.option("--url-col", help="Column with the image URLs [download.url_col].")
 @click.option("--caption-col", help="Column with the captions [download.caption_col].")
+@click.option("--captions-col", help="List column with every caption of the image, '' for none "
+              "[download.captions_col].")
 @click.option("--input-format", type=click.Choice(["auto", "parquet", "csv", "tsv"]),
               help="Format of the list; auto goes by the extension [download.input_format].")
 @click.option("--column-names", help="For a csv/tsv without a header: its column names, comma-separated, "
@@ -93,14 +95,15 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 @click.pass_obj
 @_reports_errors
 def download(params: Params, url_list: Path | None, output: Path | None, url_col: str | None,
-             caption_col: str | None, input_format: str | None, column_names: str | None,
-             retry_failed: bool, metrics_file: Path | None) -> None:
+             caption_col: str | None, captions_col: str | None, input_format: str | None,
+             column_names: str | None, retry_failed: bool, metrics_file: Path | None) -> None:
     """Download a URL list into webdataset shards with img2dataset (incremental, resumable)."""
     from vlkd.corpus.download import download as run_download
 
     names = [name.strip() for name in column_names.split(",")] if column_names else None
     stage = with_overrides(params.download, url_list=url_list, output=output, url_col=url_col,
-                       caption_col=caption_col, input_format=input_format, column_names=names)
+                       caption_col=caption_col, captions_col=captions_col, input_format=input_format,
+                       column_names=names)
     summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
     _write_metrics(metrics_file, summary)
     click.echo(json.dumps(summary["url_list"], indent=2))

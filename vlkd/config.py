@@ -45,6 +45,9 @@ class DownloadParams(_Section):
     output: Path = Path("data/shards")
     url_col: str = "url"
     caption_col: str = "caption"
+    # A list column with every caption of the image (COCO-style), kept in each sample's json as `captions`
+    # for the teacher to sample from; None: one caption per image.
+    captions_col: str | None = None
     input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
     # For headerless csv/tsv files (Conceptual Captions: [caption, url]): the column names in order.
     column_names: list[str] | None = None
@@ -73,14 +76,14 @@ class TeacherParams(_Section):
     """The teacher stage: an open_clip model, or the embedded one trained on the world's shards."""
 
     output: Path = Path("data/teacher")
-    model: str = "vlkd-tiny-vit"
+    model: str = "vlkd-tiny-resnet"
     # A pretrained tag (e.g. `openai` for ViT-L-14) or a checkpoint file: use that teacher as it is.
     # null: train the embedded model contrastively on `shards` (no weights can be downloaded here).
     pretrained: str | None = None
     shards: Path = Path("data/shards")
     eval_images: Path = Path("data/world/images/eval")
     eval_captions: Path = Path("data/world/captions/annotations.json")
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(15, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)

@@ -121,7 +121,8 @@ def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, para
     tmp.mkdir()
     reader = Reader(
         url_list=str(input_file), input_format="parquet", url_col="url", caption_col="caption",
-        verify_hash_col=None, verify_hash_type=None, save_additional_columns=None,
+        verify_hash_col=None, verify_hash_type=None,
+        save_additional_columns=["captions"] if "captions" in pending.column_names else None,
         number_sample_per_shard=params.shard_size, done_shards=set(), tmp_path=str(tmp),
         start_shard_id=start_shard_id,
     )

@@ -7,6 +7,7 @@ Streaming keeps memory at one sample, whatever the shard's size.
 
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class ShardSample:
     key: str
     image: bytes | None  # encoded image, None when the shard holds none for this key
     caption: str
+    captions: tuple[str, ...] = ()  # every caption of the image, the main one first (at least `caption`)
 
 
 def list_shards(folder: Path) -> list[Path]:
@@ -51,4 +53,16 @@ def iter_shard(tar_path: Path) -> Iterator[ShardSample]:
 
 def _sample(key: str, files: dict[str, bytes]) -> ShardSample:
     image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-    return ShardSample(key=key, image=image, caption=files.get("txt", b"").decode("utf-8", errors="replace"))
+    caption = files.get("txt", b"").decode("utf-8", errors="replace")
+    return ShardSample(key=key, image=image, caption=caption, captions=_captions(files.get("json"), caption))
+
+
+def _captions(meta: bytes | None, caption: str) -> tuple[str, ...]:
+    """The `captions` list img2dataset saved in the sample's json (download.captions_col), else (caption,)."""
+    try:
+        listed = json.loads(meta).get("captions") if meta else None
+    except (ValueError, AttributeError):
+        listed = None
+    if not isinstance(listed, list):
+        return (caption,)
+    return tuple(dict.fromkeys([caption, *(text for text in listed if isinstance(text, str) and text)]))

@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 CHECKPOINT_NAME = "open_clip_model.safetensors"  # the name open_clip's `local-dir:` loader looks for first
 
-# The embedded teacher: a small ViT that trains on the synthetic world in minutes on a CPU.
-EMBEDDED_MODEL = "vlkd-tiny-vit"
+# The embedded teacher: open_clip's ModifiedResNet (the architecture of CLIP RN50) at toy size, which trains on
+# the synthetic world in minutes on a CPU. The ViT used before (4 layers, width 128, 8-pixel patches) learnt far
+# less of the shapes and positions from 2,000 images: linear probes on the image embedding of held-out training
+# images read shape 43% and position 57% (one caption, 12 epochs); this one 64% and 78% (every caption, 15
+# epochs), colour 100% for both.
+EMBEDDED_MODEL = "vlkd-tiny-resnet"
 EMBEDDED_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 2},
 }
 

@@ -231,22 +231,28 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
 # Training the embedded model
 # ---------------------------------------------------------------------------------------------------
 class _Pairs(Dataset):
-    """Encoded images and tokenized captions; decoding and the train transform run in the workers."""
+    """Encoded images and their tokenized captions; decoding and the train transform run in the workers.
+    An image with several captions (download.captions_col) is paired with one of them drawn anew each
+    time, from the worker's seeded stream: more of what the captions say about the image gets learned."""
 
-    def __init__(self, images: list[bytes], tokens: torch.Tensor, transform) -> None:
-        self.images, self.tokens, self.transform = images, tokens, transform
+    def __init__(self, images: list[bytes], captions: list[tuple[str, ...]], tokenizer, transform) -> None:
+        self.images, self.transform = images, transform
+        self.tokens = tokenizer([text for texts in captions for text in texts])
+        counts = torch.tensor([len(texts) for texts in captions])
+        self.first, self.counts = torch.cumsum(counts, 0) - counts, counts
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
+        choice = int(torch.randint(int(self.counts[index]), ()))
         with Image.open(io.BytesIO(self.images[index])) as image:
-            return self.transform(image.convert("RGB")), self.tokens[index]
+            return self.transform(image.convert("RGB")), self.tokens[int(self.first[index]) + choice]
 
 
-def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[str], list[str]]:
-    """(keys, encoded images, captions, bad keys) of every shard; a sample whose image is missing or does
-    not decode is a bad sample: counted, logged and left out."""
+def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[tuple[str, ...]], list[str]]:
+    """(keys, encoded images, each image's captions, bad keys) of every shard; a sample whose image is
+    missing or does not decode is a bad sample: counted, logged and left out."""
     keys, images, captions, bad = [], [], [], []
     for tar in shards:
         for sample in iter_shard(tar):
@@ -257,7 +263,7 @@ def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[str], l
                 continue
             keys.append(sample.key)
             images.append(sample.image)
-            captions.append(sample.caption)
+            captions.append(sample.captions or (sample.caption,))
     return keys, images, captions, bad
 
 
@@ -322,9 +328,9 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
                         "least 2: run `vlkd download` or check --shards")
     generator = seed_everything(params.seed)
     model, transform, _ = create_embedded_model(folder, device)
-    tokens = open_clip.get_tokenizer(EMBEDDED_MODEL)(captions)
+    pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
-    loader = DataLoader(_Pairs(images, tokens, transform), batch_size=batch_size, shuffle=True,
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
                         drop_last=len(images) > batch_size, num_workers=WORKERS, generator=generator,
                         persistent_workers=WORKERS > 0, pin_memory=device.type == "cuda")
     loss_fn = open_clip.loss.ClipLoss()
@@ -372,6 +378,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
         "epochs": params.epochs,
         "steps": step,
         "train_images": len(images),
+        "train_captions": len(pairs.tokens),
         "images_seen": seen,
         "seconds": round(seconds, 3),
         "bad_samples": {"count": len(bad), "keys": bad[:BAD_KEYS_LISTED]},
