@@ -273,3 +273,12 @@ def test_broken_feature_column_types_are_refused(setup, tmp_path):
     assert_one_line_error(invoke("--features", str(tmp_path / "plain"), "--plm", str(setup[1])),
                           "not a vlkd feature file")
 
+
+
+def test_icti_draws_each_image_caption_and_falls_back_to_the_stored_one():
+    batch = {"caption": ["a red circle", "a blue star"], "captions": [["a red circle", "a circle on the left"], []]}
+    noise = np.random.default_rng(0)
+    drawn = [train._icti_captions(batch, noise) for _ in range(40)]
+    assert {first for first, _ in drawn} == {"a red circle", "a circle on the left"}
+    assert {second for _, second in drawn} == {"a blue star"}
+    assert train._icti_captions({"caption": ["a cat"]}, noise) == ["a cat"]

@@ -282,7 +282,8 @@ def test_every_caption_of_an_image_is_kept_in_its_json(tmp_path, image_server):
                    url_list)
     download(url_list, tmp_path / "shards", PARAMS.model_copy(update={"captions_col": "captions"}))
 
-    samples = {sample.caption: sample.captions for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)}
+    samples = {sample.caption: sample.captions
+               for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)}
     assert samples == {"a red circle": ("a red circle", "a circle on the left"), "a blue star": ("a blue star",),
                        "a cat": ("a cat",)}
 

@@ -119,6 +119,11 @@ def test_image_features_and_the_blank_image_are_cached_as_feature_parquet(traine
     summary = json.loads((stores[0] / "summary.json").read_text())
     assert summary["shards"]["skipped"] == 1  # the second call embedded nothing
 
+    retrained = load_teacher(TEST_MODEL, str(make_random_teacher(tmp_path / "retrained", seed=1)))
+    other, _ = image_features(spec, list(range(6)), retrained, tmp_path / "cache", patch=False, device="cpu")
+    assert not (other[0] == features[0]).all()  # a retrained teacher re-embeds the cached images
+    assert FeatureStore(stores[0]).teacher == retrained.fingerprint.as_dict()
+
 
 def invoke(trained, *args):
     world, teacher, plm, root = trained

@@ -47,6 +47,7 @@ def test_rows_equal_encode_image_and_encode_text(shards, tmp_path, teacher):
         table = pq.read_table(tmp_path / "features" / f"{tar.stem}.parquet")
         samples = list(iter_shard(tar))
         assert table.column("key").to_pylist() == [s.key for s in samples]
+        assert table.column("captions").to_pylist() == [list(s.captions) for s in samples]
         images = torch.stack([teacher.preprocess(Image.open(io.BytesIO(s.image))) for s in samples])
         with torch.no_grad():
             expected_image = F.normalize(teacher.model.encode_image(images), dim=-1).numpy()
@@ -205,3 +206,11 @@ def test_bad_inputs_give_one_clear_line(shards, tmp_path, random_teacher):
     assert replaced.exit_code == 0, replaced.output
     assert {read_metadata(p)["teacher"]["weights_sha256"] for p in (tmp_path / "f").glob("*.parquet")} == {
         load_teacher(TEST_MODEL, str(other)).fingerprint.weights_sha256}
+
+
+def test_every_caption_of_a_sample_is_stored(shards, tmp_path, teacher):
+    extract_features(shards, tmp_path / "features", teacher, PARAMS)
+    rows = [row for path in sorted((tmp_path / "features").glob("*.parquet"))
+            for row in pq.read_table(path, columns=["caption", "captions"]).to_pylist()]
+    assert all(row["captions"][0] == row["caption"] for row in rows)
+    assert all(len(row["captions"]) == 3 for row in rows)  # the tiny world's captions_per_image

@@ -193,12 +193,25 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
     tokenizer = student.tokenizer
     encoded = tokenizer(batch["caption"], truncation=True, max_length=params.max_length, padding=True,
                         return_tensors="pt")
-    noisy = noisy_batch(_unpadded(encoded), tokenizer, params.mask_ratio, params.poisson_lambda, noise)
+    infill = tokenizer(_icti_captions(batch, noise), truncation=True, max_length=params.max_length, padding=True,
+                       return_tensors="pt")
+    noisy = noisy_batch(_unpadded(infill), tokenizer, params.mask_ratio, params.poisson_lambda, noise)
     prefix = batch["image_tokens"] if params.prefix == "patch" else batch.get("image_embedding")
     inputs = {"text_ids": encoded.input_ids, "text_mask": encoded.attention_mask, "noisy_ids": noisy["input_ids"],
               "noisy_mask": noisy["attention_mask"], "labels": noisy["labels"], "prefix_features": prefix,
               "image_embedding": batch.get("image_embedding"), "text_embedding": batch.get("text_embedding")}
     return {name: None if value is None else value.to(device, non_blocking=True) for name, value in inputs.items()}
+
+
+def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
+    """ICTI reconstructs one of each image's captions, drawn anew each step where the features list several;
+    TTDM and ITCL stay on `caption`, the one whose teacher embedding is stored."""
+    listed = batch.get("captions") or [None] * len(batch["caption"])
+    chosen = []
+    for caption, options in zip(batch["caption"], listed, strict=True):
+        options = options or [caption]
+        chosen.append(options[noise.integers(len(options))])
+    return chosen
 
 
 def _unpadded(encoded) -> list[list[int]]:
@@ -236,6 +249,8 @@ def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
             raise VlkdError(f"{store.files[0]} has no text_embedding column, which TTDM needs; re-extract the "
                             "features or set distill.ttdm_weight: 0")
         needed.add("text_embedding")
+    if params.icti_weight and "captions" in names:
+        needed.add("captions")
     if params.prefix == "patch":
         if "image_tokens" not in names:
             raise VlkdError(f"{store.files[0]} has no image_tokens column, which the patch prefix needs; set "

@@ -45,8 +45,10 @@ def image_features(spec: BenchmarkSpec, image_ids: list[int], teacher: Teacher, 
     shards, features = folder / "shards", folder / "features"
     if not (shards / "00000_stats.json").is_file():
         _pack(files, shards)
+    # A cache, not an artifact: features of an earlier teacher are replaced, not refused.
     extract_features(shards, features, teacher,
-                     FeaturesParams(batch_size=64, num_workers=0, device=device, image_tokens=patch))
+                     FeaturesParams(batch_size=64, num_workers=0, device=device, image_tokens=patch),
+                     replace_other_teachers=True)
     column = "image_tokens" if patch else "image_embedding"
     store = FeatureStore(features, expected_teacher=teacher.fingerprint.as_dict())
     by_key = {key: row for batch in store.iter_batches(256, columns=[column])

@@ -47,6 +47,7 @@ class ShardBatch:
     shard: Path
     keys: list[str]
     captions: list[str]
+    all_captions: list[tuple[str, ...]]  # every caption of each sample, its `captions` first
     images: torch.Tensor  # [n, 3, H, W]
     tokens: torch.Tensor  # [n, context_length]
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of undecodable samples
@@ -71,7 +72,7 @@ class ShardBatches(IterableDataset):
             yield from self._shard_batches(tar)
 
     def _shard_batches(self, tar: Path) -> Iterator[ShardBatch]:
-        keys, captions, images, bad = [], [], [], []
+        keys, captions, all_captions, images, bad = [], [], [], [], []
         for sample in iter_shard(tar):
             try:
                 if sample.image is None:
@@ -82,14 +83,15 @@ class ShardBatches(IterableDataset):
                 continue
             keys.append(sample.key)
             captions.append(sample.caption)
+            all_captions.append(sample.captions or (sample.caption,))
             if len(keys) == self.batch_size:
-                yield self._batch(tar, keys, captions, images, bad, last=False)
-                keys, captions, images, bad = [], [], [], []
-        yield self._batch(tar, keys, captions, images, bad, last=True)
+                yield self._batch(tar, keys, captions, all_captions, images, bad, last=False)
+                keys, captions, all_captions, images, bad = [], [], [], [], []
+        yield self._batch(tar, keys, captions, all_captions, images, bad, last=True)
 
-    def _batch(self, tar, keys, captions, images, bad, last) -> ShardBatch:
+    def _batch(self, tar, keys, captions, all_captions, images, bad, last) -> ShardBatch:
         return ShardBatch(
-            shard=tar, keys=keys, captions=captions, bad=bad, last=last,
+            shard=tar, keys=keys, captions=captions, all_captions=all_captions, bad=bad, last=last,
             images=torch.stack(images) if images else torch.empty(0),
             tokens=self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long),
         )
@@ -104,11 +106,12 @@ class ShardWriter:
         self.writer = pq.ParquetWriter(self.partial, schema)
         self.rows = 0
 
-    def write(self, keys: list[str], captions: list[str], image: np.ndarray, text: np.ndarray,
-              tokens: np.ndarray | None) -> None:
+    def write(self, keys: list[str], captions: list[str], all_captions: list[tuple[str, ...]], image: np.ndarray,
+              text: np.ndarray, tokens: np.ndarray | None) -> None:
         if not keys:
             return
         columns = [pa.array(keys, pa.string()), pa.array(captions, pa.string()),
+                   pa.array([list(texts) for texts in all_captions], pa.list_(pa.string())),
                    fixed_size_array(image), fixed_size_array(text)]
         if tokens is not None:
             columns.append(fixed_size_array(tokens))
@@ -185,7 +188,7 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
                                    else None, _metadata(teacher, params, batch.shard)))
             if batch.keys:
                 image, text, tokens = _encode(model, batch, device, params)
-                writer.write(batch.keys, batch.captions, image, text, tokens)
+                writer.write(batch.keys, batch.captions, batch.all_captions, image, text, tokens)
                 encoded += len(batch.keys)
             bad.extend(batch.bad)
             if batch.last:

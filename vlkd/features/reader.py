@@ -83,8 +83,15 @@ class FeatureStore:
 def table_to_batch(table: pa.Table, columns: Sequence[str], dtype: torch.dtype = torch.float32) -> dict:
     batch = {"key": table.column("key").to_pylist(), "caption": table.column("caption").to_pylist()}
     for name in columns:
+        if _is_text_list(table.schema.field(name).type):  # `captions`: stays Python lists of strings
+            batch[name] = table.column(name).to_pylist()
+            continue
         batch[name] = torch.from_numpy(fixed_size_to_numpy(table.column(name)).copy()).to(dtype)
     return batch
+
+
+def _is_text_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) and pa.types.is_string(kind.value_type)
 
 
 def fixed_size_to_numpy(column: pa.ChunkedArray) -> np.ndarray:

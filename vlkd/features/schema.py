@@ -2,7 +2,8 @@
 
 One Parquet file per shard, `NNNNN.parquet`, rows in the shard's order:
   key              string                               the shard's sample key (joins back to the tar)
-  caption          string
+  caption          string                               the caption the text embedding is of
+  captions         list<string>                         every caption of the image, `caption` first
   image_embedding  fixed_size_list<float16>[embed_dim]   L2-normalised
   text_embedding   fixed_size_list<float16>[embed_dim]   L2-normalised
   image_tokens     fixed_size_list<fixed_size_list<float16>[width]>[tokens]   optional: final-layer
@@ -29,6 +30,7 @@ def feature_schema(embed_dim: int, token_shape: tuple[int, int] | None, metadata
     fields = [
         pa.field("key", pa.string(), nullable=False),
         pa.field("caption", pa.string()),
+        pa.field("captions", pa.list_(pa.string())),
         pa.field("image_embedding", pa.list_(pa.float16(), embed_dim), nullable=False),
         pa.field("text_embedding", pa.list_(pa.float16(), embed_dim), nullable=False),
     ]
