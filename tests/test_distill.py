@@ -3,8 +3,10 @@ open_clip teacher on real shards."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,6 +25,7 @@ from vlkd.config import DistillParams, FeaturesParams
 from vlkd.distill import train
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.losses import ItclLoss, noisy_batch, ttdm_loss
+from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore
@@ -282,3 +285,33 @@ def test_icti_draws_each_image_caption_and_falls_back_to_the_stored_one():
     assert {first for first, _ in drawn} == {"a red circle", "a circle on the left"}
     assert {second for _, second in drawn} == {"a blue star"}
     assert train._icti_captions({"caption": ["a cat"]}, noise) == ["a cat"]
+
+
+def test_retention_batches_are_the_language_models_own_infilling_examples(setup, tmp_path):
+    plm = shutil.copytree(setup[1], tmp_path / "plm")
+    (plm / "vlkd-plm.json").write_text(json.dumps({"params": {"answer_mask_share": 1.0}}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a red circle. Question: What color is the circle? Answer: red\na blue star on the left\n")
+    tokenizer = Student.from_language_model(plm, StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
+    batches = RetentionBatches(corpus, tokenizer, plm, mask_ratio=0.3, poisson_lambda=3.0, max_length=64)
+    batch = batches.batch(8, np.random.default_rng(0))
+    for inputs, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+        source = tokenizer.decode(inputs[mask == 1])
+        target = tokenizer.decode(labels[labels != -100])
+        assert target in ("<s>a red circle. Question: What color is the circle? Answer: red</s>",
+                          "<s>a blue star on the left</s>")
+        if "Question" in target:  # the answer, and only the answer, is masked: as `vlkd plm` pretrained it
+            assert " ".join(source.replace("<mask>", " <mask>").split()) == (
+                "<s>a red circle. Question: What color is the circle? Answer: <mask></s>")
+        else:
+            assert "<mask>" in source
+
+
+def test_distillation_with_text_retention_logs_its_loss(setup, tmp_path, tiny_world_shards):
+    corpus = tiny_world_shards[0] / "text" / "train.txt"
+    metrics = train.distill(params(setup, tmp_path, retention_weight=1.0, retention_corpus=corpus))
+    assert math.isfinite(metrics["final"]["retention"]) and metrics["final"]["retention"] > 0
+    assert (tmp_path / "plots" / "plots" / "metrics" / "train" / "retention.tsv").is_file()
+    with pytest.raises(VlkdError, match="retention corpus"):
+        train.distill(params(setup, tmp_path / "again", retention_weight=1.0,
+                             retention_corpus=tmp_path / "missing.txt"))

@@ -156,6 +156,9 @@ class DistillParams(_Section):
     ttdm_weight: float = Field(1.0, ge=0)
     itcl_weight: float = Field(1.0, ge=0)
     icti_weight: float = Field(1.0, ge=0)
+    # Text retention (not in the paper): the language model's infilling on its own corpus, no image.
+    retention_weight: float = Field(0.0, ge=0)
+    retention_corpus: Path | None = None  # one document per line; needed when retention_weight > 0
     ttdm_distance: Literal["mse", "cosine"] = "mse"
     itcl_temperature: float = Field(0.01, gt=0, description="CLIP's temperature; the starting value if learnable")
     itcl_learnable_temperature: bool = False

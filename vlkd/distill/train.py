@@ -30,6 +30,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from vlkd.config import DistillParams
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.losses import ItclLoss, noisy_batch, ttdm_loss
+from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
 from vlkd.features.reader import FeatureStore
 from vlkd.io import remove_path, replace_folder, sha256_file, tmp_path_for, write_json_atomic
@@ -37,7 +38,7 @@ from vlkd.models.student import Student, StudentConfig
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ttdm", "itcl", "icti")
+LOSSES = ("ttdm", "itcl", "icti", "retention")
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
@@ -73,7 +74,7 @@ class VlkdObjective(nn.Module):
         self.itcl = ItclLoss(ranks.rank, ranks.world_size)
 
     def forward(self, text_ids, text_mask, noisy_ids, noisy_mask, labels, prefix_features, image_embedding,
-                text_embedding) -> dict[str, torch.Tensor]:
+                text_embedding, retention=None) -> dict[str, torch.Tensor]:
         p, losses = self.params, {}
         if p.ttdm_weight or p.itcl_weight:
             student_text = self.student.text_embedding(text_ids, text_mask)
@@ -83,7 +84,11 @@ class VlkdObjective(nn.Module):
                 losses["itcl"] = self.itcl(image_embedding, student_text, self.student.logit_scale)
         if p.icti_weight:
             losses["icti"] = self.student.infilling_loss(noisy_ids, noisy_mask, labels, prefix_features)
-        weights = {"ttdm": p.ttdm_weight, "itcl": p.itcl_weight, "icti": p.icti_weight}
+        if retention is not None:
+            losses["retention"] = self.student.infilling_loss(retention["input_ids"], retention["attention_mask"],
+                                                              retention["labels"], None)
+        weights = {"ttdm": p.ttdm_weight, "itcl": p.itcl_weight, "icti": p.icti_weight,
+                   "retention": p.retention_weight}
         losses["loss"] = sum(weights[name] * value for name, value in losses.items())
         return losses
 
@@ -97,6 +102,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     student = _build_student(params, store).to(ranks.device)
     student.train()
     batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size)
+    retention = _retention_batches(params, student)
     steps_per_epoch = batches.steps_per_epoch // params.grad_accum
     if steps_per_epoch == 0:
         raise VlkdError(f"{batches.steps_per_epoch} batches per epoch make no optimizer step of "
@@ -132,7 +138,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
             if data is None or in_epoch == 0:
                 data = batches.epoch(epoch, skip=in_epoch * params.grad_accum)
             step_started = time.perf_counter()
-            recent = _train_step(objective, student, data, params, ranks, step, autocast)
+            recent = _train_step(objective, student, data, retention, params, ranks, step, autocast)
             _check_finite(recent, step, checkpoint, ranks)
             torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm)
             optimizer.step()
@@ -169,14 +175,17 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     return metrics
 
 
-def _train_step(objective, student: Student, data, params: DistillParams, ranks: Ranks, step: int,
-                autocast) -> dict[str, float]:
+def _train_step(objective, student: Student, data, retention: RetentionBatches | None, params: DistillParams,
+                ranks: Ranks, step: int, autocast) -> dict[str, float]:
     """One optimizer step's forward and backward passes over `grad_accum` micro-batches."""
     torch.manual_seed(_step_seed(params.seed, ranks.rank, step))
     noise = np.random.default_rng([params.seed, ranks.rank, step])
     totals: dict[str, float] = {}
     for micro in range(params.grad_accum):
         inputs = _model_inputs(next(data), student, params, noise, ranks.device)
+        if retention is not None:
+            inputs["retention"] = {name: tensor.to(ranks.device, non_blocking=True)
+                                   for name, tensor in retention.batch(params.batch_size, noise).items()}
         last = micro == params.grad_accum - 1
         sync = objective.no_sync() if isinstance(objective, DistributedDataParallel) and not last else nullcontext()
         with sync, autocast:
@@ -238,6 +247,18 @@ def _check_finite(losses: dict[str, float], step: int, checkpoint: Path, ranks: 
         kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
         raise VlkdError(f"the loss is not finite at step {step + 1} ({values}); {kept}; lower distill.lr or "
                         "check the features for NaN")
+
+
+def _retention_batches(params: DistillParams, student: Student) -> RetentionBatches | None:
+    if not params.retention_weight:
+        return None
+    corpus = params.retention_corpus
+    if corpus is None or not Path(corpus).is_file():
+        raise VlkdError(f"distill.retention_weight is {params.retention_weight} but the retention corpus {corpus} "
+                        "does not exist; set distill.retention_corpus to a text file (one document per line) or "
+                        "set retention_weight: 0")
+    return RetentionBatches(Path(corpus), student.tokenizer, params.plm, params.mask_ratio, params.poisson_lambda,
+                            params.max_length)
 
 
 # -- building the student --------------------------------------------------------------------------------

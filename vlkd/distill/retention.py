@@ -1,0 +1,43 @@
+"""Text retention during distillation: the language model's own infilling objective on its own corpus,
+with no image, added to the VLKD losses with weight `distill.retention_weight` (0: the paper's three losses).
+
+Why: ICTI on captions alone pulls the language model towards writing captions. In the embedded demo the
+distilled student stopped following "Question: ... Answer: <mask>" (direct VQA 4.7%) and its held-out
+infilling loss rose from 0.36 to 0.52 (1.25 after 4x longer distillation). The examples are made exactly as
+`vlkd plm` made them (plm.make_example), with the answer masking the language model was pretrained with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlkd.config import PlmParams
+from vlkd.models.plm import collate, encode_documents, make_example, read_documents
+
+
+class RetentionBatches:
+    """Random batches of noised documents of the corpus: BART encoder inputs and labels."""
+
+    def __init__(self, corpus: Path, tokenizer, plm_folder: Path, mask_ratio: float, poisson_lambda: float,
+                 max_length: int):
+        self.tokenizer = tokenizer
+        self.documents = encode_documents(tokenizer, read_documents(corpus, "distill.retention_corpus"), max_length)
+        self.noise = PlmParams(mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
+                               answer_mask_share=pretrained_answer_mask_share(plm_folder))
+
+    def batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        picks = rng.integers(len(self.documents), size=size)
+        examples = [make_example(self.documents[i], self.tokenizer, self.noise, rng)[:2] for i in picks]
+        return collate(examples, self.tokenizer.pad_token_id)
+
+
+def pretrained_answer_mask_share(plm_folder: Path) -> float:
+    """The embedded language model's `answer_mask_share`; 0 (random spans only) for any other BART."""
+    manifest = Path(plm_folder) / "vlkd-plm.json"
+    if not manifest.is_file():
+        return 0.0
+    return float(json.loads(manifest.read_text()).get("params", {}).get("answer_mask_share", 0.0))
