@@ -213,10 +213,11 @@ class EvaluateParams(_Section):
     retention_text: Path = Path("data/world/text/heldout.txt")
     curves: Path = Path("metrics/distill")  # the distillation's dvclive folder, drawn in the report
     # direct: METHOD.md's zero-shot VQA, [image prefix ; vqa_prompt]. describe: the student describes the
-    # image (caption_prompt) and the language model answers "<description>. <vqa_prompt>" from text.
+    # image (describe_prompt) and the language model answers "<description>. <vqa_prompt>" from text.
     vqa_mode: Literal["direct", "describe"] = "describe"
     vqa_prompt: str = "Question: {question} Answer: <mask>"
     caption_prompt: str = "A picture of <mask>"
+    describe_prompt: str = "A picture of <mask>"
     num_beams: int = Field(5, ge=1)
     vqa_max_new_tokens: int = Field(10, ge=1)
     caption_max_new_tokens: int = Field(30, ge=1)

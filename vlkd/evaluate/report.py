@@ -30,7 +30,8 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
              "<h1>vlkd: zero-shot evaluation</h1>",
              f"<p class=small>student {html.escape(str(params.student))}, language model "
              f"{html.escape(str(params.plm))}; prompts <code>{html.escape(params.vqa_prompt)}</code> and "
-             f"<code>{html.escape(params.caption_prompt)}</code>, {params.num_beams} beams, VQA normalisation "
+             f"<code>{html.escape(params.caption_prompt)}</code> (VQA mode {params.vqa_mode}, describing with "
+             f"<code>{html.escape(params.describe_prompt)}</code>), {params.num_beams} beams, VQA normalisation "
              f"{params.normalize}</p>",
              _summary_table(metrics, params), _retention(metrics.get("retention", {}))]
     for name, spec in params.benchmarks.items():

@@ -165,7 +165,7 @@ def _described_answers(records: list[dict], prompts: list[str], features: torch.
     for row, record in enumerate(records):
         first_row.setdefault(record["image_id"], row)
     image_ids = list(first_row)
-    caption_prompt = fill_prompt(params.caption_prompt)
+    caption_prompt = fill_prompt(params.describe_prompt)
     describer = _Generator(student, plm, params, params.caption_max_new_tokens)
     image_features = None if features is None else features[[first_row[i] for i in image_ids]]
     descriptions = describer.answers([caption_prompt] * len(image_ids), image_features, f"{what} describe")
