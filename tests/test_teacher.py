@@ -46,7 +46,7 @@ def tiny_embedded_model():
 
 def teacher_params(world: Path, shards: Path, output: Path, **overrides) -> TeacherParams:
     settings = {"output": output, "shards": shards, "eval_images": world / "images" / "eval",
-                "eval_captions": world / "captions" / "annotations.json", "epochs": 10, "batch_size": 10,
+                "eval_captions": world / "captions" / "annotations.json", "epochs": 40, "batch_size": 10,
                 "lr": 1e-3, "warmup_steps": 3, "seed": 0, "device": "cpu"}
     return TeacherParams(**{**settings, **overrides})
 
@@ -130,8 +130,8 @@ def test_manifest_and_metrics(trained):
 def test_training_lowers_the_contrastive_loss(trained):
     params, _ = trained
     training = read_json(Path(params.output) / METRICS)["training"]
-    # At test size the model only starts to separate the pairs of a batch (uniform: log(batch) = 2.30);
-    # the default-size teacher's retrieval is measured by the stage itself (metrics.json).
+    # Each image has 3 captions, one drawn per epoch: at test size the model needs about 20 epochs to beat
+    # chance (uniform: log(batch) = 2.30); the default-size teacher's retrieval is measured by the stage.
     assert training["loss_last_epoch"] < training["loss_first_epoch"] - 0.2
     assert training["loss_last_epoch"] < math.log(params.batch_size)
 
