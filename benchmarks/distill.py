@@ -212,8 +212,9 @@ def run_variant(spec: dict) -> dict:
 
     from vlkd.config import DistillParams
     from vlkd.distill.data import FeatureBatches
-    from vlkd.distill.train import Ranks, VlkdObjective, _check_finite, _param_groups, _train_step, _use_bf16
+    from vlkd.distill.train import Ranks, VlkdObjective, _check_finite, _train_step, _use_bf16
     from vlkd.features.reader import FeatureStore
+    from vlkd.training import decay_groups
 
     device = torch.device(spec["device"])
     if spec["threads"]:
@@ -230,7 +231,7 @@ def run_variant(spec: dict) -> dict:
     objective = VlkdObjective(student, params, ranks)
     if params.compile:
         objective = torch.compile(objective)
-    optimizer = torch.optim.AdamW(_param_groups(student, params.weight_decay), lr=params.lr)
+    optimizer = torch.optim.AdamW(decay_groups(student, params.weight_decay), lr=params.lr)
     total = spec["warmup"] + spec["steps"]
     scheduler = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, total)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(params, device) else nullcontext()
@@ -250,7 +251,7 @@ def run_variant(spec: dict) -> dict:
             captions.clear()
             waits.clear()
             started = time.perf_counter()
-        losses = _train_step(objective, student, data, params, ranks, step, autocast)
+        losses = _train_step(objective, student, data, None, params, ranks, step, autocast)
         _check_finite(losses, step, work / "ckpt", ranks)
         torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm)
         optimizer.step()

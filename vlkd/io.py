@@ -45,3 +45,9 @@ def replace_folder(built: Path, output: Path) -> None:
         output.rename(old)
     built.rename(output)
     remove_path(old)
+
+
+def without_output(record: dict) -> dict:
+    """A stage's params record without `output`: what must be equal for a built folder to be reused
+    wherever it lies."""
+    return {name: value for name, value in record.items() if name != "output"}

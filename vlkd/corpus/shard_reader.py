@@ -24,7 +24,7 @@ class ShardSample:
     key: str
     image: bytes | None  # encoded image, None when the shard holds none for this key
     caption: str
-    captions: tuple[str, ...] = ()  # every caption of the image, the main one first (at least `caption`)
+    captions: tuple[str, ...]  # every caption of the image, `caption` first (just `caption` without a list)
 
 
 def list_shards(folder: Path) -> list[Path]:

@@ -35,6 +35,7 @@ from vlkd.errors import VlkdError
 from vlkd.features.reader import FeatureStore
 from vlkd.io import remove_path, replace_folder, sha256_file, tmp_path_for, write_json_atomic
 from vlkd.models.student import Student, StudentConfig
+from vlkd.training import decay_groups
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         objective = DistributedDataParallel(objective, find_unused_parameters=unused)
     if params.compile:
         objective = torch.compile(objective)
-    optimizer = torch.optim.AdamW(_param_groups(student, params.weight_decay), lr=params.lr)
+    optimizer = torch.optim.AdamW(decay_groups(student, params.weight_decay), lr=params.lr)
     schedule = get_cosine_schedule_with_warmup if params.schedule == "cosine" else get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, params.warmup_steps, total_steps)
 
@@ -202,8 +203,9 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
     tokenizer = student.tokenizer
     encoded = tokenizer(batch["caption"], truncation=True, max_length=params.max_length, padding=True,
                         return_tensors="pt")
-    infill = tokenizer(_icti_captions(batch, noise), truncation=True, max_length=params.max_length, padding=True,
-                       return_tensors="pt")
+    texts = _icti_captions(batch, noise)
+    infill = encoded if texts == batch["caption"] else tokenizer(texts, truncation=True, max_length=params.max_length,
+                                                                padding=True, return_tensors="pt")
     noisy = noisy_batch(_unpadded(infill), tokenizer, params.mask_ratio, params.poisson_lambda, noise)
     prefix = batch["image_tokens"] if params.prefix == "patch" else batch.get("image_embedding")
     inputs = {"text_ids": encoded.input_ids, "text_mask": encoded.attention_mask, "noisy_ids": noisy["input_ids"],
@@ -314,14 +316,6 @@ def _plm_manifest(folder: Path) -> dict:
         record = json.loads(manifest.read_text())
         return {key: record[key] for key in ("name", "source", "sha256") if key in record}
     return {"source": str(folder)}
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 and "embed" not in name else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from vlkd.config import BenchmarkSpec, EvaluateParams
 from vlkd.distill.train import check_teacher
@@ -36,11 +35,12 @@ from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
 from vlkd.evaluate.vqa_metric import read_json, score_vqa
 from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
-from vlkd.models.infill import extract_infill, fill_prompt
+from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.plm import infilling_loss, read_documents
-from vlkd.models.student import Student, generate_texts
+from vlkd.models.student import Student, load_language_model
 from vlkd.models.teacher import load_teacher
-from vlkd.models.train_teacher import resolve_device, resolve_teacher
+from vlkd.models.train_teacher import resolve_teacher
+from vlkd.training import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,13 @@ def evaluate(params: EvaluateParams) -> dict:
     if done is not None:
         log.info("evaluation in %s is up to date with the student and the benchmarks; skipped", params.output)
         return done
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "evaluate.device")
     student = Student.from_pretrained(params.student, device)
     teacher = load_teacher(*resolve_teacher(params.teacher), device=device,
                            image_tokens=student.config.prefix == "patch")
     check_teacher(student.config, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
-    plm = _load_language_model(params.plm, device)
+    bart, tokenizer = load_language_model(params.plm, "evaluate.plm")
+    plm = (bart.to(device).eval(), tokenizer)
     building = params.output.parent / f".{params.output.name}.building"
     remove_path(building)
     building.mkdir(parents=True)
@@ -165,10 +166,14 @@ def _described_answers(records: list[dict], prompts: list[str], features: torch.
     for row, record in enumerate(records):
         first_row.setdefault(record["image_id"], row)
     image_ids = list(first_row)
-    caption_prompt = fill_prompt(params.describe_prompt)
     describer = _Generator(student, plm, params, params.caption_max_new_tokens)
-    image_features = None if features is None else features[[first_row[i] for i in image_ids]]
-    descriptions = describer.answers([caption_prompt] * len(image_ids), image_features, f"{what} describe")
+    prompt = fill_prompt(params.describe_prompt)
+    if features is None:  # text_only: one prompt, no image, so one description for every image
+        descriptions = describer.answers([prompt], None, f"{what} describe") * len(image_ids)
+    else:  # identical features (the blank control) are described once
+        distinct, which = torch.unique(features[[first_row[i] for i in image_ids]], dim=0, return_inverse=True)
+        described = describer.answers([prompt] * len(distinct), distinct, f"{what} describe")
+        descriptions = [described[k] for k in which.tolist()]
     by_image = dict(zip(image_ids, descriptions, strict=True))
     contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
                 zip(records, prompts, strict=True)]
@@ -269,15 +274,6 @@ def _sample(ids: list[int], count: int, seed: int) -> list[int]:
     if count >= len(ids):
         return ids
     return sorted(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
-
-
-def _load_language_model(folder: Path, device: torch.device) -> tuple:
-    try:
-        bart = BartForConditionalGeneration.from_pretrained(folder).to(device).eval()
-        return bart, AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise VlkdError(f"cannot load the language model from {folder} ({str(err).strip().splitlines()[0]}); "
-                        "run `vlkd plm` or check evaluate.plm") from err
 
 
 def _inputs(params: EvaluateParams) -> dict:

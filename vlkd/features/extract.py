@@ -83,7 +83,7 @@ class ShardBatches(IterableDataset):
                 continue
             keys.append(sample.key)
             captions.append(sample.caption)
-            all_captions.append(sample.captions or (sample.caption,))
+            all_captions.append(sample.captions)
             if len(keys) == self.batch_size:
                 yield self._batch(tar, keys, captions, all_captions, images, bad, last=False)
                 keys, captions, all_captions, images, bad = [], [], [], [], []

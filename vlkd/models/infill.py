@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import string
 
+import torch
+
 from vlkd.errors import VlkdError
 
 MASK = "<mask>"
@@ -90,3 +92,13 @@ def _infill_end(suffix: str, text: str, start: int) -> int:
         return len(text) - len(suffix)
     found = text.find(suffix, start)
     return found if found >= 0 else len(text)
+
+
+@torch.no_grad()
+def generate_texts(bart, tokenizer, encoder_inputs: dict, num_beams: int, max_new_tokens: int) -> list[str]:
+    """Beam search of a BART from `encoder_inputs` (input_ids or inputs_embeds, and attention_mask), decoded
+    without special tokens; at most `max_new_tokens` tokens (capped at the model's positions)."""
+    limit = min(max_new_tokens, bart.config.max_position_embeddings)
+    beams = {"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {"num_beams": 1}
+    output = bart.generate(**encoder_inputs, **beams, max_new_tokens=limit)
+    return tokenizer.batch_decode(output, skip_special_tokens=True)

@@ -11,10 +11,9 @@ plain caption), and the model is pretrained with BART's text infilling in two fl
 
 - random spans (`mask_ratio` of the tokens in Poisson(`poisson_lambda`) spans, one `<mask>` each,
   `vlkd.models.noising.infill_spans`); the target is the whole document;
-- for a share `answer_mask_share` of the documents that have questions: one answer, exactly the words
-  after "Answer:", becomes one `<mask>`, and the document ends there (later pairs are dropped, so the
-  mask ends the input as it does in the prompt "Question: {question} Answer: <mask>"); the target is
-  that document with the answer. Still text infilling: one span, one mask.
+- for a share `answer_mask_share` of the documents that have questions: every answer, exactly the words
+  after "Answer:", becomes one `<mask>` (the rest of the document stays as it is); the target is the whole
+  document. Still text infilling: one span per answer, one mask per span.
 
 The loop is plain: AdamW (no decay on biases, norms and embeddings), linear warmup then cosine decay,
 gradient clipping, batches of documents of similar length (less padding), a seeded generator for the
@@ -47,10 +46,11 @@ import torch
 from tqdm import tqdm
 
 from vlkd.config import PlmParams
-from vlkd.errors import VlkdError
-from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
-from vlkd.models.infill import MASK, extract_infill, fill_prompt
+from vlkd.errors import VlkdError, first_line
+from vlkd.io import remove_path, replace_folder, sha256_file, without_output, write_json_atomic
+from vlkd.models.infill import MASK, extract_infill, fill_prompt, generate_texts
 from vlkd.models.noising import infill_spans
+from vlkd.training import decay_groups, resolve_device, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def build_plm(params: PlmParams) -> dict:
 
 def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
     started = time.perf_counter()
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "plm.device")
     metrics: dict = {}
     if params.model is None:
         documents = read_documents(Path(params.corpus), "plm.corpus")
@@ -148,20 +148,12 @@ def _log_metrics(output: Path, metrics: dict) -> None:
                  qa["questions"], qa["with_description"]["accuracy"], qa["blind"]["accuracy"])
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VlkdError("plm.device is cuda but torch sees no CUDA device; use auto or cpu")
-    return torch.device(device)
-
-
 @contextmanager
 def _threads(device: str):
     """On a CPU, one torch thread per core this process may use (torch counts the machine's cores),
     restored afterwards."""
     before = torch.get_num_threads()
-    if resolve_device(device).type == "cpu":
+    if resolve_device(device, "plm.device").type == "cpu":
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                   else os.cpu_count() or 1))
     try:
@@ -212,18 +204,13 @@ def weights_sha256(folder: Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in files}
 
 
-def _comparable(record: dict) -> dict:
-    """What must be equal for a folder to be reused: everything but where it is."""
-    return {name: value for name, value in record.items() if name != "output"}
-
-
 def _up_to_date(output: Path, params: PlmParams, inputs: dict) -> dict | None:
     path = output / MANIFEST
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
-        if _comparable(manifest["params"]) != _comparable(params.model_dump(mode="json")):
+        if without_output(manifest["params"]) != without_output(params.model_dump(mode="json")):
             return None
         if manifest["inputs"] != inputs or not manifest["sha256"]:
             return None
@@ -276,7 +263,7 @@ def load_pretrained(name: str):
     try:
         config = AutoConfig.from_pretrained(location)
     except (OSError, ValueError, KeyError) as err:
-        raise VlkdError(f"cannot load plm.model {name}: {_first_line(err)}; check the name (or the hub's "
+        raise VlkdError(f"cannot load plm.model {name}: {first_line(err)}; check the name (or the hub's "
                         "reachability and cache) or give a local directory") from err
     if config.model_type != "bart" or not getattr(config, "is_encoder_decoder", False):
         raise VlkdError(f"plm.model {name} is a {config.model_type!r} model, not a BART encoder-decoder; give a "
@@ -285,7 +272,7 @@ def load_pretrained(name: str):
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = BartForConditionalGeneration.from_pretrained(location)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise VlkdError(f"cannot load plm.model {name}: {_first_line(err)}; check that the directory holds a "
+        raise VlkdError(f"cannot load plm.model {name}: {first_line(err)}; check that the directory holds a "
                         "complete save_pretrained model and tokenizer") from err
     if tokenizer.mask_token_id is None:
         raise VlkdError(f"the tokenizer of plm.model {name} has no {MASK} token, which text infilling needs; "
@@ -294,11 +281,6 @@ def load_pretrained(name: str):
         raise VlkdError(f"the {MASK} id {tokenizer.mask_token_id} of plm.model {name} is outside the model's "
                         f"vocabulary ({model.config.vocab_size}); tokenizer and model do not belong together")
     return model, tokenizer, source
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:200]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -449,22 +431,6 @@ def sinusoids(length: int, width: int, std: float) -> torch.Tensor:
     return table * (std * math.sqrt(2))
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        exempt = param.ndim < 2 or "norm" in name or "embed" in name or "shared" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warmup to `base_lr`, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
-
-
 def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.device | str = "cpu"):
     """Pretrain a new BART on `documents` with text infilling. Returns (model in eval mode, training record)."""
     if params.max_length > params.max_positions:
@@ -478,7 +444,7 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
     lengths = [len(doc.tokens) for doc in encoded]
     steps_per_epoch = math.ceil(len(encoded) / params.batch_size)
     total = params.epochs * steps_per_epoch
-    optimizer = torch.optim.AdamW(_param_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(decay_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     log.info("pretraining %s (%d parameters) on %d documents: %d epochs of %d steps (batch %d) on %s",
              EMBEDDED_NAME, sum(p.numel() for p in model.parameters()), len(encoded), params.epochs,
@@ -626,9 +592,7 @@ def generate_infills(model, tokenizer, prompts: list[str], num_beams: int = QA_B
     for begin in range(0, len(order), batch_size):
         indices = order[begin:begin + batch_size]
         batch = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(device)
-        longest = min(batch["input_ids"].shape[1] + extra_tokens, model.config.max_position_embeddings)
-        beams = {"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {"num_beams": 1}
-        generated = model.generate(**batch, **beams, max_new_tokens=longest)
-        for i, text in zip(indices, tokenizer.batch_decode(generated, skip_special_tokens=True), strict=True):
+        texts = generate_texts(model, tokenizer, dict(batch), num_beams, batch["input_ids"].shape[1] + extra_tokens)
+        for i, text in zip(indices, texts, strict=True):
             results[i] = extract_infill(prompts[i], text)
     return results

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, BartForConditionalGeneration, PreTrainedTokenizerBase
 
-from vlkd.errors import VlkdError
+from vlkd.errors import VlkdError, first_line
+from vlkd.models.infill import generate_texts
 
 STUDENT_CONFIG = "vlkd-student.json"
 PROJECTIONS = "projections.safetensors"
@@ -145,27 +146,19 @@ class Student(nn.Module):
     @classmethod
     def from_language_model(cls, folder: Path, config: StudentConfig) -> Student:
         """A fresh student: the language model stage's BART and tokenizer, new projections."""
-        try:
-            bart = BartForConditionalGeneration.from_pretrained(folder)
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as err:
-            raise VlkdError(f"cannot load the language model from {folder} ({_first_line(err)}); "
-                            "run `vlkd plm` or check distill.plm") from err
-        return cls(bart, tokenizer, config)
+        return cls(*load_language_model(folder, "distill.plm"), config)
 
 
-@torch.no_grad()
-def generate_texts(bart: BartForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, encoder_inputs: dict,
-                   num_beams: int, max_new_tokens: int) -> list[str]:
-    """Beam search from `encoder_inputs` (input_ids or inputs_embeds, and attention_mask), decoded."""
-    limit = min(max_new_tokens, bart.config.max_position_embeddings)
-    output = bart.generate(**encoder_inputs, num_beams=num_beams, max_new_tokens=limit, early_stopping=True)
-    return tokenizer.batch_decode(output, skip_special_tokens=True)
+def load_language_model(folder: Path, setting: str) -> tuple[BartForConditionalGeneration, PreTrainedTokenizerBase]:
+    """(BART, tokenizer) of a folder the language-model stage wrote; a bad folder is one line naming `setting`."""
+    try:
+        return BartForConditionalGeneration.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise VlkdError(f"cannot load the language model from {folder} ({first_line(err)}); "
+                        f"run `vlkd plm` or check {setting}") from err
 
 
 def normalized(embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(embeddings.float(), dim=-1)
 
 
-def _first_line(err: Exception) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from vlkd.config import TeacherParams
 from vlkd.corpus.shard_reader import iter_shard, list_shards
 from vlkd.errors import VlkdError
-from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
+from vlkd.io import remove_path, replace_folder, sha256_file, without_output, write_json_atomic
 from vlkd.models.teacher import (
     CHECKPOINT_NAME,
     EMBEDDED_CONFIG,
@@ -51,6 +51,7 @@ from vlkd.models.teacher import (
     load_teacher,
     save_checkpoint,
 )
+from vlkd.training import decay_groups, resolve_device, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def build_teacher(params: TeacherParams) -> dict:
         log.info("teacher in %s is up to date (same params, inputs and weights); not rebuilt", output)
         return current
     _check_replaceable(output)
-    device = resolve_device(params.device)
+    device = resolve_device(params.device, "teacher.device")
     building = output.parent / (output.name + ".tmp")
     remove_path(building)
     building.mkdir(parents=True)
@@ -169,21 +170,8 @@ def resolve_teacher(folder: Path) -> tuple[str, str]:
     return model, str(checkpoint)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VlkdError("teacher.device is cuda but torch sees no CUDA device; use auto or cpu")
-    return torch.device(device)
-
-
 def _params_record(params: TeacherParams) -> dict:
     return params.model_dump(mode="json")
-
-
-def _comparable(record: dict) -> dict:
-    """What must be equal for a teacher to be reused: everything but where the folder is."""
-    return {name: value for name, value in record.items() if name != "output"}
 
 
 def shard_inputs(folder: Path) -> dict[str, str]:
@@ -206,7 +194,7 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
-        if _comparable(manifest["params"]) != _comparable(_params_record(params)):
+        if without_output(manifest["params"]) != without_output(_params_record(params)):
             return None
         if params.pretrained is None:
             if manifest["training_setup"] != training_setup():
@@ -263,7 +251,7 @@ def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[tuple[s
                 continue
             keys.append(sample.key)
             images.append(sample.image)
-            captions.append(sample.captions or (sample.caption,))
+            captions.append(sample.captions)
     return keys, images, captions, bad
 
 
@@ -286,26 +274,6 @@ def create_embedded_model(config_dir: Path, device: torch.device):
     open_clip.add_model_config(config)
     return open_clip.create_model_and_transforms(EMBEDDED_MODEL, device=device, aug_cfg=AUGMENTATION,
                                                  output_dict=True)
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """open_clip's split: no decay on gains, biases and the temperature; here also none on embeddings."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = (param.ndim < 2 or "bias" in name or "ln" in name or "logit_scale" in name
-                  or "embedding" in name)
-        (no_decay if exempt else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """open_clip's schedule: linear warmup to `base_lr`, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress)) * base_lr
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -334,7 +302,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
                         drop_last=len(images) > batch_size, num_workers=WORKERS, generator=generator,
                         persistent_workers=WORKERS > 0, pin_memory=device.type == "cuda")
     loss_fn = open_clip.loss.ClipLoss()
-    optimizer = torch.optim.AdamW(_param_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98),
+    optimizer = torch.optim.AdamW(decay_groups(model, params.weight_decay), lr=params.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     total = params.epochs * len(loader)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -347,7 +315,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
             losses = []
             for batch_images, batch_tokens in loader:
                 for group in optimizer.param_groups:
-                    group["lr"] = cosine_lr(step, params.lr, params.warmup_steps, total)
+                    group["lr"] = warmup_cosine(step, params.lr, params.warmup_steps, total)
                 batch_images = batch_images.to(device, non_blocking=True)
                 batch_tokens = batch_tokens.to(device, non_blocking=True)
                 with autocast:
