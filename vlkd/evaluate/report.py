@@ -137,9 +137,9 @@ def _chart(name: str, path: Path, width: int = 300, height: int = 150) -> str:
     if not rows:
         return ""
     steps, values = zip(*rows, strict=True)
-    low, high = min(values), max(values)
-    span_x, span_y = (max(steps) - min(steps)) or 1, (high - low) or 1
-    points = " ".join(f"{10 + (s - min(steps)) / span_x * (width - 20):.1f},"
+    low, high, first = min(values), max(values), min(steps)
+    span_x, span_y = (max(steps) - first) or 1, (high - low) or 1
+    points = " ".join(f"{10 + (s - first) / span_x * (width - 20):.1f},"
                       f"{height - 20 - (v - low) / span_y * (height - 40):.1f}" for s, v in rows)
     return (f"<svg width={width} height={height}><text x=10 y=14 font-size=12>{html.escape(name)} "
             f"({values[0]:.3g} → {values[-1]:.3g})</text><polyline fill=none stroke='#1f5fbf' "
