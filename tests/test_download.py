@@ -295,3 +295,27 @@ def test_a_list_without_the_captions_column_keeps_one_caption(tmp_path, image_se
     assert "has no column 'captions'" in caplog.text
     [sample] = [sample for tar in list_shards(tmp_path / "shards") for sample in iter_shard(tar)]
     assert sample.captions == ("a red circle",)
+
+
+def test_changed_captions_of_downloaded_urls_are_counted_and_named(tmp_path, image_server, caplog):
+    urls = [image_server.url(f"/img/{i}.png") for i in range(4)]
+    output = tmp_path / "shards"
+    first = download(write_list(tmp_path / "v1.parquet", urls, ["one", "two", "three", "four"]), output, PARAMS)
+    assert first["url_list"]["captions_changed"] == 0
+
+    # The same URLs, one recaptioned, and then a caption list where the shards were written without one:
+    # the shards keep what they hold, and the run says how many rows differ instead of passing silently.
+    recaptioned = write_list(tmp_path / "v2.parquet", urls, ["one", "TWO", "three", "four"])
+    summary = download(recaptioned, output, PARAMS)
+    assert summary["url_list"]["captions_changed"] == 1 and summary["this_run"]["fetched"] == 0
+    assert "1 URL(s) of" in caplog.text and "download into an empty --output" in caplog.text
+
+    with_lists = tmp_path / "v3.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": ["one", "two", "three", "four"],
+                             "captions": [["one", "uno"], ["two"], ["three"], ["four"]]}), with_lists)
+    listed = PARAMS.model_copy(update={"captions_col": "captions"})
+    assert download(with_lists, output, listed)["url_list"]["captions_changed"] == 4
+
+    fresh = tmp_path / "fresh"
+    download(with_lists, fresh, listed)
+    assert download(with_lists, fresh, listed)["url_list"]["captions_changed"] == 0

@@ -54,7 +54,13 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
     with _exclusive(output):
         staging = output / STAGING
         _recover(staging, output)
-        pending = _rows_to_fetch(checked.valid, shards.read_ledger(output).outcomes(), retry_failed)
+        ledger = shards.read_ledger(output)
+        pending = _rows_to_fetch(checked.valid, ledger.outcomes(), retry_failed)
+        changed = _captions_changed(checked.valid, ledger)
+        if changed:
+            log.warning("%d URL(s) of %s are in the shards with other captions than the list gives now; the shards "
+                        "keep the captions they were downloaded with (downloads are incremental by URL); to take "
+                        "the new captions, download into an empty --output", changed, url_list)
         new_shards: list[int] = []
         if pending.num_rows:
             log.info("fetching %d new URL(s) of %d usable", pending.num_rows, checked.valid.num_rows)
@@ -67,6 +73,7 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
         staging.rmdir()
         outcomes = shards.read_ledger(output).outcomes()
         summary = summarize(checked, outcomes, output)
+        summary["url_list"]["captions_changed"] = changed
         summary["this_run"] = {
             "fetched": pending.num_rows,
             "new_shards": new_shards,
@@ -104,6 +111,21 @@ def _rows_to_fetch(valid: pa.Table, outcomes: dict[str, str | None], retry_faile
     """Usable rows whose URL no shard holds yet (with `retry_failed`, also those that failed before)."""
     done = [url for url, failure in outcomes.items() if failure is None or not retry_failed]
     return valid.filter(pc.invert(pc.is_in(valid.column("url"), pa.array(done, pa.string()))))
+
+
+def _captions_changed(valid: pa.Table, ledger: shards.Ledger) -> int:
+    """Rows whose URL the shards hold as a success, stored with another caption, or (when the list has a
+    captions column) another caption list, than the row gives now."""
+    stored = ledger.table.filter(pc.equal(ledger.table.column("status"), "success"))
+    has_lists = "captions" in valid.column_names
+    by_url = {url: (caption, lists) for url, caption, lists in zip(
+        stored.column("url").to_pylist(), stored.column("caption").to_pylist(),
+        stored.column("captions").to_pylist() if "captions" in stored.column_names else [None] * stored.num_rows,
+        strict=True)}
+    rows = zip(valid.column("url").to_pylist(), valid.column("caption").to_pylist(),
+               valid.column("captions").to_pylist() if has_lists else [None] * valid.num_rows, strict=True)
+    return sum(url in by_url and (by_url[url][0] != caption or (has_lists and by_url[url][1] != lists))
+               for url, caption, lists in rows)
 
 
 def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, params: DownloadParams) -> None:

@@ -27,7 +27,7 @@ SHARD_SUFFIXES = (".tar", ".parquet", STATS_SUFFIX)  # the order in which a shar
 class Ledger:
     """Every URL the shards hold, with the status of its latest attempt."""
 
-    table: pa.Table  # url, caption, key, status, error_message, shard (one row per URL: the latest)
+    table: pa.Table  # url, caption, key, status, error_message, shard[, captions] (one row per URL: the latest)
 
     def outcomes(self) -> dict[str, str | None]:
         """URL -> None for a success, else the failure's reason (img2dataset's error, or its status)."""
@@ -107,11 +107,14 @@ def next_shard_id(output: Path) -> int:
 
 
 def read_ledger(output: Path) -> Ledger:
-    """The latest status of each URL over all complete shards (a retried URL's later shard wins)."""
+    """The latest status of each URL over all complete shards (a retried URL's later shard wins), with the
+    captions it was stored with (`captions` null for shards written without download.captions_col)."""
     columns = ["url", "caption", "key", "status", "error_message"]
     tables = []
     for shard_id in complete_shards(output):
-        table = pq.read_table(output / f"{shard_id:05d}.parquet", columns=columns)
+        path = output / f"{shard_id:05d}.parquet"
+        listed = ["captions"] if "captions" in pq.read_schema(path).names else []
+        table = pq.read_table(path, columns=columns + listed)
         tables.append(table.append_column("shard", pa.array([shard_id] * table.num_rows, pa.int64())))
     if not tables:
         schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
