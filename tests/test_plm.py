@@ -71,8 +71,11 @@ def tokenizer(corpus, tmp_path_factory):
     # the prefix paraphrased: after the last occurrence of its final words
     ("Question: What color is the circle? Answer: <mask>", "Question: which colour has it? Answer: green", "green"),
     ("the scene. Question: Where is it? Answer: <mask>", "a scene, where is it? Answer: top", "top"),
-    # nothing of the prefix: the whole generation
+    # nothing of the prefix: the whole generation, even where a word of the prefix occurs in it
     ("A picture of <mask>", "a red circle on the left", "a red circle on the left"),
+    ("A picture of <mask>", "two shapes on a gray background, a red star to the left of a blue circle",
+     "two shapes on a gray background, a red star to the left of a blue circle"),
+    ("A picture of <mask>", "a picture of a star to the left of a circle", "a star to the left of a circle"),
     ("Answer: <mask>", "Answer:", ""),
     ("<mask>", "  anything at all ", "anything at all"),
 ])

@@ -11,8 +11,11 @@ rules, in order:
 2. The prefix is looked for from the start of the generation; the infill starts right after its first
    occurrence. An empty prefix matches at the start.
 3. If the prefix is not reproduced (the model paraphrased it), the infill starts after the LAST
-   occurrence of the prefix's final words (its last 3 words, else 2, else 1); if none of them occurs,
-   the whole generation is the infill.
+   occurrence of the prefix's final words (its last 3 words, else 2, else 1) if these are at least
+   `MIN_TAIL_CHARS` characters long without spaces; if none of them occurs, the whole generation is the
+   infill. (A short final word is no evidence of the prompt: "A picture of <mask>" answered "two
+   shapes, a star to the left of a circle" would otherwise give "a circle", the description's "of"
+   taken for the prompt's. "Answer:" is long enough.)
 4. The infill ends where the suffix starts: at the end of the generation if the generation ends with the
    suffix, else at the suffix's first occurrence after the infill's start; a suffix that is not
    reproduced (or an empty one) leaves the infill running to the end.
@@ -32,6 +35,7 @@ from vlkd.errors import VlkdError
 
 MASK = "<mask>"
 TAIL_WORDS = (3, 2, 1)  # rule 3: how many of the prefix's final words to look for, longest first
+MIN_TAIL_CHARS = 4  # rule 3: shorter final words ("of", "is", "a") are not looked for
 
 
 def fill_prompt(template: str, **fields: str) -> str:
@@ -76,8 +80,8 @@ def _infill_start(prefix: str, text: str) -> int:
         return found + len(squeezed)
     words = prefix.lower().split()
     for count in TAIL_WORDS:
-        if len(words) >= count:
-            tail = "".join(words[-count:])
+        tail = "".join(words[-count:])
+        if len(words) >= count and len(tail) >= MIN_TAIL_CHARS:
             found = text.rfind(tail)
             if found >= 0:
                 return found + len(tail)

@@ -1,0 +1,208 @@
+"""Where the embedded world's VQA accuracy is lost: in the teacher, in the student's descriptions, or in reading them.
+
+    python benchmarks/grounding.py [--params params.yaml] [--images 200] [--prompt "A picture of <mask>"]
+
+Needs a finished pipeline on the embedded world (`make demo` or `dvc repro`): the scene records of
+`synth.output`, the stored features, the teacher, the student. Three tables, each against a baseline
+measured in the same run:
+
+1. teacher: a linear probe (logistic regression) per attribute on the stored image embeddings of
+   single-object training images (80/20 split), against always answering the majority class;
+   `objects` (one or two) on every image.
+2. descriptions: what the student writes with the caption prompt for evaluation images, parsed with
+   the world's vocabulary: the share of true objects whose colour, shape, colour and shape, and
+   colour, shape and position it names, and how often it names as many objects as there are; against
+   the descriptions it writes for the blank image (the evaluation's blank control).
+3. perfect reader: VQA accuracy (official metric) of answering every question from those descriptions
+   by rule, as a language model that never misreads would, and that answers nothing where the
+   description says nothing (a language model also guesses from priors, which the blank control
+   measures). From the true scenes the reader scores 100, which checks the reader.
+
+This is a diagnostic of the embedded world only (its scene records and vocabulary), not of any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from vlkd.config import load_params
+from vlkd.corpus.synth import _POSITION_PHRASES, COLOURS, SHAPES
+from vlkd.evaluate.images import image_features
+from vlkd.evaluate.vqa_metric import read_json, score_vqa
+from vlkd.models.infill import extract_infill, fill_prompt
+from vlkd.models.student import Student
+from vlkd.models.teacher import load_teacher
+from vlkd.models.train_teacher import resolve_teacher
+
+PROBED = ("colour", "shape", "size", "position")
+OBJECT = re.compile(rf"(?:(small|large) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+                    rf"(?: ({'|'.join(map(re.escape, _POSITION_PHRASES.values()))}))?")
+POSITION_OF_PHRASE = {phrase: position for position, phrase in _POSITION_PHRASES.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the project's)")
+    parser.add_argument("--images", type=int, default=200, help="evaluation images to describe")
+    parser.add_argument("--prompt", default=None, help="the describing prompt (default: evaluate.caption_prompt)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    params = load_params(args.params)
+    world = params.synth.output
+    print_table("1. teacher: linear probes on stored image embeddings", ["attribute", "probe", "majority"],
+                teacher_probes(params.distill.features, params.features.shards, world))
+    descriptions, scenes, questions = describe(params, world, args.images, args.prompt or params.evaluate.caption_prompt)
+    print_table("2. student descriptions of evaluation images", ["named right", "image", "blank image"],
+                [[name, *(f"{value:.2f}" for value in values)] for name, values in
+                 zip(DESCRIPTION_MEASURES, zip(*(description_scores(d, scenes) for d in descriptions), strict=True),
+                     strict=True)])
+    truth = {image_id: scene_text(scene) for image_id, scene in scenes.items()}
+    rows = [[name, *read_and_score(questions, d)] for name, d in
+            (("student, image", descriptions[0]), ("student, blank image", descriptions[1]), ("true scenes", truth))]
+    print_table("3. VQA by a perfect reader of the descriptions", ["descriptions", "overall", "per question type"], rows)
+    print("example descriptions:", *[f"  {scene_text(scenes[i])!r} -> {descriptions[0][i]!r}" for i in list(scenes)[:4]],
+          sep="\n")
+
+
+def teacher_probes(features: Path, shards: Path, world: Path) -> list[list[str]]:
+    scenes = {s["image_id"]: s for s in map(json.loads, (world / "scenes" / "train.jsonl").open())}
+    urls = pq.read_table(world / "urls.parquet", columns=["url"]).column("url").to_pylist()
+    image_of_url = {url: int(Path(url).stem) for url in urls}
+    key_url = {}
+    for path in sorted(glob.glob(str(shards / "0*.parquet"))):  # not failed.parquet
+        table = pq.read_table(path, columns=["key", "url"])
+        key_url.update(zip(table.column("key").to_pylist(), table.column("url").to_pylist(), strict=True))
+    embeddings, records = [], []
+    for path in sorted(features.glob("*.parquet")):
+        table = pq.read_table(path, columns=["key", "image_embedding"])
+        for key, embedding in zip(table.column("key").to_pylist(), table.column("image_embedding").to_pylist(),
+                                  strict=True):
+            embeddings.append(embedding)
+            records.append(scenes[image_of_url[key_url[key]]])
+    x = torch.nn.functional.normalize(torch.tensor(np.array(embeddings, dtype=np.float32)), dim=1)
+    single = torch.tensor([len(r["objects"]) == 1 for r in records])
+    rows = [[name, *probe(x[single], [r["objects"][0][name] for r, s in zip(records, single, strict=True) if s])]
+            for name in PROBED]
+    return rows + [["objects", *probe(x, [len(r["objects"]) for r in records])]]
+
+
+def probe(x: torch.Tensor, labels: list) -> list[str]:
+    """Held-out accuracy of a logistic regression on 80% of the rows, and of the majority class."""
+    classes = sorted(set(labels))
+    y = torch.tensor([classes.index(label) for label in labels])
+    train = torch.arange(len(y)) < int(0.8 * len(y))
+    layer = torch.nn.Linear(x.shape[1], len(classes))
+    optimizer = torch.optim.Adam(layer.parameters(), 1e-2)
+    for _ in range(500):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(layer(10 * x[train]), y[train]).backward()
+        optimizer.step()
+    accuracy = (layer(10 * x[~train]).argmax(1) == y[~train]).float().mean().item()
+    majority = Counter(y[train].tolist()).most_common(1)[0][0]
+    return [f"{accuracy:.3f}", f"{(y[~train] == majority).float().mean().item():.3f}"]
+
+
+def describe(params, world: Path, count: int, prompt: str):
+    """(image descriptions, blank-image descriptions) by image id, the scenes, the VQA questions."""
+    spec = next(s for s in params.evaluate.benchmarks.values() if s.task == "vqa")
+    scenes = {s["image_id"]: s for s in map(json.loads, (world / "scenes" / "eval.jsonl").open())}
+    image_ids = sorted(scenes)[:count]
+    scenes = {i: scenes[i] for i in image_ids}
+    student = Student.from_pretrained(params.evaluate.student, "cpu")
+    teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=False)
+    features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / "grounding", False, "cpu")
+    prompt = fill_prompt(prompt)
+    described = []
+    for rows in (torch.stack([features[i] for i in image_ids]), blank.expand(1, *blank.shape)):
+        texts = []
+        for begin in range(0, len(rows), 64):
+            batch = rows[begin:begin + 64]
+            texts += student.generate(batch, [prompt] * len(batch), params.evaluate.num_beams,
+                                      params.evaluate.caption_max_new_tokens)
+        texts = [extract_infill(prompt, text) for text in texts]
+        described.append(dict(zip(image_ids, texts if len(texts) == len(image_ids) else texts * len(image_ids),
+                                  strict=True)))
+    questions = read_json(spec.questions), read_json(spec.annotations)
+    return described, scenes, questions
+
+
+def parse(description: str) -> list[tuple[str, str, str | None]]:
+    """(colour, shape, position or None) of every object the description names."""
+    return [(m.group(2), m.group(3), POSITION_OF_PHRASE.get(m.group(4))) for m in OBJECT.finditer(description)]
+
+
+DESCRIPTION_MEASURES = ("colour", "shape", "colour + shape", "colour + shape + position", "object count")
+
+
+def description_scores(descriptions: dict[int, str], scenes: dict[int, dict]) -> list[float]:
+    named = Counter()
+    objects = 0
+    for image_id, scene in scenes.items():
+        said = parse(descriptions[image_id])
+        named["object count"] += len(said) == len(scene["objects"])
+        for obj in scene["objects"]:
+            objects += 1
+            same = [s for s in said if s[:2] == (obj["colour"], obj["shape"])]
+            named["colour"] += any(s[0] == obj["colour"] for s in said)
+            named["shape"] += any(s[1] == obj["shape"] for s in said)
+            named["colour + shape"] += bool(same)
+            named["colour + shape + position"] += any(s[2] == obj["position"] for s in same)
+    return [named[m] / (len(scenes) if m == "object count" else objects) for m in DESCRIPTION_MEASURES]
+
+
+def scene_text(scene: dict) -> str:
+    return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} {_POSITION_PHRASES[o['position']]}"
+                        for o in scene["objects"])
+
+
+def answer(question: str, said: list[tuple[str, str, str | None]]) -> str:
+    """The world's five question kinds answered from the named objects (a guess where they say nothing)."""
+    words = question.lower().rstrip("?").split()
+    if question.startswith("What color is the"):
+        return next((c for c, s, _ in said if s == words[-1]), "")
+    if question.startswith("What shape is the"):
+        return next((s for c, s, _ in said if c == words[-2]), "")
+    if question.startswith("Where is the"):
+        return next((p for c, s, p in said if (c, s) == (words[-2], words[-1]) and p), "")
+    if question.startswith("How many shapes"):
+        return str(len(said))
+    if question.startswith("How many"):
+        return str(sum(c == words[2] or s + "s" == words[2] for c, s, _ in said))
+    if question.startswith("Is there"):
+        return "yes" if (words[-2], words[-1]) in {(c, s) for c, s, _ in said} else "no"
+    return ""
+
+
+def read_and_score(questions: tuple[dict, dict], descriptions: dict[int, str]) -> list[str]:
+    questions_file, annotations_file = questions
+    asked = [q for q in questions_file["questions"] if q["image_id"] in descriptions]
+    ids = {q["question_id"] for q in asked}
+    predictions = [{"question_id": q["question_id"], "answer": answer(q["question"], parse(descriptions[q["image_id"]]))}
+                   for q in asked]
+    result = score_vqa({**questions_file, "questions": asked},
+                       {**annotations_file, "annotations": [a for a in annotations_file["annotations"]
+                                                            if a["question_id"] in ids]},
+                       predictions, "official", sources={"questions": "questions", "annotations": "annotations",
+                                                          "predictions": "reader"})
+    per_type = ", ".join(f"{kind} {value:.1f}" for kind, value in sorted(result["perQuestionType"].items()))
+    return [f"{result['overall']:.2f}", per_type]
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
