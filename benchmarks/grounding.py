@@ -60,17 +60,18 @@ def main() -> None:
     world = params.synth.output
     print_table("1. teacher: linear probes on stored image embeddings", ["attribute", "probe", "majority"],
                 teacher_probes(params.distill.features, params.features.shards, world))
-    descriptions, scenes, questions = describe(params, world, args.images, args.prompt or params.evaluate.caption_prompt)
+    prompt = args.prompt or params.evaluate.caption_prompt
+    descriptions, scenes, questions = describe(params, world, args.images, prompt)
+    scores = [description_scores(described, scenes) for described in descriptions]
     print_table("2. student descriptions of evaluation images", ["named right", "image", "blank image"],
-                [[name, *(f"{value:.2f}" for value in values)] for name, values in
-                 zip(DESCRIPTION_MEASURES, zip(*(description_scores(d, scenes) for d in descriptions), strict=True),
-                     strict=True)])
+                [[name, f"{image:.2f}", f"{blank:.2f}"]
+                 for name, image, blank in zip(DESCRIPTION_MEASURES, *scores, strict=True)])
     truth = {image_id: scene_text(scene) for image_id, scene in scenes.items()}
-    rows = [[name, *read_and_score(questions, d)] for name, d in
-            (("student, image", descriptions[0]), ("student, blank image", descriptions[1]), ("true scenes", truth))]
-    print_table("3. VQA by a perfect reader of the descriptions", ["descriptions", "overall", "per question type"], rows)
-    print("example descriptions:", *[f"  {scene_text(scenes[i])!r} -> {descriptions[0][i]!r}" for i in list(scenes)[:4]],
-          sep="\n")
+    read = (("student, image", descriptions[0]), ("student, blank image", descriptions[1]), ("true scenes", truth))
+    print_table("3. VQA by a perfect reader of the descriptions", ["descriptions", "overall", "per question type"],
+                [[name, *read_and_score(questions, described)] for name, described in read])
+    print("example descriptions (truth -> student):",
+          *[f"  {scene_text(scenes[i])!r} -> {descriptions[0][i]!r}" for i in list(scenes)[:4]], sep="\n")
 
 
 def teacher_probes(features: Path, shards: Path, world: Path) -> list[list[str]]:
@@ -186,8 +187,8 @@ def read_and_score(questions: tuple[dict, dict], descriptions: dict[int, str]) -
     questions_file, annotations_file = questions
     asked = [q for q in questions_file["questions"] if q["image_id"] in descriptions]
     ids = {q["question_id"] for q in asked}
-    predictions = [{"question_id": q["question_id"], "answer": answer(q["question"], parse(descriptions[q["image_id"]]))}
-                   for q in asked]
+    predictions = [{"question_id": q["question_id"],
+                    "answer": answer(q["question"], parse(descriptions[q["image_id"]]))} for q in asked]
     result = score_vqa({**questions_file, "questions": asked},
                        {**annotations_file, "annotations": [a for a in annotations_file["annotations"]
                                                             if a["question_id"] in ids]},

@@ -157,6 +157,19 @@ def test_training_with_all_objectives_saves_a_loadable_student(setup, tmp_path):
     torch.testing.assert_close(saved["text_projection.weight"], student.text_projection.weight.detach())
 
 
+def test_the_added_layers_train_at_their_own_learning_rate(setup, tmp_path):
+    student = Student.from_language_model(setup[1], StudentConfig(embed_dim=32, teacher=TEACHER))
+    groups = train._param_groups(student, params(setup, tmp_path, lr=1e-3, projection_lr_scale=10))
+    added = {id(p) for layer in (student.visual_projection, student.visual_norm, student.text_projection)
+             for p in layer.parameters()}
+    for group in groups:
+        inside = {id(p) in added for p in group["params"]}
+        assert len(inside) == 1 and group["lr"] == pytest.approx(1e-2 if inside == {True} else 1e-3)
+    trainable = {id(p) for p in student.parameters() if p.requires_grad}
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)  # each once
+    assert {g["weight_decay"] for g in groups if {id(p) for p in g["params"]} & added} == {0.0, 0.01}
+
+
 def test_patch_prefix_and_accumulation_train(setup, tmp_path):
     metrics = train.distill(params(setup, tmp_path, prefix="patch", grad_accum=2, epochs=1, schedule="linear"))
     assert metrics["steps"] == 30 // 6 // 2

@@ -362,6 +362,25 @@ def test_text_answers_match_the_scene_they_describe() -> None:
             assert answer == _reference_answer(question, scene), line
 
 
+def test_text_questions_are_answerable_from_the_text_before_them() -> None:
+    """Position questions only follow texts that state positions; every text names each object's
+    colour and shape, which every other kind of question needs."""
+    rng = random.Random(6)
+    position_phrases = tuple(synth._POSITION_PHRASES.values())
+    texts = {"with positions": 0, "without": 0}
+    for scene in synth.sample_scenes(6, "text-train", 400):
+        line = synth.text_document(scene, rng)
+        text, _, questions = line.partition(". Question: ")
+        if not questions:
+            continue
+        for obj in scene.objects:
+            assert f"{obj.colour} {obj.shape}" in text, line
+        has_positions = sum(phrase in text for phrase in position_phrases) == len(scene.objects)
+        texts["with positions" if has_positions else "without"] += 1
+        assert has_positions or "Where is the" not in questions, line
+    assert min(texts.values()) > 20, texts
+
+
 def test_text_never_comes_from_eval_or_shifted_scenes(world: Path) -> None:
     """Text scenes are drawn from their own streams: none of them is an image scene (a scene holds
     32 random bits of texture and four jitters, so equal scenes mean a shared stream)."""

@@ -169,6 +169,7 @@ class DistillParams(_Section):
     batch_size: int = Field(64, ge=2)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
+    projection_lr_scale: float = Field(1.0, gt=0)  # W_v, its LayerNorm and W_t train at this multiple of lr
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "linear"] = "cosine"

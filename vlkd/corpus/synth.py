@@ -443,10 +443,11 @@ _QUESTION_MAKERS = {
 }
 
 
-def ask_questions(scene: Scene, rng: random.Random, count: int) -> list[Question]:
-    """Up to `count` different questions about the scene, taking the kinds in turn (random order)."""
-    pools = {kind: make(scene, rng) for kind, make in _QUESTION_MAKERS.items()}
-    kinds = list(QUESTION_KINDS)
+def ask_questions(scene: Scene, rng: random.Random, count: int,
+                  kinds: Sequence[str] = tuple(QUESTION_KINDS)) -> list[Question]:
+    """Up to `count` different questions about the scene, taking the `kinds` in turn (random order)."""
+    pools = {kind: make(scene, rng) for kind, make in _QUESTION_MAKERS.items() if kind in kinds}
+    kinds = list(pools)
     rng.shuffle(kinds)
     questions: list[Question] = []
     while len(questions) < count and any(pools.values()):
@@ -526,13 +527,23 @@ def _confidence(rng: random.Random, noisy: bool) -> str:
 # Text corpus
 # ---------------------------------------------------------------------------------------------------
 def text_document(scene: Scene, rng: random.Random) -> str:
-    """One line: half the time a plain caption, otherwise a description followed by questions and
-    answers in the zero-shot VQA prompt style ("... Question: What color is the circle? Answer: red")."""
+    """One line: half the time a plain caption, otherwise a text about the scene followed by questions it
+    answers, in the zero-shot VQA prompt style ("... Question: What color is the circle? Answer: red").
+    The text is a full description (colour, shape, size and position of every object) or, as often, a
+    caption of any template: a language model that answers from a description must also read the
+    captions a student learns to write. A caption without positions is never asked where things are."""
     if rng.random() < 0.5:
         return caption_scene(scene, rng, 1)[0]
-    pairs = ask_questions(scene, rng, rng.choices((1, 2, 3), weights=(5, 3, 2))[0])
-    qa = " ".join(f"Question: {q.text} Answer: {q.answer}" for q in pairs)
-    return f"{describe_scene(scene, rng)}. {qa}"
+    count = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+    if rng.random() < 0.5:
+        return _with_questions(describe_scene(scene, rng), ask_questions(scene, rng, count))
+    template = rng.choice(SINGLE_TEMPLATES if len(scene.objects) == 1 else PAIR_TEMPLATES)
+    kinds = [kind for kind in QUESTION_KINDS if kind != "position" or "{pa}" in template]
+    return _with_questions(template.format(**_phrases(scene, rng)), ask_questions(scene, rng, count, kinds))
+
+
+def _with_questions(text: str, questions: list[Question]) -> str:
+    return f"{text}. " + " ".join(f"Question: {q.text} Answer: {q.answer}" for q in questions)
 
 
 def text_corpus(params: SynthParams) -> tuple[list[str], list[str]]:

@@ -40,6 +40,7 @@ from vlkd.training import decay_groups
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ttdm", "itcl", "icti", "retention")
+ADDED_LAYERS = ("visual_projection", "visual_norm", "text_projection")  # what VLKD adds to BART
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
@@ -116,7 +117,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         objective = DistributedDataParallel(objective, find_unused_parameters=unused)
     if params.compile:
         objective = torch.compile(objective)
-    optimizer = torch.optim.AdamW(decay_groups(student, params.weight_decay), lr=params.lr)
+    optimizer = torch.optim.AdamW(_param_groups(student, params), lr=params.lr)
     schedule = get_cosine_schedule_with_warmup if params.schedule == "cosine" else get_linear_schedule_with_warmup
     scheduler = schedule(optimizer, params.warmup_steps, total_steps)
 
@@ -212,6 +213,19 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
               "noisy_mask": noisy["attention_mask"], "labels": noisy["labels"], "prefix_features": prefix,
               "image_embedding": batch.get("image_embedding"), "text_embedding": batch.get("text_embedding")}
     return {name: None if value is None else value.to(device, non_blocking=True) for name, value in inputs.items()}
+
+
+def _param_groups(student: Student, params: DistillParams) -> list[dict]:
+    """`decay_groups`, with the layers VLKD adds to BART (W_v and its LayerNorm, W_t) at
+    `projection_lr_scale` times the learning rate: they start from scratch, BART does not."""
+    added = {id(param) for name, param in student.named_parameters() if name.startswith(ADDED_LAYERS)}
+    groups = []
+    for group in decay_groups(student, params.weight_decay):
+        for scale, members in ((1.0, [p for p in group["params"] if id(p) not in added]),
+                               (params.projection_lr_scale, [p for p in group["params"] if id(p) in added])):
+            if members:
+                groups.append({**group, "params": members, "lr": params.lr * scale})
+    return groups
 
 
 def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
