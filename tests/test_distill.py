@@ -170,6 +170,30 @@ def test_the_added_layers_train_at_their_own_learning_rate(setup, tmp_path):
     assert {g["weight_decay"] for g in groups if {id(p) for p in g["params"]} & added} == {0.0, 0.01}
 
 
+def test_whitened_features_have_identity_covariance_and_survive_a_reload(setup, tmp_path):
+    metrics = train.distill(params(setup, tmp_path, epochs=1, batch_size=10, whiten_features=True))
+    assert metrics["final"]["loss"] > 0
+    student = Student.from_pretrained(tmp_path / "student")
+    assert student.config.whiten
+    embeddings = train._image_embeddings(FeatureStore(setup[0]), 10_000)
+    whitened = (embeddings - student.feature_mean) @ student.feature_whitening
+    assert whitened.mean(0).abs().max() < 1e-4
+    # Each direction of variance v ends with variance v / (v + eps): about 1 where there is signal, about 0
+    # where there is none (eps = 1% of the mean variance keeps those from being blown up).
+    before = torch.linalg.eigvalsh(torch.cov(embeddings.T.double())).clamp(min=0)
+    expected = before / (before + 0.01 * before.mean())
+    torch.testing.assert_close(torch.linalg.eigvalsh(torch.cov(whitened.T.double())), expected, atol=1e-4, rtol=0)
+    fresh = Student.from_language_model(setup[1], student.config)
+    assert not torch.equal(fresh.visual_prefix(embeddings[:2]), student.visual_prefix(embeddings[:2]))
+    fresh.load_state_dict(student.state_dict())
+    torch.testing.assert_close(fresh.visual_prefix(embeddings[:2]), student.visual_prefix(embeddings[:2]))
+
+
+def test_whitening_is_refused_for_the_patch_prefix():
+    with pytest.raises(VlkdError, match="pooled prefix only"):
+        StudentConfig(teacher=TEACHER, embed_dim=8, prefix="patch", whiten=True)
+
+
 def test_patch_prefix_and_accumulation_train(setup, tmp_path):
     metrics = train.distill(params(setup, tmp_path, prefix="patch", grad_accum=2, epochs=1, schedule="linear"))
     assert metrics["steps"] == 30 // 6 // 2

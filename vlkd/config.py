@@ -153,6 +153,7 @@ class DistillParams(_Section):
     plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
     prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding")
+    whiten_features: bool = False  # not in the paper: ZCA-whiten the pooled features before W_v (Student.set_whitening)
     ttdm_weight: float = Field(1.0, ge=0)
     itcl_weight: float = Field(1.0, ge=0)
     icti_weight: float = Field(1.0, ge=0)

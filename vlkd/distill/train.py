@@ -40,6 +40,7 @@ from vlkd.training import decay_groups
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ttdm", "itcl", "icti", "retention")
+WHITENING_ROWS = 200_000  # image embeddings the whitening is estimated from (plenty for a 1024-d covariance)
 ADDED_LAYERS = ("visual_projection", "visual_norm", "text_projection")  # what VLKD adds to BART
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
@@ -309,10 +310,24 @@ def _build_student(params: DistillParams, store: FeatureStore) -> Student:
         visual_width = pq.read_schema(store.files[0]).field("image_tokens").type.value_type.list_size
     config = StudentConfig(teacher=store.teacher, embed_dim=store.embed_dim, prefix=params.prefix,
                            prefix_tokens=params.prefix_tokens, visual_width=visual_width,
-                           itcl_temperature=params.itcl_temperature, plm=_plm_manifest(params.plm))
+                           itcl_temperature=params.itcl_temperature, plm=_plm_manifest(params.plm),
+                           whiten=params.whiten_features)
     student = Student.from_language_model(params.plm, config)
     student.logit_scale.requires_grad_(params.itcl_learnable_temperature)
+    if params.whiten_features:
+        student.set_whitening(_image_embeddings(store, WHITENING_ROWS))
     return student
+
+
+def _image_embeddings(store: FeatureStore, rows: int) -> torch.Tensor:
+    """The first `rows` stored image embeddings (every rank reads the same ones)."""
+    batches, count = [], 0
+    for batch in store.iter_batches(4096, columns=("image_embedding",)):
+        batches.append(batch["image_embedding"][:rows - count])
+        count += len(batches[-1])
+        if count >= rows:
+            break
+    return torch.cat(batches)
 
 
 def check_teacher(config: StudentConfig, teacher: dict, where: str) -> None:
