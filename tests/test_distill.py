@@ -95,6 +95,18 @@ def test_span_masking_statistics():
     assert infill_spans(tokens, 0, 0.0, 3.0, rng) == tokens
 
 
+def test_whole_caption_share_masks_that_share_of_captions_entirely(setup):
+    tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
+    captions = [tokenizer(f"a red circle number {i} on the left of a gray background").input_ids for i in range(400)]
+    mask = tokenizer.mask_token_id
+    batch = noisy_batch(captions, tokenizer, 0.3, 3.0, np.random.default_rng(0), whole_share=0.25)
+    whole = [row[:3].tolist() == [captions[0][0], mask, captions[0][-1]] for row in batch["input_ids"]]
+    assert 0.18 < np.mean(whole) < 0.32
+    paper = noisy_batch(captions, tokenizer, 0.3, 3.0, np.random.default_rng(0))
+    assert torch.equal(paper["input_ids"], noisy_batch(captions, tokenizer, 0.3, 3.0, np.random.default_rng(0),
+                                                       whole_share=0.0)["input_ids"])  # same noise as before
+
+
 def test_noisy_batch_keeps_bos_eos_and_labels_the_whole_caption(setup):
     tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
     ids = [tokenizer("a red circle on the left").input_ids, tokenizer("two shapes").input_ids]
