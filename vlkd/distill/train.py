@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("ttdm", "itcl", "icti", "retention")
 WHITENING_ROWS = 200_000  # image embeddings the whitening is estimated from (plenty for a 1024-d covariance)
-ADDED_LAYERS = ("visual_projection", "visual_norm", "text_projection")  # what VLKD adds to BART
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
@@ -220,7 +219,7 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
 def _param_groups(student: Student, params: DistillParams) -> list[dict]:
     """`decay_groups`, with the layers VLKD adds to BART (W_v and its LayerNorm, W_t) at
     `projection_lr_scale` times the learning rate: they start from scratch, BART does not."""
-    added = {id(param) for name, param in student.named_parameters() if name.startswith(ADDED_LAYERS)}
+    added = {id(param) for layer in student.added_layers() for param in layer.parameters()}
     groups = []
     for group in decay_groups(student, params.weight_decay):
         for scale, members in ((1.0, [p for p in group["params"] if id(p) not in added]),

@@ -97,9 +97,14 @@ class Student(nn.Module):
         mean = features.mean(0)
         covariance = torch.cov((features - mean).T)
         values, vectors = torch.linalg.eigh(covariance)
-        values = values.clamp(min=0) + relative_eps * values.clamp(min=0).mean()
+        values = values.clamp(min=0)
+        values = values + relative_eps * values.mean()
         self.feature_mean.copy_(mean.float())
         self.feature_whitening.copy_((vectors @ torch.diag(values.rsqrt()) @ vectors.T).float())
+
+    def added_layers(self) -> tuple[nn.Module, ...]:
+        """What VLKD adds to BART (W_v and its LayerNorm, W_t): trained from scratch."""
+        return self.visual_projection, self.visual_norm, self.text_projection
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """W_t(mean of the encoder output over non-pad tokens): the student's text in CLIP's space."""
