@@ -66,7 +66,7 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     predictions = json.loads((tmp_path / "eval" / "vqa" / "predictions.json").read_text())
     assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in questions)
     assert all(set(p) == {"question_id", "answer"} and isinstance(p["answer"], str) for p in predictions)
-    for control in ("blank", "shuffled", "text_only"):
+    for control in ("blank", "shuffled", "text_only", "prior"):
         assert (tmp_path / "eval" / "vqa" / f"predictions_{control}.json").is_file()
         assert 0 <= metrics["vqa"]["controls"][control]["overall"] <= 100
     captions = json.loads((tmp_path / "eval" / "captions" / "predictions.json").read_text())
@@ -93,7 +93,8 @@ def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trai
     params = eval_params(trained, tmp_path / "eval", vqa_mode="direct", num_beams=1)
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     metrics = run.evaluate(params)
-    assert metrics["vqa"]["mode"] == "direct" and set(metrics["vqa"]["controls"]) == {"blank", "shuffled", "text_only"}
+    assert metrics["vqa"]["mode"] == "direct"
+    assert set(metrics["vqa"]["controls"]) == {"blank", "shuffled", "text_only", "prior"}
 
 
 def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import shutil
 import tarfile
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -25,7 +26,7 @@ from vlkd.features import extract
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore, fixed_size_to_numpy
 from vlkd.features.schema import read_metadata
-from vlkd.models.teacher import load_teacher
+from vlkd.models.teacher import load_teacher, save_checkpoint
 
 PARAMS = FeaturesParams(batch_size=4, num_workers=0, device="cpu")
 
@@ -83,6 +84,39 @@ def test_patch_tokens_are_the_final_layer_tokens(shards, tmp_path, random_teache
         _, tokens = with_tokens.model.encode_image(with_tokens.preprocess(Image.open(io.BytesIO(sample.image)))[None])
     stored = fixed_size_to_numpy(table.column("image_tokens"))[0].astype(np.float32)
     np.testing.assert_allclose(stored, tokens[0].numpy(), atol=2e-2, rtol=1e-2)
+
+
+RESNET = "vlkd-test-resnet"
+RESNET_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+}
+
+
+def test_a_resnet_teacher_stores_the_pooled_token_and_one_token_per_feature_map_cell(shards, tmp_path):
+    folder = tmp_path / "resnet"
+    folder.mkdir()
+    (folder / f"{RESNET}.json").write_text(json.dumps(RESNET_CONFIG))
+    open_clip.add_model_config(folder / f"{RESNET}.json")
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(open_clip.create_model(RESNET), RESNET, RESNET_CONFIG, folder)
+    plain = load_teacher(RESNET, str(checkpoint))
+    with_tokens = load_teacher(RESNET, str(checkpoint), image_tokens=True)
+    extract_features(shards, tmp_path / "features", with_tokens, PARAMS.model_copy(update={"image_tokens": True}))
+    table = pq.read_table(tmp_path / "features" / "00000.parquet")
+    # [pooled ; 2x2 cells]: a 64-pixel image leaves a 2x2 feature map after the ResNet's 32x downsampling.
+    assert table.schema.field("image_tokens").type == pa.list_(pa.list_(pa.float16(), 16), 5)
+    sample = next(iter_shard(shards / "00000.tar"))
+    image = with_tokens.preprocess(Image.open(io.BytesIO(sample.image)))[None]
+    with torch.no_grad():
+        pooled, tokens = with_tokens.model.encode_image(image)
+        torch.testing.assert_close(pooled, plain.model.encode_image(image))  # the pooled output is unchanged
+        assert torch.equal(tokens[:, 0], pooled) and not torch.allclose(tokens[:, 1], tokens[:, 2])
+    stored = fixed_size_to_numpy(table.column("image_tokens"))[0].astype(np.float32)
+    np.testing.assert_allclose(stored, tokens[0].numpy(), atol=2e-2, rtol=1e-2)
+    embedding = fixed_size_to_numpy(table.column("image_embedding"))[0].astype(np.float32)
+    np.testing.assert_allclose(embedding, F.normalize(pooled, dim=-1)[0].numpy(), atol=1e-3, rtol=1e-3)
 
 
 def test_done_shards_are_skipped_and_new_ones_computed(shards, tmp_path, teacher):

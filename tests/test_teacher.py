@@ -145,6 +145,15 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_world_shards, trai
     assert other["weights_sha256"] != manifest["weights_sha256"]
 
 
+def test_image_size_sets_the_embedded_models_input_side(trained, tmp_path):
+    params, _ = trained
+    manifest = build_teacher(params.model_copy(update={"output": tmp_path / "t96", "image_size": 96, "epochs": 1}))
+    assert manifest["image_size"] == 96
+    assert manifest["training_setup"]["model_config"]["vision_cfg"]["image_size"] == 96
+    teacher = load_teacher(EMBEDDED_MODEL, str(tmp_path / "t96" / CHECKPOINT_NAME))
+    assert teacher.preprocess(Image.new("RGB", (64, 64))).shape == (3, 96, 96)
+
+
 def test_rerun_with_the_same_params_is_skipped(trained):
     params, manifest = trained
     checkpoint = Path(params.output) / CHECKPOINT_NAME

@@ -13,7 +13,7 @@ from vlkd.cli import main
 from vlkd.config import SynthParams
 from vlkd.corpus.synth import generate_world
 from vlkd.errors import VlkdError
-from vlkd.evaluate.vqa_metric import process_punctuation, question_accuracy, score_vqa
+from vlkd.evaluate.vqa_metric import process_punctuation, question_accuracy, question_type_prior, score_vqa
 
 
 def humans(*groups: tuple[int, str]) -> list[dict]:
@@ -107,6 +107,20 @@ def test_aggregation_per_type_and_rounding():
     three = {"annotations": ANNOTATIONS["annotations"][:3]}
     questions = {"questions": QUESTIONS["questions"][:3]}
     assert score_vqa(questions, three, PREDICTIONS[:3])["overall"] == 73.33
+
+
+def test_the_question_type_prior_answers_each_type_with_its_most_frequent_human_answer():
+    # "what color is the": blue 16 of 20 human answers; "how many": "two" and "2" are one answer after
+    # normalisation (10 vs "three" 10 -> tie, alphabetical: "2" < "3"); "is the": yes.
+    annotations = {"annotations": [*ANNOTATIONS["annotations"],
+                                   annotation(22, [(10, "three")], "how many", "number")]}
+    prior = question_type_prior(annotations)
+    assert prior == [{"question_id": 10, "answer": "blue"}, {"question_id": 11, "answer": "blue"},
+                     {"question_id": 20, "answer": "yes"}, {"question_id": 21, "answer": "2"},
+                     {"question_id": 22, "answer": "2"}]
+    questions = {"questions": [*QUESTIONS["questions"], {"question_id": 22, "image_id": 2, "question": "?"}]}
+    # 10: 7 blue -> 1.0; 11: 9 blue -> 1.0; 20: 1.0; 21: "2" vs ten "two", official: 0; 22: 0 -> 3/5.
+    assert score_vqa(questions, annotations, prior)["overall"] == 60.0
 
 
 def test_unknown_normalize_mode_is_refused():

@@ -83,6 +83,9 @@ class TeacherParams(_Section):
     shards: Path = Path("data/shards")
     eval_images: Path = Path("data/world/images/eval")
     eval_captions: Path = Path("data/world/captions/annotations.json")
+    # The embedded model's input side in pixels (a multiple of 32: the ResNet's last feature map is
+    # image_size/32 on a side). Images of another size are resized to it.
+    image_size: int = Field(64, ge=32, multiple_of=32)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -104,7 +107,7 @@ class FeaturesParams(_Section):
     num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    image_tokens: bool = False  # also store the final-layer patch tokens (for `image_tokens: patch`)
+    image_tokens: bool = False  # also store image tokens, ViT patches or ResNet cells (for `prefix: patch`)
 
 
 class PlmParams(_Section):

@@ -15,7 +15,7 @@ from PIL import Image
 from vlkd.config import EvaluateParams
 
 THUMBNAIL = 128
-CONDITIONS = ("image", "blank", "shuffled", "text_only")
+CONDITIONS = ("image", "blank", "shuffled", "text_only", "prior")
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
@@ -55,14 +55,15 @@ def _summary_table(metrics: dict, params: EvaluateParams) -> str:
         else:
             controls = result["controls"]
             rows.append(_row(name, "CIDEr", [result["CIDEr"], controls["blank"]["CIDEr"], "",
-                                             controls["text_only"]["CIDEr"]]))
+                                             controls["text_only"]["CIDEr"], ""]))
             for key in ("Bleu_4", "METEOR", "ROUGE_L", "SPICE"):
                 if key in result:
-                    rows.append(_row("", key, [result[key], "", "", ""]))
+                    rows.append(_row("", key, [result[key], "", "", "", ""]))
     header = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in CONDITIONS)
     return (f"<h2>Metrics</h2><table><tr><th class=l>benchmark</th><th class=l>metric</th>{header}</tr>"
             + "".join(rows) + "</table><p class=small>image: the student with each image; blank: one grey image "
-            "for all; shuffled: another image of the split; text only: the language model before distillation."
+            "for all; shuffled: another image of the split; text only: the language model before distillation; "
+            "prior: no model, each question gets its question type's most frequent human answer."
             "</p>")
 
 

@@ -7,6 +7,7 @@ captions), the same prompts are answered under several conditions, in one run:
   blank       the student with the features of one blank grey image for every question
   shuffled    the student with the features of another image of the split (VQA)
   text_only   the language model before distillation, no image (what text alone gets right)
+  prior       no model: each question gets its question type's most frequent human answer (VQA)
 
 Answers are what the model writes in place of the prompt's `<mask>` (`extract_infill`), scored with the
 official VQA accuracy and pycocoevalcap. Text retention: BART's infilling loss on held-out text, before
@@ -33,7 +34,7 @@ from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
-from vlkd.evaluate.vqa_metric import read_json, score_vqa
+from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.plm import infilling_loss, read_documents
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "evaluate.json"
 METRICS = "metrics.json"
-VQA_CONTROLS = ("blank", "shuffled", "text_only")
+VQA_CONTROLS = ("blank", "shuffled", "text_only", "prior")
 CAPTION_CONTROLS = ("blank", "text_only")
 RETENTION_MAX_TOKENS = 128
 
@@ -140,6 +141,8 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
                                        sources={"questions": str(spec.questions), "annotations": str(spec.annotations),
                                                 "predictions": f"{name} {condition} predictions"})
         log.info("%s %s: VQA accuracy %.2f", name, condition, results[condition]["overall"])
+    predictions["prior"] = question_type_prior(annotations, str(spec.annotations))
+    results["prior"] = score_vqa(questions, annotations, predictions["prior"], params.normalize)
     _write_predictions(folder, predictions)
     for condition, by_image in descriptions.items():  # describe mode: what each answer was based on
         (folder / f"descriptions_{condition}.json").write_text(

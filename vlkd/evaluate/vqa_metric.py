@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter, defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -157,6 +158,21 @@ def score_vqa(questions: dict, annotations: dict, predictions: list, normalize: 
     per_question = {question_id: round(100 * accuracy, 2) for question_id, accuracy in accuracies.items()}
     return {**aggregate(records, accuracies), "perQuestion": per_question, "questions": len(accuracies),
             "normalize": normalize}
+
+
+def question_type_prior(annotations: object, where: str = DEFAULT_SOURCES["annotations"]) -> list[dict]:
+    """Predictions that give every question the most frequent (normalised) human answer of its question
+    type in these annotations (ties: alphabetical): the "per Q-type prior" baseline of the VQA paper (Antol et
+    al. 2015, there taken from the training answers). What the question alone gets right: a model that
+    is only as good as this does not use the image."""
+    records = annotation_records(annotations, where)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for record in records.values():
+        counts[record["question_type"]].update(normalize_answer(clean_answer(answer["answer"]))
+                                               for answer in record["answers"])
+    best = {kind: min(counter, key=lambda answer: (-counter[answer], answer)) for kind, counter in counts.items()}
+    return [{"question_id": question_id, "answer": best[record["question_type"]]}
+            for question_id, record in records.items()]
 
 
 def score_vqa_files(questions: Path, annotations: Path, predictions: Path, output: Path,

@@ -9,12 +9,14 @@ with open_clip before loading, so `create_model_and_transforms(model, pretrained
 from __future__ import annotations
 
 import logging
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file, tmp_path_for, write_json_atomic
@@ -102,10 +104,13 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
             open_clip.get_pretrained_cfg(model_name, pretrained)))
     model.eval().requires_grad_(False)
     if image_tokens:
-        if not hasattr(model.visual, "output_tokens"):
-            raise VlkdError(f"model {model_name!r} has no patch tokens (only ViT towers do); "
+        if isinstance(model.visual, ModifiedResNet):
+            model.visual.attnpool.forward = types.MethodType(_pool_with_dense_tokens, model.visual.attnpool)
+        elif hasattr(model.visual, "output_tokens"):
+            model.visual.output_tokens = True
+        else:
+            raise VlkdError(f"model {model_name!r} has no image tokens (ViT and ModifiedResNet towers do); "
                             "set features.image_tokens: false")
-        model.visual.output_tokens = True
     size = model.visual.image_size
     return Teacher(
         model=model,
@@ -115,6 +120,16 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
         embed_dim=open_clip.get_model_config(model_name)["embed_dim"],
         image_size=size[0] if isinstance(size, tuple | list) else size,
     )
+
+
+def _pool_with_dense_tokens(pool: AttentionPool2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttentionPool2d.forward that also returns image tokens: [pooled ; one per cell of the last feature
+    map], all in the embedding space. open_clip's ResNet towers return only the pooled token; the cell
+    tokens are MaskCLIP's dense features (Zhou et al. 2022): each cell through the pool's value and output
+    projections, without the attention that mixes the cells, so each keeps what is at its place."""
+    pooled = AttentionPool2d.forward(pool, x)
+    cells = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)  # [N, HW, C]
+    return pooled, torch.cat([pooled[:, None], pool.c_proj(pool.v_proj(cells))], 1)
 
 
 def _register_and_locate(model_name: str, pretrained: str) -> Path | None:

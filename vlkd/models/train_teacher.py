@@ -107,7 +107,7 @@ def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
         inputs = shard_inputs(Path(params.shards))
         shards = [Path(params.shards) / name for name in inputs]
         _, metrics["training"] = train_contrastive(params, building, device, shards=shards)
-        setup = training_setup()
+        setup = training_setup(params.image_size)
         pretrained, source = CHECKPOINT_NAME, f"{SOURCE_TRAINED} {params.shards}"
         teacher = load_teacher(EMBEDDED_MODEL, str(building / CHECKPOINT_NAME), device=device)
     else:
@@ -182,9 +182,16 @@ def shard_inputs(folder: Path) -> dict[str, str]:
     return {tar.name: sha256_file(tar) for tar in tars}
 
 
-def training_setup() -> dict:
+def embedded_config(image_size: int) -> dict:
+    """The embedded model's open_clip config at `image_size` (teacher.image_size)."""
+    config = json.loads(json.dumps(EMBEDDED_CONFIG))
+    config["vision_cfg"]["image_size"] = image_size
+    return config
+
+
+def training_setup(image_size: int) -> dict:
     """What shapes the embedded model besides the params: a change here retrains it."""
-    return json.loads(json.dumps({"model_config": EMBEDDED_CONFIG, "augmentation": AUGMENTATION,
+    return json.loads(json.dumps({"model_config": embedded_config(image_size), "augmentation": AUGMENTATION,
                                   "max_logit_scale": MAX_LOGIT_SCALE}))
 
 
@@ -197,7 +204,7 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
         if without_output(manifest["params"]) != without_output(_params_record(params)):
             return None
         if params.pretrained is None:
-            if manifest["training_setup"] != training_setup():
+            if manifest["training_setup"] != training_setup(params.image_size):
                 return None
             if manifest["inputs"]["shards"] != shard_inputs(Path(params.shards)):
                 return None
@@ -266,11 +273,11 @@ def _decode_problem(data: bytes | None) -> str | None:
     return None
 
 
-def create_embedded_model(config_dir: Path, device: torch.device):
+def create_embedded_model(config_dir: Path, device: torch.device, image_size: int):
     """(model, train transform, val transform) of a freshly initialised embedded model; its config is
     written to `config_dir` and registered with open_clip."""
     config = config_dir / f"{EMBEDDED_MODEL}.json"
-    write_json_atomic(config, EMBEDDED_CONFIG)
+    write_json_atomic(config, embedded_config(image_size))
     open_clip.add_model_config(config)
     return open_clip.create_model_and_transforms(EMBEDDED_MODEL, device=device, aug_cfg=AUGMENTATION,
                                                  output_dict=True)
@@ -295,7 +302,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
         raise VlkdError(f"only {len(images)} usable image(s) in {params.shards}; contrastive training needs at "
                         "least 2: run `vlkd download` or check --shards")
     generator = seed_everything(params.seed)
-    model, transform, _ = create_embedded_model(folder, device)
+    model, transform, _ = create_embedded_model(folder, device, params.image_size)
     pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
@@ -337,7 +344,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     model.eval()
     seconds = time.perf_counter() - started
     if save:
-        save_checkpoint(model, EMBEDDED_MODEL, EMBEDDED_CONFIG, folder)
+        save_checkpoint(model, EMBEDDED_MODEL, embedded_config(params.image_size), folder)
     record = {
         "loss_first_epoch": round(epoch_losses[0], 6),
         "loss_last_epoch": round(epoch_losses[-1], 6),
