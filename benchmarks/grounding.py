@@ -119,8 +119,9 @@ def describe(params, world: Path, count: int, prompt: str):
     image_ids = sorted(scenes)[:count]
     scenes = {i: scenes[i] for i in image_ids}
     student = Student.from_pretrained(params.evaluate.student, "cpu")
-    teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=False)
-    features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / "grounding", False, "cpu")
+    patch = student.config.prefix == "patch"
+    teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=patch)
+    features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / "grounding", patch, "cpu")
     prompt = fill_prompt(prompt)
     described = []
     for rows in (torch.stack([features[i] for i in image_ids]), blank.expand(1, *blank.shape)):
