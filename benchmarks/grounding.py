@@ -9,10 +9,10 @@ measured in the same run:
 1. teacher: a linear probe (logistic regression) per attribute on the stored image embeddings of
    single-object training images (80/20 split), against always answering the majority class;
    `objects` (one or two) on every image.
-2. descriptions: what the student writes with the caption prompt for evaluation images, parsed with
-   the world's vocabulary: the share of true objects whose colour, shape, colour and shape, and
-   colour, shape and position it names, and how often it names as many objects as there are; against
-   the descriptions it writes for the blank image (the evaluation's blank control).
+2. descriptions: what the student writes with the describe prompt (what describe-mode VQA reads) for
+   evaluation images, parsed with the world's vocabulary: the share of true objects whose colour, shape,
+   colour and shape, and colour, shape and position it names, and how often it names as many objects as
+   there are; against the descriptions it writes for the blank image (the evaluation's blank control).
 3. perfect reader: VQA accuracy (official metric) of answering every question from those descriptions
    by rule, as a language model that never misreads would, and that answers nothing where the
    description says nothing (a language model also guesses from priors, which the blank control
@@ -53,14 +53,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=None, help="params.yaml (default: the project's)")
     parser.add_argument("--images", type=int, default=200, help="evaluation images to describe")
-    parser.add_argument("--prompt", default=None, help="the describing prompt (default: evaluate.caption_prompt)")
+    parser.add_argument("--prompt", default=None, help="the describing prompt (default: evaluate.describe_prompt)")
     args = parser.parse_args()
     torch.manual_seed(0)
     params = load_params(args.params)
     world = params.synth.output
     print_table("1. teacher: linear probes on stored image embeddings", ["attribute", "probe", "majority"],
                 teacher_probes(params.distill.features, params.features.shards, world))
-    prompt = args.prompt or params.evaluate.caption_prompt
+    prompt = args.prompt or params.evaluate.describe_prompt
     descriptions, scenes, questions = describe(params, world, args.images, prompt)
     scores = [description_scores(described, scenes) for described in descriptions]
     print_table("2. student descriptions of evaluation images", ["named right", "image", "blank image"],

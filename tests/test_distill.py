@@ -268,6 +268,14 @@ def test_two_process_ddp_run_on_cpu(setup, tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def own_params_file(tmp_path, monkeypatch):
+    """The CLI finds params.yaml from the working directory: run in one of the test's own, so the
+    project's params.yaml (the embedded demo's choices) does not leak into these tests."""
+    (tmp_path / "params.yaml").write_text("distill:\n  device: cpu\n")
+    monkeypatch.chdir(tmp_path)
+
+
 def invoke(*args):
     return CliRunner().invoke(main, ["distill", "--device", "cpu", *args])
 
