@@ -141,8 +141,9 @@ TEST_CONFIG = {
 }
 
 
-def make_random_teacher(folder, seed: int = 0):
-    """A randomly initialised tiny open_clip ViT saved like the teacher stage saves one; returns its file."""
+def make_random_teacher(folder, seed: int = 0, model_name: str = TEST_MODEL, config: dict | None = None):
+    """A randomly initialised tiny open_clip model (the test ViT unless `model_name`/`config` say otherwise)
+    saved like the teacher stage saves one; returns its file."""
     import json
 
     import open_clip
@@ -150,12 +151,13 @@ def make_random_teacher(folder, seed: int = 0):
 
     from vlkd.models.teacher import save_checkpoint
 
+    config = config or TEST_CONFIG
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{TEST_MODEL}.json").write_text(json.dumps(TEST_CONFIG))
-    open_clip.add_model_config(folder / f"{TEST_MODEL}.json")
+    (folder / f"{model_name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{model_name}.json")
     torch.manual_seed(seed)
-    model = open_clip.create_model(TEST_MODEL)
-    return save_checkpoint(model, TEST_MODEL, TEST_CONFIG, folder)
+    model = open_clip.create_model(model_name)
+    return save_checkpoint(model, model_name, config, folder)
 
 
 @pytest.fixture(scope="session")

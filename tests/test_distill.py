@@ -36,6 +36,14 @@ from vlkd.models.teacher import load_teacher
 TEACHER = {"model": "t", "weights_sha256": "0" * 64, "open_clip_version": "x"}
 
 
+@pytest.fixture(autouse=True)
+def own_params_file(tmp_path, monkeypatch):
+    """The CLI finds params.yaml from the working directory: every test runs in its own folder with its own,
+    so the project's params.yaml (the embedded demo's choices) does not leak into these tests."""
+    (tmp_path / "params.yaml").write_text("distill:\n  device: cpu\n")
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_world_shards, random_teacher, tmp_path_factory):
     """(features folder, language-model folder, teacher) shared by the module; tests copy what they change."""
@@ -268,14 +276,6 @@ def test_two_process_ddp_run_on_cpu(setup, tmp_path):
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def own_params_file(tmp_path, monkeypatch):
-    """The CLI finds params.yaml from the working directory: run in one of the test's own, so the
-    project's params.yaml (the embedded demo's choices) does not leak into these tests."""
-    (tmp_path / "params.yaml").write_text("distill:\n  device: cpu\n")
-    monkeypatch.chdir(tmp_path)
-
-
 def invoke(*args):
     return CliRunner().invoke(main, ["distill", "--device", "cpu", *args])
 

@@ -8,7 +8,6 @@ import shutil
 import tarfile
 
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +25,7 @@ from vlkd.features import extract
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore, fixed_size_to_numpy
 from vlkd.features.schema import read_metadata
-from vlkd.models.teacher import load_teacher, save_checkpoint
+from vlkd.models.teacher import load_teacher
 
 PARAMS = FeaturesParams(batch_size=4, num_workers=0, device="cpu")
 
@@ -95,12 +94,7 @@ RESNET_CONFIG = {
 
 
 def test_a_resnet_teacher_stores_the_pooled_token_and_one_token_per_feature_map_cell(shards, tmp_path):
-    folder = tmp_path / "resnet"
-    folder.mkdir()
-    (folder / f"{RESNET}.json").write_text(json.dumps(RESNET_CONFIG))
-    open_clip.add_model_config(folder / f"{RESNET}.json")
-    torch.manual_seed(0)
-    checkpoint = save_checkpoint(open_clip.create_model(RESNET), RESNET, RESNET_CONFIG, folder)
+    checkpoint = make_random_teacher(tmp_path / "resnet", model_name=RESNET, config=RESNET_CONFIG)
     plain = load_teacher(RESNET, str(checkpoint))
     with_tokens = load_teacher(RESNET, str(checkpoint), image_tokens=True)
     extract_features(shards, tmp_path / "features", with_tokens, PARAMS.model_copy(update={"image_tokens": True}))

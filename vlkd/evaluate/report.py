@@ -45,20 +45,19 @@ def _summary_table(metrics: dict, params: EvaluateParams) -> str:
     rows = []
     for name, spec in params.benchmarks.items():
         result = metrics[name]
+        controls = result["controls"]
         if spec.task == "vqa":
-            controls = result["controls"]
-            cells = [result["overall"], *(controls[c]["overall"] for c in CONDITIONS[1:])]
-            rows.append(_row(name, "VQA accuracy", cells))
+            rows.append(_row(name, "VQA accuracy", {"image": result["overall"],
+                                                    **{c: control["overall"] for c, control in controls.items()}}))
             for kind, value in result["perAnswerType"].items():
-                rows.append(_row("", f"  {kind}", [value, *(controls[c]["perAnswerType"].get(kind, "")
-                                                            for c in CONDITIONS[1:])]))
+                rows.append(_row("", f"  {kind}", {"image": value, **{c: control["perAnswerType"].get(kind, "")
+                                                                      for c, control in controls.items()}}))
         else:
-            controls = result["controls"]
-            rows.append(_row(name, "CIDEr", [result["CIDEr"], controls["blank"]["CIDEr"], "",
-                                             controls["text_only"]["CIDEr"], ""]))
+            rows.append(_row(name, "CIDEr", {"image": result["CIDEr"],
+                                             **{c: control["CIDEr"] for c, control in controls.items()}}))
             for key in ("Bleu_4", "METEOR", "ROUGE_L", "SPICE"):
                 if key in result:
-                    rows.append(_row("", key, [result[key], "", "", "", ""]))
+                    rows.append(_row("", key, {"image": result[key]}))
     header = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in CONDITIONS)
     return (f"<h2>Metrics</h2><table><tr><th class=l>benchmark</th><th class=l>metric</th>{header}</tr>"
             + "".join(rows) + "</table><p class=small>image: the student with each image; blank: one grey image "
@@ -67,7 +66,9 @@ def _summary_table(metrics: dict, params: EvaluateParams) -> str:
             "</p>")
 
 
-def _row(name: str, metric: str, cells: list) -> str:
+def _row(name: str, metric: str, by_condition: dict) -> str:
+    """A table row: one cell per CONDITIONS column, empty where a benchmark has no such condition."""
+    cells = [by_condition.get(condition, "") for condition in CONDITIONS]
     shown = "".join(f"<td>{value:.3f}</td>" if isinstance(value, float) else f"<td>{value}</td>" for value in cells)
     return f"<tr><td class=l>{html.escape(name)}</td><td class=l>{html.escape(metric)}</td>{shown}</tr>"
 

@@ -9,7 +9,6 @@ with open_clip before loading, so `create_model_and_transforms(model, pretrained
 from __future__ import annotations
 
 import logging
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +105,7 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
     model.eval().requires_grad_(False)
     if image_tokens:
         if isinstance(model.visual, ModifiedResNet):
-            model.visual.attnpool.forward = types.MethodType(_pool_with_dense_tokens, model.visual.attnpool)
+            model.visual.attnpool.register_forward_hook(_with_cell_tokens)
         elif hasattr(model.visual, "output_tokens"):
             model.visual.output_tokens = True
         else:
@@ -123,13 +122,14 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
     )
 
 
-def _pool_with_dense_tokens(pool: AttentionPool2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """AttentionPool2d.forward that also returns image tokens: [pooled ; one per cell of the last feature
-    map], all in the embedding space. open_clip's ResNet towers return only the pooled token; the cell
+def _with_cell_tokens(pool: AttentionPool2d, inputs: tuple[torch.Tensor], pooled: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward hook on the attention pool: (pooled, image tokens [pooled ; one per cell of the last feature
+    map]), all in the embedding space. open_clip's ResNet towers return only the pooled token; the cell
     tokens are MaskCLIP's dense features (Zhou et al. 2022): each cell through the pool's value and output
     projections, without the attention that mixes the cells, so each keeps what is at its place."""
-    pooled = AttentionPool2d.forward(pool, x)
-    cells = x.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(x.dtype)  # [N, HW, C]
+    feature_map = inputs[0]  # [N, C, H, W]
+    cells = feature_map.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(feature_map.dtype)
     return pooled, torch.cat([pooled[:, None], pool.c_proj(pool.v_proj(cells))], 1)
 
 

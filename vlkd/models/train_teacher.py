@@ -273,11 +273,11 @@ def _decode_problem(data: bytes | None) -> str | None:
     return None
 
 
-def create_embedded_model(config_dir: Path, device: torch.device, image_size: int):
+def create_embedded_model(config_dir: Path, device: torch.device, model_config: dict):
     """(model, train transform, val transform) of a freshly initialised embedded model; its config is
     written to `config_dir` and registered with open_clip."""
     config = config_dir / f"{EMBEDDED_MODEL}.json"
-    write_json_atomic(config, embedded_config(image_size))
+    write_json_atomic(config, model_config)
     open_clip.add_model_config(config)
     return open_clip.create_model_and_transforms(EMBEDDED_MODEL, device=device, aug_cfg=AUGMENTATION,
                                                  output_dict=True)
@@ -302,7 +302,8 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
         raise VlkdError(f"only {len(images)} usable image(s) in {params.shards}; contrastive training needs at "
                         "least 2: run `vlkd download` or check --shards")
     generator = seed_everything(params.seed)
-    model, transform, _ = create_embedded_model(folder, device, params.image_size)
+    model_config = embedded_config(params.image_size)
+    model, transform, _ = create_embedded_model(folder, device, model_config)
     pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
@@ -344,7 +345,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     model.eval()
     seconds = time.perf_counter() - started
     if save:
-        save_checkpoint(model, EMBEDDED_MODEL, embedded_config(params.image_size), folder)
+        save_checkpoint(model, EMBEDDED_MODEL, model_config, folder)
     record = {
         "loss_first_epoch": round(epoch_losses[0], 6),
         "loss_last_epoch": round(epoch_losses[-1], 6),
