@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +114,24 @@ def test_whole_caption_share_masks_that_share_of_captions_entirely(setup):
     paper = noisy_batch(captions, tokenizer, 0.3, 3.0, np.random.default_rng(0))
     assert torch.equal(paper["input_ids"], noisy_batch(captions, tokenizer, 0.3, 3.0, np.random.default_rng(0),
                                                        whole_share=0.0)["input_ids"])  # same noise as before
+
+
+def test_whole_caption_keep_leaves_opening_tokens_before_the_one_mask(setup):
+    tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
+    caption = tokenizer("there is a red circle on the left").input_ids
+    mask = tokenizer.mask_token_id
+    one_token = [caption[0], caption[1], caption[-1]]
+    batch = noisy_batch([caption] * 300 + [one_token], tokenizer, 0.3, 3.0, np.random.default_rng(0),
+                        whole_share=1.0, whole_keep=2)
+    kept = Counter()
+    for row, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        row = [token for token in row if token != tokenizer.pad_token_id]
+        assert row[-2:] == [mask, caption[-1]] and row.count(mask) == 1  # the rest is one <mask>
+        assert row[:-2] == labels[:len(row) - 2]  # the opening tokens, unchanged
+        kept[len(row) - 3] += 1
+    assert sorted(kept) == [0, 1, 2] and min(kept.values()) > 80  # 0, 1 or 2 tokens kept, about evenly
+    # A one-token caption keeps nothing: its only token is the one masked.
+    assert batch["input_ids"][-1, :3].tolist() == [caption[0], mask, caption[-1]]
 
 
 def test_noisy_batch_keeps_bos_eos_and_labels_the_whole_caption(setup):

@@ -168,6 +168,7 @@ class DistillParams(_Section):
     itcl_learnable_temperature: bool = False
     mask_ratio: float = Field(0.3, ge=0, le=1)
     whole_caption_share: float = Field(0.0, ge=0, le=1)  # not in the paper: ICTI captions masked whole
+    whole_caption_keep: int = Field(0, ge=0)  # not in the paper: such a caption keeps up to this many first tokens
     poisson_lambda: float = Field(3.0, gt=0)
     max_length: int = Field(64, ge=8, description="caption tokens, longer ones are truncated")
     epochs: int = Field(10, ge=1)

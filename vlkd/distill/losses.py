@@ -44,16 +44,19 @@ class ItclLoss(torch.nn.Module):
 
 
 def noisy_batch(token_lists: list[list[int]], tokenizer, ratio: float, poisson_lambda: float,
-                rng: np.random.Generator, whole_share: float = 0.0) -> dict[str, torch.Tensor]:
+                rng: np.random.Generator, whole_share: float = 0.0, whole_keep: int = 0) -> dict[str, torch.Tensor]:
     """ICTI's encoder inputs (captions with spans masked) and labels (the whole captions), padded.
     Each token list is a caption's ids with BOS and EOS; those two are never masked. With `whole_share`,
     that share of the captions is masked whole (one <mask>): the decoder writes the caption from the image
-    alone, as free generation (captioning, describe mode) must."""
+    alone, as free generation (captioning, describe mode) must. With `whole_keep`, such a caption keeps its
+    first k tokens (k uniform in 0..whole_keep, fewer than the caption has) and the rest is the one <mask>:
+    the decoder learns to finish a caption from its opening words, as a prompt like "there is <mask>" asks."""
     inputs, labels = [], []
     for ids in token_lists:
         whole = whole_share > 0 and rng.random() < whole_share  # no draw at 0: the paper's noise stream
-        body = infill_spans(ids[1:-1], tokenizer.mask_token_id, 1.0 if whole else ratio, poisson_lambda, rng)
-        inputs.append([ids[0], *body, ids[-1]])
+        keep = min(int(rng.integers(0, whole_keep + 1)), max(len(ids) - 3, 0)) if whole and whole_keep else 0
+        body = infill_spans(ids[1 + keep:-1], tokenizer.mask_token_id, 1.0 if whole else ratio, poisson_lambda, rng)
+        inputs.append([*ids[:1 + keep], *body, ids[-1]])
         labels.append(ids)
     input_ids, attention_mask = _pad(inputs, tokenizer.pad_token_id)
     label_ids, label_mask = _pad(labels, tokenizer.pad_token_id)

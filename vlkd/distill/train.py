@@ -208,7 +208,7 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
     infill = encoded if texts == batch["caption"] else tokenizer(texts, truncation=True, max_length=params.max_length,
                                                                 padding=True, return_tensors="pt")
     noisy = noisy_batch(_unpadded(infill), tokenizer, params.mask_ratio, params.poisson_lambda, noise,
-                        params.whole_caption_share)
+                        params.whole_caption_share, params.whole_caption_keep)
     prefix = batch["image_tokens"] if params.prefix == "patch" else batch.get("image_embedding")
     inputs = {"text_ids": encoded.input_ids, "text_mask": encoded.attention_mask, "noisy_ids": noisy["input_ids"],
               "noisy_mask": noisy["attention_mask"], "labels": noisy["labels"], "prefix_features": prefix,
