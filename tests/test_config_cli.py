@@ -42,6 +42,7 @@ def test_outside_a_project_the_defaults_apply(tmp_path, monkeypatch):
         ("download:\n  distributor: dask\n", "download.distributor"),
         ("downlod:\n  shard_size: 3\n", "downlod"),
         ("download: [1, 2\n", "not valid YAML"),
+        ("distill:\n  whole_caption_keep: 3\n", "whole_caption_keep applies to the captions masked whole"),
     ],
 )
 def test_bad_params_give_one_clear_line(tmp_path, text, message):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlkd.errors import VlkdError
 
@@ -185,6 +185,13 @@ class DistillParams(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _keep_needs_whole_captions(self) -> DistillParams:
+        if self.whole_caption_keep and not self.whole_caption_share:
+            raise ValueError("whole_caption_keep applies to the captions masked whole, and whole_caption_share is 0; "
+                             "set whole_caption_share above 0 or whole_caption_keep to 0")
+        return self
 
 
 class BenchmarkSpec(_Section):
