@@ -134,6 +134,20 @@ def test_whole_caption_keep_leaves_opening_tokens_before_the_one_mask(setup):
     assert batch["input_ids"][-1, :3].tolist() == [caption[0], mask, caption[-1]]
 
 
+def test_the_trainer_masks_icti_captions_as_its_params_say(setup, tmp_path):
+    student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8))
+    tokenizer, mask = student.tokenizer, student.tokenizer.mask_token_id
+    caption = "there is a red circle on the left"
+    ids = tokenizer(caption).input_ids
+    inputs = train._model_inputs({"caption": [caption] * 60}, student,
+                                 params(setup, tmp_path, whole_caption_share=1.0, whole_caption_keep=2),
+                                 np.random.default_rng(0), torch.device("cpu"))
+    kept = {row.tolist().index(mask) - 1 for row in inputs["noisy_ids"]}
+    assert kept == {0, 1, 2}  # every caption masked whole, after 0, 1 or 2 of its opening tokens
+    assert all(row.tolist().count(mask) == 1 for row in inputs["noisy_ids"])
+    assert inputs["labels"][0, :len(ids)].tolist() == ids
+
+
 def test_noisy_batch_keeps_bos_eos_and_labels_the_whole_caption(setup):
     tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
     ids = [tokenizer("a red circle on the left").input_ids, tokenizer("two shapes").input_ids]

@@ -54,7 +54,9 @@ def noisy_batch(token_lists: list[list[int]], tokenizer, ratio: float, poisson_l
     inputs, labels = [], []
     for ids in token_lists:
         whole = whole_share > 0 and rng.random() < whole_share  # no draw at 0: the paper's noise stream
-        keep = min(int(rng.integers(0, whole_keep + 1)), max(len(ids) - 3, 0)) if whole and whole_keep else 0
+        keep = 0
+        if whole and whole_keep:  # no draw otherwise: the noise stream without whole_keep is unchanged
+            keep = min(int(rng.integers(0, whole_keep + 1)), max(len(ids) - 3, 0))  # at least one token masked
         body = infill_spans(ids[1 + keep:-1], tokenizer.mask_token_id, 1.0 if whole else ratio, poisson_lambda, rng)
         inputs.append([*ids[:1 + keep], *body, ids[-1]])
         labels.append(ids)
