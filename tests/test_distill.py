@@ -188,14 +188,14 @@ def test_text_embedding_ignores_padding(setup):
 def test_training_lowers_each_loss(setup, tmp_path, objective):
     weights = {f"{name}_weight": float(name == objective) for name in ("ttdm", "itcl", "icti")}
     metrics = train.distill(params(setup, tmp_path, epochs=6, batch_size=10, **weights))
-    means = [epoch[objective] for epoch in metrics["epoch_means"]]
+    means = [epoch[objective] for epoch in metrics["this_run"]["epoch_means"]]
     assert set(metrics["final"]) == {objective, "loss"}
     assert means[-1] < 0.9 * means[0], means
 
 
 def test_training_with_all_objectives_saves_a_loadable_student(setup, tmp_path):
     metrics = train.distill(params(setup, tmp_path, epochs=4, batch_size=10))
-    assert metrics["epoch_means"][-1]["loss"] < metrics["epoch_means"][0]["loss"]
+    assert metrics["this_run"]["epoch_means"][-1]["loss"] < metrics["this_run"]["epoch_means"][0]["loss"]
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())  # removed when done
     assert (tmp_path / "plots" / "plots" / "metrics" / "train" / "icti.tsv").is_file()  # dvclive curves
 
@@ -271,7 +271,7 @@ def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
     assert not (tmp_path / "killed" / "student").exists()
     monkeypatch.setattr(train, "_train_step", real_step)
     metrics = train.distill(params(setup, tmp_path / "killed"))
-    assert metrics["resumed_from_step"] == 6
+    assert metrics["this_run"]["resumed_from_step"] == 6
     resumed = load_file(str(tmp_path / "killed" / "student" / "model.safetensors"))
     for name, tensor in clean.items():
         torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=1e-5)

@@ -51,6 +51,12 @@ def file_hashes(output: Path) -> dict[str, str]:
             for p in sorted(output.iterdir()) if shards.SHARD_FILE.match(p.name)}
 
 
+def folder_hashes(output: Path) -> dict[str, str]:
+    """Every file of the shard folder but the writer's lock: what DVC hashes."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(output.iterdir())
+            if p.is_file() and p.name != LOCK}
+
+
 def check_accounting(summary: dict) -> None:
     counts = summary["url_list"]
     assert counts["successes"] + counts["failures"] + counts["duplicates"] + counts["invalid"] == counts["rows"]
@@ -100,8 +106,31 @@ def test_every_row_is_accounted_for(tmp_path, image_server):
     for sample in samples.values():
         assert Image.open(io.BytesIO(sample["jpg"])).size == (32, 32)
         assert json.loads(sample["json"])["status"] == "success"
-    assert json.loads((tmp_path / "shards" / SUMMARY).read_text()) == summary
+    # the folder's summary holds what the shards hold; how this run went is only returned
+    assert json.loads((tmp_path / "shards" / SUMMARY).read_text()) == {
+        name: value for name, value in summary.items() if name != "this_run"}
     assert not (tmp_path / "shards" / STAGING).exists()
+
+
+def test_the_same_list_gives_the_same_bytes_whatever_the_processes_and_threads(tmp_path, image_server):
+    # 50 ms per image and many threads: img2dataset's threads finish in an order of their own
+    urls = [image_server.url(f"/delay/{i}.png") for i in range(30)] + [image_server.url("/404")]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    download(url_list, tmp_path / "one", PARAMS.model_copy(update={"processes": 1, "threads": 1}))
+    download(url_list, tmp_path / "many", PARAMS.model_copy(update={"processes": 2, "threads": 16}))
+
+    assert folder_hashes(tmp_path / "one") == folder_hashes(tmp_path / "many")
+    assert len(list_shards(tmp_path / "one")) == 4
+    for tar_path in list_shards(tmp_path / "many")[:3]:  # the fourth holds the 404 only: no sample
+        with tarfile.open(tar_path) as tar:
+            members = tar.getmembers()
+        names = [member.name for member in members]
+        assert len(names) == 30 and names == sorted(names)  # samples in key order, a sample's files together
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o444)}
+        keys = pq.read_table(tar_path.with_suffix(".parquet")).column("key").to_pylist()
+        assert keys == sorted(keys)
+        stats = json.loads(tar_path.with_name(tar_path.stem + shards.STATS_SUFFIX).read_text())
+        assert not set(shards.RUN_FIELDS) & set(stats)
 
 
 def test_duplicates_are_downloaded_once(tmp_path, image_server):
@@ -206,6 +235,36 @@ def test_resume_after_kill_finishes_without_redoing_or_duplicating(tmp_path, ima
         table = pq.read_table(output / f"{shard_id:05d}.parquet")
         with tarfile.open(output / f"{shard_id:05d}.tar") as tar:
             assert len([m for m in tar.getmembers() if m.name.endswith(".jpg")]) == table.num_rows
+
+    # the resumed folder is byte for byte what an uninterrupted download of the same list writes
+    uninterrupted = download(tmp_path / "urls.parquet", tmp_path / "uninterrupted",
+                             DownloadParams(processes=1, threads=2, shard_size=10, image_size=32))
+    assert uninterrupted["this_run"]["fetched"] == 60
+    assert folder_hashes(output) == folder_hashes(tmp_path / "uninterrupted")
+
+
+def test_a_killed_run_is_finished_into_the_shard_numbers_it_planned(tmp_path, image_server, monkeypatch):
+    import vlkd.corpus.download as stage
+
+    urls = [image_server.url(f"/img/{i}.png") for i in range(30)]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    fetch = stage._run_img2dataset
+
+    def killed_before_shard_0_finished(input_file, rows, staging, *args):
+        fetch(input_file, rows, staging, *args)
+        for path in staging.glob("00000*"):  # shards 1 and 2 finished first (two processes may do that)
+            path.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "_run_img2dataset", killed_before_shard_0_finished)
+    with pytest.raises(KeyboardInterrupt):
+        download(url_list, tmp_path / "resumed", PARAMS)
+    monkeypatch.undo()
+    resumed = download(url_list, tmp_path / "resumed", PARAMS)
+
+    assert resumed["this_run"]["fetched"] == 10 and resumed["this_run"]["new_shards"] == [0]
+    download(url_list, tmp_path / "uninterrupted", PARAMS)
+    assert folder_hashes(tmp_path / "resumed") == folder_hashes(tmp_path / "uninterrupted")
 
 
 def test_a_second_download_into_the_same_folder_stops(tmp_path, image_server):

@@ -63,7 +63,7 @@ def tiny_overrides(**sections) -> dict:
     chosen = {name: values for name, values in TINY.items() if name in present}
     for name, values in sections.items():
         chosen[name] = {**chosen.get(name, {}), **values}
-    return {**flatten(chosen), "synth.port": free_port()}
+    return {"synth.port": free_port(), **flatten(chosen)}  # a port in `sections` wins
 
 
 def git(root: Path, *args: str) -> str:

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -30,9 +31,17 @@ def _reports_errors(command):
     return wrapper
 
 
-metrics_option = click.option(
-    "--metrics", "metrics_file", type=click.Path(path_type=Path),
-    help="Also write the stage's metrics to this JSON file (for `dvc metrics`, outside the stage's outputs).")
+def metrics_option(command):
+    """--metrics (what the stage made: part of the run's record, the same bytes for the same inputs) and
+    --run-log (how this run went: seconds, throughput, what it computed or skipped)."""
+    command = click.option(
+        "--run-log", "run_log", type=click.Path(path_type=Path),
+        help="Write this run's facts (seconds, throughput, what was computed or skipped) to this JSON file; "
+        "they are kept out of the stage's outputs and metrics, which depend on the inputs only.")(command)
+    return click.option(
+        "--metrics", "metrics_file", type=click.Path(path_type=Path),
+        help="Also write the stage's metrics to this JSON file (for `dvc metrics`, outside the stage's "
+        "outputs).")(command)
 
 
 def quiet_transformers() -> None:
@@ -42,10 +51,13 @@ def quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _write_metrics(path: Path | None, metrics: dict) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, metrics)
+def _write_metrics(path: Path | None, run_log: Path | None, result: dict, started: float) -> None:
+    """The stage's metrics without `this_run`, and `this_run` with the command's seconds in the run log."""
+    this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3)}
+    for target, record in ((path, {k: v for k, v in result.items() if k != "this_run"}), (run_log, this_run)):
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(target, record)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -96,8 +108,10 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 @_reports_errors
 def download(params: Params, url_list: Path | None, output: Path | None, url_col: str | None,
              caption_col: str | None, captions_col: str | None, input_format: str | None,
-             column_names: str | None, retry_failed: bool, metrics_file: Path | None) -> None:
+             column_names: str | None, retry_failed: bool, metrics_file: Path | None,
+             run_log: Path | None) -> None:
     """Download a URL list into webdataset shards with img2dataset (incremental, resumable)."""
+    started = time.perf_counter()
     from vlkd.corpus.download import download as run_download
 
     names = [name.strip() for name in column_names.split(",")] if column_names else None
@@ -105,7 +119,7 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
                        caption_col=caption_col, captions_col=captions_col, input_format=input_format,
                        column_names=names)
     summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
-    _write_metrics(metrics_file, summary)
+    _write_metrics(metrics_file, run_log, summary, started)
     click.echo(json.dumps(summary["url_list"], indent=2))
     click.echo(f"shards in {stage.output}: {summary['shards']['count']}, "
                f"{summary['shards']['samples']} samples")
@@ -122,13 +136,14 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def teacher(params: Params, metrics_file: Path | None, **flags) -> None:
+def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the teacher folder: an open_clip model, or train the embedded one on the shards."""
+    started = time.perf_counter()
     from vlkd.models.train_teacher import METRICS, build_teacher, read_json
 
     stage = with_overrides(params.teacher, **flags)
     manifest = build_teacher(stage)
-    _write_metrics(metrics_file, read_json(stage.output / METRICS))
+    _write_metrics(metrics_file, run_log, read_json(stage.output / METRICS), started)
     click.echo(f"teacher {manifest['model']} (weights {manifest['weights_sha256'][:12]}) in {stage.output}")
 
 
@@ -153,9 +168,10 @@ def teacher(params: Params, metrics_file: Path | None, **flags) -> None:
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, replace_other_teachers: bool,
-             **flags) -> None:
+def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, run_log: Path | None,
+             replace_other_teachers: bool, **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
+    started = time.perf_counter()
     from vlkd.features.extract import extract_features
     from vlkd.models.teacher import load_teacher
 
@@ -166,10 +182,11 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
     teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
     summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size,
                                replace_other_teachers=replace_other_teachers)
-    _write_metrics(metrics_file, summary)
-    click.echo(f"features in {stage.output}: {summary['shards']['computed']} shard(s) computed, "
-               f"{summary['shards']['skipped']} skipped, {summary['images']} images, "
-               f"{summary['bad_samples']['count']} bad sample(s), {summary['images_per_second']} images/s")
+    _write_metrics(metrics_file, run_log, summary, started)
+    this_run = summary["this_run"]
+    click.echo(f"features in {stage.output}: {this_run['shards_computed']} shard(s) computed, "
+               f"{this_run['shards_skipped']} skipped, {summary['images']} images, "
+               f"{summary['bad_samples']['count']} bad sample(s), {this_run['images_per_second']} images/s")
 
 
 def _teacher_names(stage) -> tuple[str, str]:
@@ -194,14 +211,15 @@ def _teacher_names(stage) -> tuple[str, str]:
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def plm(params: Params, metrics_file: Path | None, **flags) -> None:
+def plm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the language-model folder: a BART checkpoint, or pretrain the embedded one on the corpus."""
+    started = time.perf_counter()
     from vlkd.models.plm import build_plm
 
     quiet_transformers()
     stage = with_overrides(params.plm, **flags)
     manifest = build_plm(stage)
-    _write_metrics(metrics_file, manifest["metrics"])
+    _write_metrics(metrics_file, run_log, manifest["metrics"], started)
     qa = manifest["metrics"].get("qa", {})
     scores = (f", text-only QA {qa['with_description']['accuracy']:.3f} (blind {qa['blind']['accuracy']:.3f})"
               if "with_description" in qa else "")
@@ -220,19 +238,20 @@ def plm(params: Params, metrics_file: Path | None, **flags) -> None:
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def distill(params: Params, metrics_file: Path | None, **flags) -> None:
+def distill(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """VLKD: distil the teacher's stored features into the language model (TTDM, ITCL, ICTI).
 
     Several GPUs or machines: `torchrun --standalone --nproc_per_node N -m vlkd.cli distill` (each rank reads its own
     share of the feature rows; gloo on CPU, nccl on CUDA).
     """
+    started = time.perf_counter()
     from vlkd.distill.train import distill as run_distill
 
     quiet_transformers()
     stage = with_overrides(params.distill, **flags)
     metrics = run_distill(stage)
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_metrics(metrics_file, metrics)
+        _write_metrics(metrics_file, run_log, metrics, started)
         click.echo(f"student in {stage.output}: {metrics['steps']} steps, final losses {metrics['final']}")
 
 
@@ -246,14 +265,15 @@ def distill(params: Params, metrics_file: Path | None, **flags) -> None:
 @metrics_option
 @click.pass_obj
 @_reports_errors
-def evaluate(params: Params, metrics_file: Path | None, **flags) -> None:
+def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Zero-shot VQA and captions of the student with controls, text retention, and an HTML report."""
+    started = time.perf_counter()
     from vlkd.evaluate.run import evaluate as run_evaluate
 
     quiet_transformers()
     stage = with_overrides(params.evaluate, **flags)
     metrics = run_evaluate(stage)
-    _write_metrics(metrics_file, metrics)
+    _write_metrics(metrics_file, run_log, metrics, started)
     for name, result in metrics.items():
         if "overall" in result:
             controls = ", ".join(f"{c} {v['overall']:.2f}" for c, v in result["controls"].items())

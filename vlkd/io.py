@@ -15,9 +15,40 @@ def tmp_path_for(path: Path) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """Sorted keys, and paths inside the project written relative to it (`project_relative`), so the same
+    run in another folder or on another machine writes the same bytes."""
     tmp = tmp_path_for(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(project_relative(data, path), indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def project_root(anchor: Path) -> Path | None:
+    """The project `anchor` lies in: the nearest folder upwards that holds params.yaml (None outside one)."""
+    from vlkd.config import find_params_file
+
+    found = find_params_file(Path(anchor).resolve().parent)
+    return found.parent if found else None
+
+
+def project_relative(data, anchor: Path):
+    """`data` (JSON-like: dicts, lists, strings) with every absolute path inside the project of `anchor`
+    written relative to the project's folder, in keys, values and within longer strings ("trained on
+    /home/me/vlkd/data/shards" -> "trained on data/shards"). Paths outside the project stay absolute."""
+    root = project_root(anchor)
+    if root is None:
+        return data
+    prefix = str(root) + os.sep
+
+    def relative(value):
+        if isinstance(value, str):
+            return "." if value == str(root) else value.replace(prefix, "")
+        if isinstance(value, dict):
+            return {relative(key): relative(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [relative(item) for item in value]
+        return value
+
+    return relative(data)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -45,6 +76,12 @@ def replace_folder(built: Path, output: Path) -> None:
         output.rename(old)
     built.rename(output)
     remove_path(old)
+
+
+def params_record(section, anchor: Path) -> dict:
+    """A params section as a stage records it in the manifest at `anchor`: JSON, project-relative paths
+    (compare a manifest's record with this, never with the raw section)."""
+    return project_relative(section.model_dump(mode="json"), anchor)
 
 
 def without_output(record: dict) -> dict:

@@ -30,9 +30,10 @@ import pyarrow.parquet as pq
 from vlkd.config import DownloadParams
 from vlkd.corpus import shards
 from vlkd.corpus.server import world_server
+from vlkd.corpus.shard_writer import KeyOrderedWebDatasetWriter
 from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
 from vlkd.errors import VlkdError
-from vlkd.io import tmp_path_for, write_json_atomic
+from vlkd.io import remove_path, tmp_path_for, write_json_atomic
 
 # img2dataset imports albumentations, which otherwise asks the network for a newer version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -40,6 +41,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 log = logging.getLogger(__name__)
 
 STAGING = "_staging"
+PLAN, PLAN_ROWS, PLAN_LAYOUT = "_plan", "rows.parquet", "layout.json"  # under STAGING while a run fetches
 SUMMARY = "summary.json"
 FAILED = "failed.parquet"
 LOCK = ".lock"
@@ -47,13 +49,14 @@ NOT_RECORDED = "not recorded by img2dataset (its shard failed); run again to ret
 
 
 def download(url_list: Path, output: Path, params: DownloadParams, retry_failed: bool = False) -> dict:
-    """Bring `output` up to date with `url_list`; returns the summary also written to summary.json."""
+    """Bring `output` up to date with `url_list`; returns the summary also written to summary.json, plus
+    `this_run` (what this run fetched and how long it took), which no file of the shards holds."""
     started = time.perf_counter()
     checked = check_rows(read_url_list(url_list, params), params)
     output.mkdir(parents=True, exist_ok=True)
     with _exclusive(output):
         staging = output / STAGING
-        _recover(staging, output)
+        resumed, new_shards = _finish_interrupted_run(url_list, staging, output, params)
         ledger = shards.read_ledger(output)
         pending = _rows_to_fetch(checked.valid, ledger.outcomes(), retry_failed)
         changed = _captions_changed(checked.valid, ledger)
@@ -61,27 +64,83 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
             log.warning("%d URL(s) of %s are in the shards with other captions than the list gives now; the shards "
                         "keep the captions they were downloaded with (downloads are incremental by URL); to take "
                         "the new captions, download into an empty --output", changed, url_list)
-        new_shards: list[int] = []
         if pending.num_rows:
             log.info("fetching %d new URL(s) of %d usable", pending.num_rows, checked.valid.num_rows)
-            with world_server(url_list):
-                _run_img2dataset(pending, staging, shards.next_shard_id(output), params)
-            new_shards = shards.adopt(staging, output)
-            shards.reset_staging(staging)
+            new_shards += _fetch(url_list, pending, staging, output, shards.next_shard_id(output), params)
         else:
             log.info("all %d usable URL(s) are in the shards already", checked.valid.num_rows)
         staging.rmdir()
         outcomes = shards.read_ledger(output).outcomes()
         summary = summarize(checked, outcomes, output)
         summary["url_list"]["captions_changed"] = changed
-        summary["this_run"] = {
-            "fetched": pending.num_rows,
-            "new_shards": new_shards,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
         _write_failed(checked, outcomes, output / FAILED)
         write_json_atomic(output / SUMMARY, summary)
+    summary["this_run"] = {
+        "fetched": resumed + pending.num_rows,
+        "new_shards": new_shards,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
     return summary
+
+
+def _fetch(url_list: Path, rows: pa.Table, staging: Path, output: Path, start_shard_id: int,
+           params: DownloadParams, done: frozenset[int] = frozenset()) -> list[int]:
+    """Download `rows` into shards numbered from `start_shard_id` (but `done`) and move them into `output`.
+
+    The plan (the rows and where their shards start) is written first, so that a killed run is finished
+    by the next one with the same row-to-shard assignment: a resumed download gives the bytes an
+    uninterrupted one would have."""
+    plan = staging / PLAN
+    if not plan.is_dir():
+        plan.mkdir(parents=True)
+        pq.write_table(rows, plan / PLAN_ROWS)
+        write_json_atomic(plan / PLAN_LAYOUT, {"start_shard_id": start_shard_id, "shard_size": params.shard_size})
+    with world_server(url_list):
+        _run_img2dataset(plan / PLAN_ROWS, rows.num_rows, staging, start_shard_id, params, done)
+    adopted = shards.adopt(staging, output)
+    shards.reset_staging(staging)
+    return adopted
+
+
+def _finish_interrupted_run(url_list: Path, staging: Path, output: Path,
+                            params: DownloadParams) -> tuple[int, list[int]]:
+    """Keep what a killed run finished, drop what it left half-written, and fetch the rest of its plan
+    into the shard numbers it had planned; returns (rows fetched, shards written) by this run."""
+    kept = shards.adopt(staging, output) if staging.exists() else []
+    if kept:
+        log.info("kept %d shard(s) finished by an interrupted run: %s", len(kept), kept)
+    shards.remove_incomplete(output)
+    plan = _read_plan(staging / PLAN, params)
+    if plan is None:
+        shards.reset_staging(staging)
+        return 0, []
+    rows, start = plan
+    planned = range(start, start + math.ceil(rows.num_rows / params.shard_size))
+    done = frozenset(planned) & frozenset(shards.complete_shards(output))
+    if len(done) == len(planned):
+        shards.reset_staging(staging)
+        return 0, []
+    log.info("finishing the interrupted run: shard(s) %s", sorted(set(planned) - done))
+    for name in list(staging.iterdir()):
+        if name.name != PLAN:
+            remove_path(name)
+    fetched = sum(min(params.shard_size, rows.num_rows - (i - start) * params.shard_size)
+                  for i in planned if i not in done)
+    return fetched, _fetch(url_list, rows, staging, output, start, params, done)
+
+
+def _read_plan(plan: Path, params: DownloadParams) -> tuple[pa.Table, int] | None:
+    """An interrupted run's plan, if there is a whole one that the current shard size can finish."""
+    try:
+        layout = json.loads((plan / PLAN_LAYOUT).read_text())
+        rows = pq.read_table(plan / PLAN_ROWS)
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+    if layout["shard_size"] != params.shard_size:
+        log.warning("an interrupted download planned shards of %d rows, download.shard_size is now %d: its "
+                    "unfinished rows are fetched as new rows", layout["shard_size"], params.shard_size)
+        return None
+    return rows, int(layout["start_shard_id"])
 
 
 @contextmanager
@@ -95,16 +154,6 @@ def _exclusive(output: Path) -> Iterator[None]:
                 f"another download is writing to {output}; wait for it to finish or use another --output"
             ) from err
         yield
-
-
-def _recover(staging: Path, output: Path) -> None:
-    """Keep what a killed run finished, drop what it left half-written."""
-    if staging.exists():
-        kept = shards.adopt(staging, output)
-        if kept:
-            log.info("kept %d shard(s) finished by an interrupted run: %s", len(kept), kept)
-    shards.remove_incomplete(output)
-    shards.reset_staging(staging)
 
 
 def _rows_to_fetch(valid: pa.Table, outcomes: dict[str, str | None], retry_failed: bool) -> pa.Table:
@@ -128,24 +177,22 @@ def _captions_changed(valid: pa.Table, ledger: shards.Ledger) -> int:
                for url, caption, lists in rows)
 
 
-def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, params: DownloadParams) -> None:
-    """img2dataset's own reader, resizer, downloader and distributor, started at `start_shard_id`."""
+def _run_img2dataset(input_file: Path, rows: int, staging: Path, start_shard_id: int, params: DownloadParams,
+                     done: frozenset[int]) -> None:
+    """img2dataset's own reader, resizer, downloader and distributor, started at `start_shard_id`, skipping
+    the shards in `done`, writing with vlkd's reproducible writer."""
     from img2dataset import distributor as distributors
     from img2dataset.downloader import Downloader
     from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
-    from img2dataset.writer import WebDatasetSampleWriter
 
-    input_file = staging / "_input" / "pending.parquet"
-    input_file.parent.mkdir(parents=True)
-    pq.write_table(pending, input_file)
     tmp = staging / "_tmp"
     tmp.mkdir()
     reader = Reader(
         url_list=str(input_file), input_format="parquet", url_col="url", caption_col="caption",
         verify_hash_col=None, verify_hash_type=None,
-        save_additional_columns=["captions"] if "captions" in pending.column_names else None,
-        number_sample_per_shard=params.shard_size, done_shards=set(), tmp_path=str(tmp),
+        save_additional_columns=["captions"] if "captions" in pq.read_schema(input_file).names else None,
+        number_sample_per_shard=params.shard_size, done_shards=set(done), tmp_path=str(tmp),
         start_shard_id=start_shard_id,
     )
     resizer = Resizer(
@@ -154,7 +201,7 @@ def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, para
         max_image_area=params.max_image_area,
     )
     downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=params.threads,
+        sample_writer_class=KeyOrderedWebDatasetWriter, resizer=resizer, thread_count=params.threads,
         save_caption=True, extract_exif=False, output_folder=str(staging), column_list=reader.column_list,
         timeout=params.timeout, number_sample_per_shard=params.shard_size, oom_shard_count=5,
         compute_hash="sha256", verify_hash_type=None, encode_format=params.encode_format,
@@ -165,7 +212,7 @@ def _run_img2dataset(pending: pa.Table, staging: Path, start_shard_id: int, para
         "pyspark": distributors.pyspark_distributor,
         "ray": distributors.ray_distributor,
     }[params.distributor]
-    shard_count = math.ceil(pending.num_rows / params.shard_size)
+    shard_count = math.ceil(rows / params.shard_size) - len(done)
     if shard_count == 1 and params.distributor == "multiprocessing":
         # One shard is one process's work anyway; a worker pool would only add its start-up (about 3 s of
         # spawning and importing img2dataset), which dominates a small refresh.

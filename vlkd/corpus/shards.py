@@ -7,6 +7,7 @@ shard is the leftover of a killed run and is removed, so readers never see a tru
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -16,10 +17,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlkd.io import write_json_atomic
+
 log = logging.getLogger(__name__)
 
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 STATS_SUFFIX = "_stats.json"
+# What img2dataset's stats file says about the run rather than the shard (wall-clock times).
+RUN_FIELDS = ("start_time", "end_time", "duration")
 SHARD_SUFFIXES = (".tar", ".parquet", STATS_SUFFIX)  # the order in which a shard is moved into place
 
 
@@ -93,12 +98,22 @@ def adopt(staging: Path, output: Path) -> list[int]:
     """Move the complete shards from `staging` into `output`, the stats file last; returns their ids."""
     adopted = []
     for shard_id in complete_shards(staging):
+        stats = staging / f"{shard_id:05d}{STATS_SUFFIX}"
+        if stats.exists():
+            _drop_run_fields(stats)
         for suffix in SHARD_SUFFIXES:
             name = f"{shard_id:05d}{suffix}"
             if (staging / name).exists():  # a previous adopt may have been killed half-way
                 (staging / name).replace(output / name)
         adopted.append(shard_id)
     return adopted
+
+
+def _drop_run_fields(stats: Path) -> None:
+    """img2dataset's stats without its wall-clock times, keys sorted: the file is part of the shard, so
+    it must depend on the shard's rows only (idempotent, atomic)."""
+    record = json.loads(stats.read_text())
+    write_json_atomic(stats, {name: value for name, value in record.items() if name not in RUN_FIELDS})
 
 
 def next_shard_id(output: Path) -> int:

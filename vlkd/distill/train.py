@@ -139,16 +139,13 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if data is None or in_epoch == 0:
                 data = batches.epoch(epoch, skip=in_epoch * params.grad_accum)
-            step_started = time.perf_counter()
             recent = _train_step(objective, student, data, retention, params, ranks, step, autocast)
             _check_finite(recent, step, checkpoint, ranks)
             torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            samples = params.batch_size * params.grad_accum * ranks.world_size
             recent["lr"] = scheduler.get_last_lr()[0]
-            recent["samples_per_s"] = samples / (time.perf_counter() - step_started)
             if live is not None:
                 _log_step(live, recent)
             _add_to_epoch(epoch_sums, epoch_means, recent, in_epoch + 1 == steps_per_epoch)
@@ -159,12 +156,8 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
 
     elapsed = time.perf_counter() - started
     metrics = {
-        "steps": total_steps, "resumed_from_step": start_step, "epochs": params.epochs,
-        "feature_rows": store.num_rows, "ranks": ranks.world_size, "seconds": round(elapsed, 1),
-        "samples_per_s": round((total_steps - start_step) * params.batch_size * params.grad_accum
-                               * ranks.world_size / max(elapsed, 1e-9), 1),
+        "steps": total_steps, "epochs": params.epochs, "feature_rows": store.num_rows, "ranks": ranks.world_size,
         "final": {name: round(value, 5) for name, value in recent.items() if name in (*LOSSES, "loss")},
-        "epoch_means": epoch_means,  # the mean of each loss over each epoch this process trained
         "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
     }
     if ranks.is_main:
@@ -174,6 +167,13 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         remove_path(checkpoint.parent)
     if ranks.world_size > 1:
         dist.barrier()
+    # How this run went: a resumed run ends with the same student, so none of this is in its files.
+    metrics["this_run"] = {
+        "resumed_from_step": start_step, "seconds": round(elapsed, 1),
+        "epoch_means": epoch_means,  # the mean of each loss over each epoch this process trained
+        "samples_per_s": round((total_steps - start_step) * params.batch_size * params.grad_accum
+                               * ranks.world_size / max(elapsed, 1e-9), 1),
+    }
     return metrics
 
 
@@ -383,7 +383,7 @@ def _save_student(student: Student, params: DistillParams, metrics: dict) -> Non
     building = params.output.parent / f".{params.output.name}.building"
     remove_path(building)
     student.save_pretrained(building)
-    write_json_atomic(building / "distill-metrics.json", metrics)
+    write_json_atomic(building / "distill-metrics.json", {k: v for k, v in metrics.items() if k != "this_run"})
     replace_folder(building, params.output)
     logger.info("student written to %s", params.output)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlkd.config import EvaluateParams
+from vlkd.io import project_relative
 
 THUMBNAIL = 128
 CONDITIONS = ("image", "blank", "shuffled", "text_only", "prior")
@@ -38,7 +39,7 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
         cards = _vqa_cards(samples[name]) if spec.task == "vqa" else _caption_cards(samples[name])
         parts.append(f"<h2>{html.escape(name)}: samples</h2><div class=cards>{cards}</div>")
     parts.append(_curves(params.curves))
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    path.write_text(project_relative("\n".join(parts) + "\n", path), encoding="utf-8")
 
 
 def _summary_table(metrics: dict, params: EvaluateParams) -> str:
@@ -88,7 +89,8 @@ def _vqa_cards(samples: list[dict]) -> str:
         for q in sample["questions"]:
             image, blank = q["image"], q.get("blank", {})
             css = "good" if image["score"] >= 99.99 else "bad" if image["score"] == 0 else ""
-            humans = ", ".join(sorted(set(q["humans"]), key=q["humans"].count, reverse=True))
+            # most frequent first, ties in the annotators' order (a set's order changes from run to run)
+            humans = ", ".join(sorted(dict.fromkeys(q["humans"]), key=q["humans"].count, reverse=True))
             lines.append(f"<div><b>{html.escape(q['question'])}</b><br><span class={css}>"
                          f"{html.escape(image['answer']) or '∅'} ({image['score']:.0f})</span>"
                          f" <span class=small>blank: {html.escape(blank.get('answer', '')) or '∅'}; humans: "

@@ -35,7 +35,7 @@ from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
 from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
-from vlkd.io import remove_path, replace_folder, sha256_file, write_json_atomic
+from vlkd.io import project_relative, remove_path, replace_folder, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.plm import infilling_loss, read_documents
 from vlkd.models.student import Student, load_language_model
@@ -291,6 +291,8 @@ def _inputs(params: EvaluateParams) -> dict:
                         "evaluate.student and evaluate.plm")
     hashes = {str(path): sha256_file(path) if path.is_file() else None for path in files}
     record = params.model_dump(mode="json", exclude={"output", "device", "batch_size", "cache"})
+    # As the manifest records them (project-relative), so the key means the same in another folder.
+    hashes, record = project_relative([hashes, record], params.output / MANIFEST)
     return {"files": hashes, "params": record,
             "key": hashlib.sha256(json.dumps([hashes, record], sort_keys=True).encode()).hexdigest()}
 

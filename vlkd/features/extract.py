@@ -12,6 +12,7 @@ Several processes split the shard list deterministically (rank i of n takes ever
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import time
@@ -31,7 +32,15 @@ from tqdm import tqdm
 from vlkd.config import FeaturesParams
 from vlkd.corpus.shard_reader import iter_shard, list_shards
 from vlkd.errors import VlkdError
-from vlkd.features.schema import DTYPE, FORMAT, feature_schema, fixed_size_array, read_metadata
+from vlkd.features.schema import (
+    BAD_SAMPLES_KEY,
+    DTYPE,
+    FORMAT,
+    feature_schema,
+    fixed_size_array,
+    read_bad_samples,
+    read_metadata,
+)
 from vlkd.io import write_json_atomic
 from vlkd.models.teacher import Teacher
 
@@ -118,7 +127,9 @@ class ShardWriter:
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.rows += len(keys)
 
-    def commit(self) -> None:
+    def commit(self, bad: list[tuple[str, str]]) -> None:
+        """Close the file with its shard's undecodable samples in the footer, and rename it into place."""
+        self.writer.add_key_value_metadata({BAD_SAMPLES_KEY: json.dumps(bad)})
         self.writer.close()
         self.partial.replace(self.path)
 
@@ -155,17 +166,29 @@ def extract_features(shards: Path, output: Path, teacher: Teacher, params: Featu
     summary = {
         "teacher": fingerprint,
         "rank": rank, "world_size": world_size, "device": str(device), "precision": _precision(params, device),
-        "shards": {"total": len(tars), "this_rank": len(mine), "computed": len(todo),
-                   "skipped": len(mine) - len(todo)},
-        "images": encoded,
-        "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
-                        "reasons": dict(bad[:20])},
-        "seconds": round(seconds, 3),
-        "images_per_second": round(encoded / seconds, 2) if encoded else 0.0,
+        **_rollup([output_path(output, tar) for tar in mine], len(tars)),
     }
     name = "summary.json" if world_size == 1 else f"summary.rank-{rank}-of-{world_size}.json"
     write_json_atomic(output / name, summary)
+    if bad:
+        log.warning("%d undecodable sample(s) skipped, e.g. %s (%s); their keys are in %s", len(bad), bad[0][0],
+                    bad[0][1], output / name)
+    summary["this_run"] = {
+        "shards_computed": len(todo), "shards_skipped": len(mine) - len(todo), "images_encoded": encoded,
+        "seconds": round(seconds, 3), "images_per_second": round(encoded / seconds, 2) if encoded else 0.0,
+    }
     return summary
+
+
+def _rollup(files: list[Path], total_shards: int) -> dict:
+    """What the feature files hold, whichever run wrote them (a refresh summarises the same as a full run)."""
+    bad = [pair for path in files for pair in read_bad_samples(path)]
+    return {
+        "shards": {"total": total_shards, "this_rank": len(files)},
+        "images": sum(pq.read_metadata(path).num_rows for path in files),
+        "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
+                        "reasons": dict(bad[:20])},
+    }
 
 
 def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: FeaturesParams,
@@ -177,6 +200,7 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
     model = teacher.model.to(device)
     writers: dict[Path, ShardWriter] = {}
     bad: list[tuple[str, str]] = []
+    bad_in: dict[Path, list[tuple[str, str]]] = {}
     encoded = 0
     with tqdm(total=len(todo), desc="features", unit="shard") as bar:
         for batch in loader:
@@ -191,8 +215,9 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
                 writer.write(batch.keys, batch.captions, batch.all_captions, image, text, tokens)
                 encoded += len(batch.keys)
             bad.extend(batch.bad)
+            bad_in.setdefault(batch.shard, []).extend(batch.bad)
             if batch.last:
-                writers.pop(batch.shard).commit()
+                writers.pop(batch.shard).commit(bad_in.pop(batch.shard))
                 bar.update()
     return encoded, bad
 

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 FORMAT = 1
 METADATA_KEY = b"vlkd.features"
+BAD_SAMPLES_KEY = b"vlkd.bad_samples"  # file-level: [[key, reason], ...] of the shard's undecodable samples
 DTYPE = "float16"
 
 
@@ -53,3 +54,9 @@ def read_metadata(path: Path) -> dict | None:
     metadata = pq.read_schema(path).metadata or {}
     raw = metadata.get(METADATA_KEY)
     return json.loads(raw) if raw else None
+
+
+def read_bad_samples(path: Path) -> list[tuple[str, str]]:
+    """The (key, reason) of every sample of the shard that the features file has no row for."""
+    raw = (pq.read_metadata(path).metadata or {}).get(BAD_SAMPLES_KEY)
+    return [tuple(pair) for pair in json.loads(raw)] if raw else []

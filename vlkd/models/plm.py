@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from vlkd.config import PlmParams
 from vlkd.errors import VlkdError, first_line
-from vlkd.io import remove_path, replace_folder, sha256_file, without_output, write_json_atomic
+from vlkd.io import params_record, remove_path, replace_folder, sha256_file, without_output, write_json_atomic
 from vlkd.models.infill import MASK, extract_infill, fill_prompt, generate_texts
 from vlkd.models.noising import infill_spans
 from vlkd.training import decay_groups, resolve_device, warmup_cosine
@@ -105,7 +105,6 @@ def build_plm(params: PlmParams) -> dict:
 
 
 def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
-    started = time.perf_counter()
     device = resolve_device(params.device, "plm.device")
     metrics: dict = {}
     if params.model is None:
@@ -120,7 +119,6 @@ def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
     metrics.update(evaluate_plm(model, tokenizer, params, device))
     model.save_pretrained(building)
     tokenizer.save_pretrained(building)
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
     manifest = {
         "name": name,
         "source": source,
@@ -129,7 +127,7 @@ def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
         "vocab_size": len(tokenizer),
         "mask_token_id": tokenizer.mask_token_id,
         "transformers_version": _transformers_version(),
-        "params": params.model_dump(mode="json"),
+        "params": params_record(params, building / MANIFEST),
         "inputs": inputs,
         "metrics": metrics,
     }
@@ -210,7 +208,7 @@ def _up_to_date(output: Path, params: PlmParams, inputs: dict) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text())
-        if without_output(manifest["params"]) != without_output(params.model_dump(mode="json")):
+        if without_output(manifest["params"]) != without_output(params_record(params, path)):
             return None
         if manifest["inputs"] != inputs or not manifest["sha256"]:
             return None
@@ -486,7 +484,6 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
         "examples": params.epochs * len(encoded),
         "truncated_documents": sum(length > params.max_length - 2 for length in lengths),
         "vocab_size": len(tokenizer),
-        "seconds": round(seconds, 3),
     }
     log.info("pretrained in %.1f s: loss %.3f -> %.3f", seconds, epoch_losses[0], epoch_losses[-1])
     return model, record

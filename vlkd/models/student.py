@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoTokenizer, BartForConditionalGeneration, PreTrainedTokenizerBase
 
 from vlkd.errors import VlkdError, first_line
+from vlkd.io import write_json_atomic
 from vlkd.models.infill import generate_texts
 
 STUDENT_CONFIG = "vlkd-student.json"
@@ -155,7 +156,7 @@ class Student(nn.Module):
         self.bart.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         save_file(self.projection_state(), str(folder / PROJECTIONS))
-        (folder / STUDENT_CONFIG).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True) + "\n")
+        write_json_atomic(folder / STUDENT_CONFIG, asdict(self.config))
 
     @classmethod
     def from_pretrained(cls, folder: Path | str, device: str | torch.device = "cpu") -> Student:

@@ -41,7 +41,15 @@ from tqdm import tqdm
 from vlkd.config import TeacherParams
 from vlkd.corpus.shard_reader import iter_shard, list_shards
 from vlkd.errors import VlkdError
-from vlkd.io import remove_path, replace_folder, sha256_file, without_output, write_json_atomic
+from vlkd.io import (
+    params_record,
+    project_root,
+    remove_path,
+    replace_folder,
+    sha256_file,
+    without_output,
+    write_json_atomic,
+)
 from vlkd.models.teacher import (
     CHECKPOINT_NAME,
     EMBEDDED_CONFIG,
@@ -97,7 +105,6 @@ def build_teacher(params: TeacherParams) -> dict:
 
 def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
     """Fill `building` with the teacher, its metrics and its manifest; returns the manifest."""
-    started = time.perf_counter()
     metrics: dict = {}
     if params.pretrained is None:
         if params.model != EMBEDDED_MODEL:
@@ -118,7 +125,6 @@ def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
         log.info("checking the teacher %s / %s (no training)", params.model, pretrained)
         teacher = load_teacher(params.model, pretrained, device=device)
     metrics["retrieval"] = evaluate_retrieval(teacher, Path(params.eval_images), Path(params.eval_captions), device)
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
     manifest = {
         "model": teacher.fingerprint.model,
         "pretrained": pretrained,
@@ -128,7 +134,7 @@ def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
         "embed_dim": teacher.embed_dim,
         "image_size": teacher.image_size,
         "preprocess": teacher.preprocess_description,
-        "params": _params_record(params),
+        "params": params_record(params, building / MANIFEST),
         "inputs": {"shards": inputs},
         "training_setup": setup,
     }
@@ -164,14 +170,17 @@ def resolve_teacher(folder: Path) -> tuple[str, str]:
         raise VlkdError(f"{path} is not a teacher manifest ({err}); run `vlkd teacher` again") from err
     if source == SOURCE_TAG:
         return model, pretrained
+    return model, str(_checkpoint_path(path, source, pretrained))
+
+
+def _checkpoint_path(manifest: Path, source: str, pretrained: str) -> Path:
+    """The manifest's checkpoint file: the embedded model's is relative to the teacher folder, a user's
+    file relative to the project (manifests record project-relative paths)."""
     checkpoint = Path(pretrained)
-    if not checkpoint.is_absolute():
-        checkpoint = folder.resolve() / checkpoint
-    return model, str(checkpoint)
-
-
-def _params_record(params: TeacherParams) -> dict:
-    return params.model_dump(mode="json")
+    if checkpoint.is_absolute():
+        return checkpoint
+    base = (project_root(manifest) or Path.cwd()) if source == SOURCE_FILE else manifest.parent
+    return base.resolve() / checkpoint
 
 
 def shard_inputs(folder: Path) -> dict[str, str]:
@@ -201,7 +210,7 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
         return None
     try:
         manifest = json.loads(manifest_path.read_text())
-        if without_output(manifest["params"]) != without_output(_params_record(params)):
+        if without_output(manifest["params"]) != without_output(params_record(params, manifest_path)):
             return None
         if params.pretrained is None:
             if manifest["training_setup"] != training_setup(params.image_size):
@@ -212,7 +221,7 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
             if not checkpoint.is_file() or sha256_file(checkpoint) != manifest["weights_sha256"]:
                 return None
         elif manifest["source"] == SOURCE_FILE:
-            checkpoint = Path(manifest["pretrained"])
+            checkpoint = _checkpoint_path(manifest_path, SOURCE_FILE, manifest["pretrained"])
             if not checkpoint.is_file() or sha256_file(checkpoint) != manifest["weights_sha256"]:
                 return None
         # A tag: its file lives in open_clip's cache, where the tag pins it.
@@ -356,7 +365,6 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
         "train_images": len(images),
         "train_captions": len(pairs.tokens),
         "images_seen": seen,
-        "seconds": round(seconds, 3),
         "bad_samples": {"count": len(bad), "keys": bad[:BAD_KEYS_LISTED]},
     }
     log.info("trained in %.1f s: loss %.3f -> %.3f, %d bad sample(s)", seconds, epoch_losses[0],
