@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_dvc_pipeline import dvc, free_port, make_tiny_project, ran
 
 STAGES = ["synth", "download", "teacher", "features", "plm", "distill", "evaluate"]
@@ -46,7 +45,8 @@ def test_each_stage_writes_the_same_metrics(two_runs, stage):
 
 def test_no_manifest_or_metrics_file_names_the_folder_the_project_lies_in(two_runs):
     for root in two_runs:
-        written = [*(root / "data").rglob("*.json"), *(root / "metrics").rglob("*.json"), root / "data/eval/report.html"]
+        written = [*(root / "data").rglob("*.json"), *(root / "metrics").rglob("*.json"),
+                   root / "data" / "eval" / "report.html"]
         assert len(written) > 20
         for path in written:
             assert str(root) not in path.read_text(), path
