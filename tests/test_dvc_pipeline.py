@@ -124,7 +124,8 @@ def test_first_run_builds_every_stage_and_records_it(first_run):
     download = json.loads((root / "metrics/download.json").read_text())
     assert download["url_list"]["successes"] == 40 and download["shards"]["count"] == 2
     features = json.loads((root / "metrics/features.json").read_text())
-    assert features["images"] == 40 and features["shards"]["computed"] == 2
+    assert features["images"] == 40 and features["shards"]["total"] == 2
+    assert json.loads((root / "metrics/runs/features.json").read_text())["shards_computed"] == 2
     assert (root / "data/teacher/manifest.json").is_file()
     assert "up to date" in dvc(root, "status", TARGET)
 
@@ -154,5 +155,5 @@ def test_params_change_reruns_only_the_stages_that_depend_on_it(first_run):
     assert all(lock[name] == lock_before[name] for name in ("synth", "download", "teacher"))
     assert lock["features"]["params"]["params.yaml"]["features"]["batch_size"] == 16
     # the same teacher: every feature file is reused
-    assert json.loads((root / "metrics/features.json").read_text())["shards"]["skipped"] == 2
+    assert json.loads((root / "metrics/runs/features.json").read_text())["shards_skipped"] == 2
 

@@ -116,16 +116,22 @@ def test_a_resnet_teacher_stores_the_pooled_token_and_one_token_per_feature_map_
 def test_done_shards_are_skipped_and_new_ones_computed(shards, tmp_path, teacher):
     output = tmp_path / "features"
     first = extract_features(shards, output, teacher, PARAMS)
-    assert first["shards"] == {"total": 3, "this_rank": 3, "computed": 3, "skipped": 0}
+    assert first["shards"] == {"total": 3, "this_rank": 3}
+    assert first["this_run"]["shards_computed"] == 3 and first["this_run"]["shards_skipped"] == 0
     mtimes = {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")}
     again = extract_features(shards, output, teacher, PARAMS)
-    assert again["shards"]["computed"] == 0 and again["images"] == 0
+    assert again["this_run"]["shards_computed"] == 0 and again["this_run"]["images_encoded"] == 0
+    assert again["images"] == first["images"] == first["this_run"]["images_encoded"]  # what the folder holds
     assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")} == mtimes
-    # A refresh adds a shard: only that one is computed.
+    # A refresh adds a shard: only that one is computed, and the folder's summary is a full run's.
+    grown = tmp_path / "grown"
+    shutil.copytree(shards, grown)
     for suffix in (".tar", ".parquet", "_stats.json"):
-        shutil.copy(shards / f"00002{suffix}", shards / f"00003{suffix}")
-    refresh = extract_features(shards, output, teacher, PARAMS)
-    assert refresh["shards"]["computed"] == 1 and (output / "00003.parquet").exists()
+        shutil.copy(grown / f"00002{suffix}", grown / f"00003{suffix}")
+    refresh = extract_features(grown, output, teacher, PARAMS)
+    assert refresh["this_run"]["shards_computed"] == 1 and (output / "00003.parquet").exists()
+    extract_features(grown, tmp_path / "full", teacher, PARAMS)
+    assert (output / "summary.json").read_bytes() == (tmp_path / "full" / "summary.json").read_bytes()
 
 
 def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monkeypatch):
@@ -136,10 +142,10 @@ def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monk
     real_commit = extract.ShardWriter.commit
     commits = []
 
-    def commit_then_die(self):
+    def commit_then_die(self, bad):
         if commits:  # the second shard's file is still partial when the process "dies"
             raise KeyboardInterrupt
-        real_commit(self)
+        real_commit(self, bad)
         commits.append(self.path)
 
     monkeypatch.setattr(extract.ShardWriter, "commit", commit_then_die)
@@ -149,7 +155,8 @@ def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monk
     assert len(list(killed.glob("[0-9]*.parquet"))) == 1 and list(killed.glob(".*.partial"))
 
     resumed = extract_features(shards, killed, teacher, PARAMS)
-    assert resumed["shards"]["skipped"] == 1 and resumed["shards"]["computed"] == 2
+    assert resumed["this_run"]["shards_skipped"] == 1 and resumed["this_run"]["shards_computed"] == 2
+    assert (killed / "summary.json").read_bytes() == (clean / "summary.json").read_bytes()
     assert not list(killed.glob(".*.partial"))
     for path in sorted(clean.glob("[0-9]*.parquet")):
         assert pq.read_table(killed / path.name).equals(pq.read_table(path))

@@ -144,11 +144,11 @@ def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(proje
 
     # A new version of the URL list: the same world with 20 more images (the first 40 rows are the same).
     result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60}, until=TARGET)
-    download = read(project, "metrics/download.json")
-    assert download["this_run"]["fetched"] == 20 and download["this_run"]["new_shards"] == [2]
-    assert download["url_list"]["successes"] == 60
-    features = read(project, "metrics/features.json")
-    assert features["shards"]["computed"] == 1 and features["shards"]["skipped"] == 2
+    download = read(project, "metrics/runs/download.json")  # the run log: what this run did
+    assert download["fetched"] == 20 and download["new_shards"] == [2]
+    assert read(project, "metrics/download.json")["url_list"]["successes"] == 60
+    features = read(project, "metrics/runs/features.json")
+    assert features["shards_computed"] == 1 and features["shards_skipped"] == 2
     assert result["gate_passed"] and result["baseline"] == "promoted/v1" and result["promoted"] == "promoted/v2"
     gate = {row["metric"]: row for row in result["gate"]}
     assert gate["url_list.successes (metrics/download.json)"]["promoted"] == 40

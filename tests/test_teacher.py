@@ -216,6 +216,25 @@ def test_a_checkpoint_file_is_used_as_it_is(tiny_world_shards, trained, tmp_path
     assert "missing.json" in read_json(tmp_path / "given" / METRICS)["retrieval"]["skipped"]
 
 
+def test_a_checkpoint_file_in_the_project_is_recorded_relative_to_it(tiny_world_shards, trained, tmp_path):
+    """The manifest names the file relative to the project (so the same project elsewhere records the
+    same bytes), and the file is still found and checked from any working directory."""
+    params, manifest = trained
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "params.yaml").write_text("{}\n")
+    checkpoint = project / "models" / CHECKPOINT_NAME
+    shutil.copy(Path(params.output) / CHECKPOINT_NAME, checkpoint)
+    use = params.model_copy(update={"output": project / "data" / "teacher", "pretrained": str(checkpoint),
+                                    "eval_captions": tmp_path / "missing.json"})
+    build_teacher(use)
+    recorded = read_json(project / "data" / "teacher" / "manifest.json")
+    assert recorded["pretrained"] == "models/" + CHECKPOINT_NAME
+    assert recorded["params"]["output"] == "data/teacher"
+    assert resolve_teacher(project / "data" / "teacher") == (EMBEDDED_MODEL, str(checkpoint.resolve()))
+    assert build_teacher(use) == recorded  # up to date: the relative record matches the same params
+
+
 def test_a_checkpoint_of_another_model_is_refused(trained, tmp_path):
     params, _ = trained
     checkpoint = str(Path(params.output) / CHECKPOINT_NAME)

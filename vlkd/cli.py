@@ -54,6 +54,8 @@ def quiet_transformers() -> None:
 def _write_metrics(path: Path | None, run_log: Path | None, result: dict, started: float) -> None:
     """The stage's metrics without `this_run`, and `this_run` with the command's seconds in the run log."""
     this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3)}
+    if "torch" in sys.modules:  # CPU results are identical only for the same number of threads
+        this_run["torch_threads"] = sys.modules["torch"].get_num_threads()
     for target, record in ((path, {k: v for k, v in result.items() if k != "this_run"}), (run_log, this_run)):
         if target is not None:
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -12,10 +13,26 @@ from vlkd.errors import VlkdError
 def resolve_device(requested: str, setting: str) -> torch.device:
     """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is bad input for `setting`."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif requested == "cuda" and not torch.cuda.is_available():
         raise VlkdError(f"{setting} is cuda but torch sees no CUDA device; use auto or cpu")
-    return torch.device(requested)
+    else:
+        device = torch.device(requested)
+    if device.type == "cuda":
+        deterministic_cuda()
+    return device
+
+
+def deterministic_cuda() -> None:
+    """The same inputs give the same weights on the same GPU model: cuDNN without autotuning, cuBLAS with
+    a fixed workspace (read when its first handle is made, so set before the first matmul), and torch's
+    deterministic kernels where an op has one (embedding and scatter backward otherwise add atomically, in
+    whatever order the threads run); ops without one warn instead of failing. On the CPU, torch's kernels
+    are deterministic for a given thread count already."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -35,7 +35,7 @@ from vlkd.errors import VlkdError
 from vlkd.features.reader import FeatureStore
 from vlkd.io import remove_path, replace_folder, sha256_file, tmp_path_for, write_json_atomic
 from vlkd.models.student import Student, StudentConfig
-from vlkd.training import decay_groups
+from vlkd.training import decay_groups, deterministic_cuda
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +394,8 @@ def _init_distributed(device: str) -> Ranks:
     if device == "cuda" and not torch.cuda.is_available():
         raise VlkdError("distill.device is cuda but torch sees no CUDA device; use auto or cpu")
     use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        deterministic_cuda()
     if world_size == 1:
         return Ranks(0, 1, torch.device("cuda" if use_cuda else "cpu"))
     dist.init_process_group("nccl" if use_cuda else "gloo")

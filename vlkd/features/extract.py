@@ -43,6 +43,7 @@ from vlkd.features.schema import (
 )
 from vlkd.io import write_json_atomic
 from vlkd.models.teacher import Teacher
+from vlkd.training import deterministic_cuda
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +287,7 @@ def _device(requested: str) -> torch.device:
         raise VlkdError("--device cuda was asked for but no CUDA device is visible; use --device cpu or auto")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
+    deterministic_cuda()
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # torchrun: one GPU per process
 
 

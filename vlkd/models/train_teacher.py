@@ -174,13 +174,13 @@ def resolve_teacher(folder: Path) -> tuple[str, str]:
 
 
 def _checkpoint_path(manifest: Path, source: str, pretrained: str) -> Path:
-    """The manifest's checkpoint file: the embedded model's is relative to the teacher folder, a user's
-    file relative to the project (manifests record project-relative paths)."""
+    """The manifest's checkpoint file: a user's file inside a project is recorded relative to the project
+    (as every manifest records paths), anything else relative to the teacher folder."""
     checkpoint = Path(pretrained)
     if checkpoint.is_absolute():
         return checkpoint
-    base = (project_root(manifest) or Path.cwd()) if source == SOURCE_FILE else manifest.parent
-    return base.resolve() / checkpoint
+    root = project_root(manifest) if source == SOURCE_FILE else None
+    return (root or manifest.parent).resolve() / checkpoint
 
 
 def shard_inputs(folder: Path) -> dict[str, str]:
