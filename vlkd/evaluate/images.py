@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from vlkd.config import BenchmarkSpec, FeaturesParams
+from vlkd.corpus.shard_writer import add_member
 from vlkd.errors import VlkdError
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore
@@ -75,15 +76,10 @@ def _pack(files: dict[int, Path], shards: Path) -> None:
     Image.new("RGB", size, BLANK_GREY).save(blank, format="PNG")
     with tarfile.open(shards / "00000.tar", "w") as tar:
         for image_id, path in files.items():
-            _add(tar, f"{image_id}.{_EXTENSIONS.get(path.suffix.lower(), 'jpg')}", path.read_bytes())
-            _add(tar, f"{image_id}.txt", b"")
-        _add(tar, f"{BLANK_KEY}.png", blank.getvalue())
-        _add(tar, f"{BLANK_KEY}.txt", b"")
+            add_member(tar, f"{image_id}.{_EXTENSIONS.get(path.suffix.lower(), 'jpg')}", path.read_bytes())
+            add_member(tar, f"{image_id}.txt", b"")
+        add_member(tar, f"{BLANK_KEY}.png", blank.getvalue())
+        add_member(tar, f"{BLANK_KEY}.txt", b"")
     write_json_atomic(shards / "00000_stats.json", {"count": len(files) + 1, "successes": len(files) + 1,
                                                     "source": "evaluation images packed by vlkd evaluate"})
 
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
