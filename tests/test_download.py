@@ -24,6 +24,7 @@ from vlkd.config import DownloadParams
 from vlkd.corpus import shards
 from vlkd.corpus.download import FAILED, LOCK, STAGING, SUMMARY, download
 from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.errors import VlkdError
 
 PARAMS = DownloadParams(processes=1, threads=8, shard_size=10, timeout=1.0, max_image_area=250_000,
                         image_size=32, max_caption_chars=50)
@@ -131,6 +132,30 @@ def test_the_same_list_gives_the_same_bytes_whatever_the_processes_and_threads(t
         assert keys == sorted(keys)
         stats = json.loads(tar_path.with_name(tar_path.stem + shards.STATS_SUFFIX).read_text())
         assert not set(shards.RUN_FIELDS) & set(stats)
+
+
+def test_spark_writes_the_bytes_multiprocessing_writes(tmp_path, image_server):
+    """img2dataset's pyspark distributor (Spark in local mode, 2 cores) runs vlkd's writer in Spark's
+    Python workers: the same list gives the same shard folder as the multiprocessing distributor."""
+    urls = [image_server.url(f"/delay/{i}.png") for i in range(30)] + [image_server.url("/404")]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    spark = download(url_list, tmp_path / "spark", PARAMS.model_copy(update={"distributor": "pyspark",
+                                                                             "processes": 2}))
+    download(url_list, tmp_path / "local", PARAMS.model_copy(update={"processes": 2}))
+    assert spark["url_list"]["successes"] == 30 and spark["this_run"]["new_shards"] == [0, 1, 2, 3]
+    assert folder_hashes(tmp_path / "spark") == folder_hashes(tmp_path / "local")
+
+
+def test_a_distributor_that_is_not_installed_is_one_clear_line(tmp_path, image_server, monkeypatch):
+    import importlib.util
+
+    url_list = write_list(tmp_path / "urls.parquet", [image_server.url(f"/img/{i}.png") for i in range(12)])
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "ray" else find_spec(name, *rest))
+    with pytest.raises(VlkdError, match=r"download.distributor is ray but ray is not installed; install it"):
+        download(url_list, tmp_path / "shards", PARAMS.model_copy(update={"distributor": "ray"}))
+    assert not list_shards(tmp_path / "shards")
 
 
 def test_duplicates_are_downloaded_once(tmp_path, image_server):

@@ -52,7 +52,7 @@ def quiet_transformers() -> None:
 
 
 def _write_metrics(path: Path | None, run_log: Path | None, result: dict, started: float) -> None:
-    """The stage's metrics without `this_run`, and `this_run` with the command's seconds in the run log."""
+    """The stage's metrics without `this_run`, and `this_run` in the run log with the whole command's seconds."""
     this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3)}
     if "torch" in sys.modules:  # CPU results are identical only for the same number of threads
         this_run["torch_threads"] = sys.modules["torch"].get_num_threads()

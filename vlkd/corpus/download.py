@@ -13,10 +13,12 @@ rewritten and a refresh costs in proportion to the new rows.
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -207,6 +209,7 @@ def _run_img2dataset(input_file: Path, rows: int, staging: Path, start_shard_id:
         compute_hash="sha256", verify_hash_type=None, encode_format=params.encode_format,
         retries=params.retries, user_agent_token="vlkd", disallowed_header_directives=None,
     )
+    _check_engine(params.distributor)
     distribute = {
         "multiprocessing": distributors.multiprocessing_distributor,
         "pyspark": distributors.pyspark_distributor,
@@ -221,6 +224,20 @@ def _run_img2dataset(input_file: Path, rows: int, staging: Path, start_shard_id:
             downloader(row)
         return
     distribute(min(params.processes, shard_count), downloader, reader, 1000, 1)
+
+
+def _check_engine(distributor: str) -> None:
+    """A distributor whose library is missing is one clear line: img2dataset's ray distributor would
+    otherwise do nothing, silently. Spark's local Python workers run this interpreter unless the user's
+    PYSPARK_PYTHON says otherwise (on a cluster, the executors' own Python needs vlkd installed)."""
+    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install ray"}.get(distributor)
+    if install is None:
+        return
+    if importlib.util.find_spec(distributor) is None:
+        raise VlkdError(f"download.distributor is {distributor} but {distributor} is not installed; install it "
+                        f"({install}) or set download.distributor: multiprocessing")
+    if distributor == "pyspark":
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 
 def summarize(checked: CheckedRows, outcomes: dict[str, str | None], output: Path) -> dict:

@@ -169,7 +169,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         dist.barrier()
     # How this run went: a resumed run ends with the same student, so none of this is in its files.
     metrics["this_run"] = {
-        "resumed_from_step": start_step, "seconds": round(elapsed, 1),
+        "resumed_from_step": start_step, "training_seconds": round(elapsed, 1),
         "epoch_means": epoch_means,  # the mean of each loss over each epoch this process trained
         "samples_per_s": round((total_steps - start_step) * params.batch_size * params.grad_accum
                                * ranks.world_size / max(elapsed, 1e-9), 1),
