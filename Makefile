@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,spark]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,spark,ray]"
 	# img2dataset pulls in the `dataclasses` backport, which shadows the standard library module and
 	# breaks Prefect's server ("dataclass() got an unexpected keyword argument 'slots'").
 	$(BIN)/pip uninstall --quiet -y dataclasses

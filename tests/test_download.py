@@ -146,6 +146,22 @@ def test_spark_writes_the_bytes_multiprocessing_writes(tmp_path, image_server):
     assert folder_hashes(tmp_path / "spark") == folder_hashes(tmp_path / "local")
 
 
+def test_ray_writes_the_bytes_multiprocessing_writes(tmp_path, image_server):
+    """img2dataset's ray distributor on a local Ray started here (a cluster's `ray start` in real use)."""
+    import ray
+
+    urls = [image_server.url(f"/delay/{i}.png") for i in range(30)] + [image_server.url("/404")]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = download(url_list, tmp_path / "ray", PARAMS.model_copy(update={"distributor": "ray"}))
+    finally:
+        ray.shutdown()
+    download(url_list, tmp_path / "local", PARAMS.model_copy(update={"processes": 2}))
+    assert on_ray["url_list"]["successes"] == 30 and on_ray["this_run"]["new_shards"] == [0, 1, 2, 3]
+    assert folder_hashes(tmp_path / "ray") == folder_hashes(tmp_path / "local")
+
+
 def test_a_distributor_that_is_not_installed_is_one_clear_line(tmp_path, image_server, monkeypatch):
     import importlib.util
 

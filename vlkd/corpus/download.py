@@ -230,7 +230,7 @@ def _check_engine(distributor: str) -> None:
     """A distributor whose library is missing is one clear line: img2dataset's ray distributor would
     otherwise do nothing, silently. Spark's local Python workers run this interpreter unless the user's
     PYSPARK_PYTHON says otherwise (on a cluster, the executors' own Python needs vlkd installed)."""
-    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install ray"}.get(distributor)
+    install = {"pyspark": "pip install -e '.[spark]'", "ray": "pip install -e '.[ray]'"}.get(distributor)
     if install is None:
         return
     if importlib.util.find_spec(distributor) is None:
