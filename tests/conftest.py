@@ -32,7 +32,9 @@ def jpeg_bytes(size: int = 64) -> bytes:
 class ImageServer:
     """Paths: /img/N.png good; /404; /html; /truncated.jpg; /empty.jpg; /huge.png (decodes to 1000x1000);
     /redirect/N -> /img/N.png; /loop (redirects to itself); /slow.png (answers after SLOW_SECONDS);
-    /flaky/N.png (404 on the first request, then an image); /delay/N.png (a good image after 50 ms)."""
+    /flaky/N.png (404 on the first request, then an image); /delay/N.png (a good image after 50 ms);
+    /noai/N.png (an image whose X-Robots-Tag opts out of AI use); /otherbot/N.png (opts out for another
+    agent only)."""
 
     def __init__(self) -> None:
         self.requests: Counter[str] = Counter()
@@ -75,6 +77,11 @@ class ImageServer:
                 elif path.startswith("/delay/"):
                     time.sleep(0.05)
                     self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])))
+                elif path.startswith("/noai/"):
+                    self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])), **{"X-Robots-Tag": "noai"})
+                elif path.startswith("/otherbot/"):
+                    self._send(200, png_bytes(int(path.split("/")[-1].split(".")[0])),
+                               **{"X-Robots-Tag": "otherbot: noai, noimageai"})
                 elif path.startswith("/flaky/"):
                     if seen == 1:
                         self._send(404, b"not yet", "text/plain")

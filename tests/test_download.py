@@ -174,6 +174,21 @@ def test_a_distributor_that_is_not_installed_is_one_clear_line(tmp_path, image_s
     assert not list_shards(tmp_path / "shards")
 
 
+def test_images_whose_site_opts_out_are_failures_with_their_own_reason(tmp_path, image_server):
+    urls = [image_server.url(f"/img/{i}.png") for i in range(3)]
+    urls += [image_server.url("/noai/3.png"), image_server.url("/otherbot/4.png")]
+    url_list = write_list(tmp_path / "urls.parquet", urls)
+    summary = download(url_list, tmp_path / "shards", PARAMS)
+    opted_out = "opted out by the site (X-Robots-Tag; download.disallowed_header_directives)"
+    assert summary["url_list"]["failures_by_reason"] == {opted_out: 1}
+    assert summary["url_list"]["successes"] == 4  # a directive for another agent does not apply to vlkd
+    failed = pq.read_table(tmp_path / "shards" / FAILED).to_pylist()
+    assert failed == [{"url": urls[3], "caption": "picture number 3", "reason": opted_out, "kind": "download"}]
+
+    kept = download(url_list, tmp_path / "all", PARAMS.model_copy(update={"disallowed_header_directives": []}))
+    assert kept["url_list"]["successes"] == 5
+
+
 def test_duplicates_are_downloaded_once(tmp_path, image_server):
     url = image_server.url("/img/3.png")
     url_list = write_list(tmp_path / "urls.parquet", [url, url, url, image_server.url("/img/4.png")])

@@ -63,6 +63,10 @@ class DownloadParams(_Section):
     distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
     max_image_area: float = Field(40e6, gt=0, description="larger decoded images are recorded as failures")
     max_caption_chars: int = Field(1000, ge=1, description="longer captions are truncated and counted")
+    # Sites opt out of AI use in their X-Robots-Tag header (for all agents, or for `vlkd:` by name);
+    # such images are not stored but counted as failures with their own reason, as img2dataset does by
+    # default. An empty list stores them anyway.
+    disallowed_header_directives: list[str] = ["noai", "noimageai", "noindex", "noimageindex"]
 
     @field_validator("column_names")
     @classmethod

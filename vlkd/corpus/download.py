@@ -43,6 +43,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 log = logging.getLogger(__name__)
 
 STAGING = "_staging"
+USER_AGENT_TOKEN = "vlkd"  # in the User-Agent, and the name an X-Robots-Tag directive can address
 PLAN, PLAN_ROWS, PLAN_LAYOUT = "_plan", "rows.parquet", "layout.json"  # under STAGING while a run fetches
 SUMMARY = "summary.json"
 FAILED = "failed.parquet"
@@ -207,7 +208,8 @@ def _run_img2dataset(input_file: Path, rows: int, staging: Path, start_shard_id:
         save_caption=True, extract_exif=False, output_folder=str(staging), column_list=reader.column_list,
         timeout=params.timeout, number_sample_per_shard=params.shard_size, oom_shard_count=5,
         compute_hash="sha256", verify_hash_type=None, encode_format=params.encode_format,
-        retries=params.retries, user_agent_token="vlkd", disallowed_header_directives=None,
+        retries=params.retries, user_agent_token=USER_AGENT_TOKEN,
+        disallowed_header_directives=[d.lower() for d in params.disallowed_header_directives] or None,
     )
     _check_engine(params.distributor)
     distribute = {

@@ -50,6 +50,7 @@ _KNOWN_FAILURES = (
     ("infinite loop", "redirect loop"),
     ("timed out", "timed out"),
     ("image area too large", "image area too large (download.max_image_area)"),
+    ("disallowed by X-Robots-Tag", "opted out by the site (X-Robots-Tag; download.disallowed_header_directives)"),
 )
 
 
