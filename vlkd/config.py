@@ -230,7 +230,7 @@ class EvaluateParams(_Section):
     }
     retention_text: Path = Path("data/world/text/heldout.txt")
     curves: Path = Path("metrics/distill")  # the distillation's dvclive folder, drawn in the report
-    # direct: METHOD.md's zero-shot VQA, [image prefix ; vqa_prompt]. describe: the student describes the
+    # direct: the VLKD paper's zero-shot VQA, [image prefix ; vqa_prompt]. describe: the student describes the
     # image (describe_prompt) and the language model answers "<description>. <vqa_prompt>" from text.
     vqa_mode: Literal["direct", "describe"] = "describe"
     vqa_prompt: str = "Question: {question} Answer: <mask>"
