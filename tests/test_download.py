@@ -152,11 +152,14 @@ def test_ray_writes_the_bytes_multiprocessing_writes(tmp_path, image_server):
 
     urls = [image_server.url(f"/delay/{i}.png") for i in range(30)] + [image_server.url("/404")]
     url_list = write_list(tmp_path / "urls.parquet", urls)
+    environment = dict(os.environ)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         on_ray = download(url_list, tmp_path / "ray", PARAMS.model_copy(update={"distributor": "ray"}))
     finally:
         ray.shutdown()
+        os.environ.clear()  # ray.init leaves variables behind (RAY_AUTH_MODE=token, ...) for later tests
+        os.environ.update(environment)
     download(url_list, tmp_path / "local", PARAMS.model_copy(update={"processes": 2}))
     assert on_ray["url_list"]["successes"] == 30 and on_ray["this_run"]["new_shards"] == [0, 1, 2, 3]
     assert folder_hashes(tmp_path / "ray") == folder_hashes(tmp_path / "local")
