@@ -1,5 +1,5 @@
-"""The three VLKD objectives (METHOD.md). The teacher's embeddings come from the feature store (frozen);
-only the student's side carries gradients.
+"""The three objectives of the VLKD paper (arXiv 2203.06386). The teacher's embeddings come from the feature
+store (frozen); only the student's side carries gradients.
 
   TTDM  distance between the student's projected text embedding W_t(pool(BART_enc(T))) and CLIP's t_C.
   ITCL  symmetric InfoNCE between CLIP's image embedding v_i and the student's text embedding of caption j,

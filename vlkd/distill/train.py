@@ -1,4 +1,4 @@
-"""`vlkd distill`: VLKD from stored teacher features into the language model (METHOD.md).
+"""`vlkd distill`: VLKD from stored teacher features into the language model (the VLKD paper, arXiv 2203.06386).
 
 One process, or one per GPU/CPU under `torchrun` (DistributedDataParallel; gloo on CPU, nccl on CUDA).
 All randomness of optimizer step s on rank r (dropout, span masking) is drawn from seeds made of
