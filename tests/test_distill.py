@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore
+from vlkd.io import sha256_file
 from vlkd.models.noising import infill_spans
 from vlkd.models.student import Student, StudentConfig
 from vlkd.models.teacher import load_teacher
@@ -397,11 +399,25 @@ def test_retention_batches_are_the_language_models_own_infilling_examples(setup,
             assert "<mask>" in source
 
 
-def test_distillation_with_text_retention_logs_its_loss(setup, tmp_path, tiny_world_shards):
-    corpus = tiny_world_shards[0] / "text" / "train.txt"
-    metrics = train.distill(params(setup, tmp_path, retention_weight=1.0, retention_corpus=corpus))
+def _plm_built_on(plm: Path, folder: Path, corpus: Path | None) -> Path:
+    """A copy of the tiny language model whose manifest records `corpus` as `vlkd plm` does."""
+    copy = shutil.copytree(plm, folder)
+    record = {"params": {"corpus": str(corpus) if corpus else None},
+              "inputs": {"corpus": sha256_file(corpus)} if corpus else {}}
+    (copy / "vlkd-plm.json").write_text(json.dumps(record))
+    return copy
+
+
+def test_distillation_with_text_retention_reads_the_language_models_corpus(setup, tmp_path, tiny_world_shards):
+    corpus = shutil.copy(tiny_world_shards[0] / "text" / "train.txt", tmp_path / "train.txt")
+    plm = _plm_built_on(setup[1], tmp_path / "plm", corpus)
+    metrics = train.distill(params(setup, tmp_path, plm=plm, retention_weight=1.0))
     assert math.isfinite(metrics["final"]["retention"]) and metrics["final"]["retention"] > 0
     assert (tmp_path / "plots" / "plots" / "metrics" / "train" / "retention.tsv").is_file()
-    with pytest.raises(VlkdError, match="retention corpus"):
-        train.distill(params(setup, tmp_path / "again", retention_weight=1.0,
-                             retention_corpus=tmp_path / "missing.txt"))
+    without = _plm_built_on(setup[1], tmp_path / "plm-without", None)
+    with pytest.raises(VlkdError, match="built without one; set plm.corpus"):
+        train.distill(params(setup, tmp_path / "again", plm=without, retention_weight=1.0))
+    with corpus.open("a") as file:  # the text changed after the language model was built on it
+        file.write("a new document\n")
+    with pytest.raises(VlkdError, match="has changed since; run `vlkd plm` again"):
+        train.distill(params(setup, tmp_path / "changed", plm=plm, retention_weight=1.0))

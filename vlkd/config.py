@@ -1,5 +1,11 @@
 """Typed view of params.yaml: the one place where defaults live.
 
+The defaults are the VLKD paper's recipe for real use (docs/method.md): a CLIP ViT-L-14 teacher,
+BART-large, the three objectives at weight 1 with a pooled-embedding prefix, direct zero-shot VQA with
+the paper's prompts, and the paper's benchmarks (VQAv2 val, OK-VQA val, COCO Karpathy test) in their
+published file layout under data/benchmarks. The project's params.yaml sets what the embedded synthetic
+world needs instead, each with a comment saying why.
+
 Inside a project (a folder with params.yaml, found from the working directory upwards) the file is
 read and validated; elsewhere the defaults below apply. CLI flags override both. Relative paths in
 params.yaml are relative to the folder that holds it.
@@ -16,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlkd.errors import VlkdError
 
 PARAMS_FILE = "params.yaml"
+COCO_IMAGE = "COCO_val2014_{image_id:012d}.jpg"  # a COCO val2014 image's file name
 
 
 class _Section(BaseModel):
@@ -27,7 +34,7 @@ class SynthParams(_Section):
 
     output: Path = Path("data/world")
     seed: int = 0
-    images: int = Field(2000, ge=1, description="training images in the URL list")
+    images: int = Field(10000, ge=1, description="training images in the URL list")
     eval_images: int = Field(200, ge=1, description="held-out images with VQA questions and COCO captions")
     shifted_images: int = Field(100, ge=1, description="domain-shifted held-out images")
     image_size: int = Field(96, ge=32, le=1024, description="side of the generated PNGs, in pixels")
@@ -41,7 +48,7 @@ class SynthParams(_Section):
 class DownloadParams(_Section):
     """The download stage (img2dataset into webdataset shards)."""
 
-    url_list: Path = Path("data/world/urls.parquet")
+    url_list: Path = Path("data/urls.parquet")
     output: Path = Path("data/shards")
     url_col: str = "url"
     caption_col: str = "caption"
@@ -51,7 +58,7 @@ class DownloadParams(_Section):
     input_format: Literal["auto", "parquet", "csv", "tsv"] = "auto"
     # For headerless csv/tsv files (Conceptual Captions: [caption, url]): the column names in order.
     column_names: list[str] | None = None
-    image_size: int = Field(64, ge=8)
+    image_size: int = Field(256, ge=8)  # img2dataset's default; CLIP's preprocessing crops 224 from it
     resize_mode: Literal["no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"] = "border"
     encode_format: Literal["jpg", "png", "webp"] = "jpg"
     encode_quality: int = Field(95, ge=1, le=100)
@@ -80,17 +87,18 @@ class TeacherParams(_Section):
     """The teacher stage: an open_clip model, or the embedded one trained on the world's shards."""
 
     output: Path = Path("data/teacher")
-    model: str = "vlkd-tiny-resnet"
+    model: str = "ViT-L-14"
     # A pretrained tag (e.g. `openai` for ViT-L-14) or a checkpoint file: use that teacher as it is.
-    # null: train the embedded model contrastively on `shards` (no weights can be downloaded here).
-    pretrained: str | None = None
+    # null: train the embedded model (`vlkd-tiny-resnet`) contrastively on `shards`.
+    pretrained: str | None = "openai"
     shards: Path = Path("data/shards")
-    eval_images: Path = Path("data/world/images/eval")
-    eval_captions: Path = Path("data/world/captions/annotations.json")
+    # Held-out images with COCO-format captions for the teacher's zero-shot retrieval check.
+    eval_images: Path = Path("data/benchmarks/coco/val2014")
+    eval_captions: Path = Path("data/benchmarks/coco/annotations/captions_karpathy_test.json")
     # The embedded model's input side in pixels (a multiple of 32: the ResNet's last feature map is
     # image_size/32 on a side). Images of another size are resized to it.
     image_size: int = Field(64, ge=32, multiple_of=32)
-    epochs: int = Field(15, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(64, ge=2)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
@@ -102,7 +110,17 @@ class TeacherParams(_Section):
 class FeaturesParams(_Section):
     """The features stage: open_clip embeddings of every shard to Parquet."""
 
-    shards: Path = Path("data/shards")
+    # Any webdataset tars: a folder (vlkd's download: its complete shards; else every *.tar), a brace
+    # pattern (/data/cc3m/{00000..00331}.tar), a tar file, or a list of these.
+    shards: Path | list[Path] = Path("data/shards")
+
+    @field_validator("shards")
+    @classmethod
+    def _names_shards(cls, shards: Path | list[Path]) -> Path | list[Path]:
+        if isinstance(shards, list) and not shards:
+            raise ValueError("an empty list names no shards; give a folder, a brace pattern or tar files")
+        return shards
+
     output: Path = Path("data/features")
     teacher: Path = Path("data/teacher")  # a teacher folder; its manifest names the model and weights
     model: str | None = None  # with `pretrained`: use this open_clip model instead of `teacher`
@@ -118,20 +136,24 @@ class PlmParams(_Section):
     """The language-model stage: a BART checkpoint, or the embedded one pretrained on the world's text."""
 
     output: Path = Path("data/plm")
-    # A hub name or local directory (e.g. facebook/bart-base), loaded with `from_pretrained`.
+    # A hub name or local directory (e.g. facebook/bart-large), loaded with `from_pretrained`.
     # null: train a byte-level BPE tokenizer and pretrain a small BART on `corpus` (text infilling).
-    model: str | None = None
-    corpus: Path = Path("data/world/text/train.txt")
-    heldout: Path = Path("data/world/text/heldout.txt")
+    model: str | None = "facebook/bart-large"
+    # The language model's text, one document per line, in the folder `text` (which DVC watches, so both
+    # files may be absent): `corpus` pretrains the embedded model and is what distill.retention_weight
+    # keeps; `heldout` measures infilling before and after distillation (text retention). null: none.
+    text: Path = Path("data/text")
+    corpus: Path | None = None
+    heldout: Path | None = Path("data/text/heldout.txt")
     vocab_size: int = Field(1024, ge=300)
     d_model: int = Field(128, ge=16)
-    layers: int = Field(2, ge=1, description="encoder layers, and as many decoder layers")
+    layers: int = Field(3, ge=1, description="encoder layers, and as many decoder layers")
     heads: int = Field(4, ge=1)
     ffn_dim: int = Field(512, ge=16)
     max_positions: int = Field(128, ge=16, description="BART's position embeddings: the longest input")
     dropout: float = Field(0.0, ge=0, le=1)
     max_length: int = Field(64, ge=8, description="tokens per document, longer ones are truncated")
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -164,9 +186,9 @@ class DistillParams(_Section):
     ttdm_weight: float = Field(1.0, ge=0)
     itcl_weight: float = Field(1.0, ge=0)
     icti_weight: float = Field(1.0, ge=0)
-    # Text retention (not in the paper): the language model's infilling on its own corpus, no image.
+    # Text retention (not in the paper): the language model's infilling on its own corpus (plm.corpus,
+    # found through the language model's folder), no image.
     retention_weight: float = Field(0.0, ge=0)
-    retention_corpus: Path | None = None  # one document per line; needed when retention_weight > 0
     ttdm_distance: Literal["mse", "cosine"] = "mse"
     itcl_temperature: float = Field(0.01, gt=0, description="CLIP's temperature; the starting value if learnable")
     itcl_learnable_temperature: bool = False
@@ -203,9 +225,31 @@ class BenchmarkSpec(_Section):
 
     task: Literal["vqa", "caption"]
     images: Path  # folder of the images
-    image_pattern: str = "{image_id:06d}.png"  # file name of an image id (VQAv2: COCO_val2014_{image_id:012d}.jpg)
+    image_pattern: str = COCO_IMAGE  # file name of an image id
     questions: Path | None = None  # vqa
     annotations: Path  # vqa annotations, or COCO caption annotations
+
+    @model_validator(mode="after")
+    def _vqa_needs_questions(self) -> BenchmarkSpec:
+        if self.task == "vqa" and self.questions is None:
+            raise ValueError("a vqa benchmark needs `questions` (a VQAv2-format questions file)")
+        return self
+
+
+_COCO = Path("data/benchmarks/coco")
+# The paper's benchmarks in their published layout: COCO val2014 images (VQAv2, OK-VQA and the Karpathy
+# test split are all drawn from them), the VQAv2 and OK-VQA question/annotation files as released, and
+# the Karpathy test split as COCO caption annotations (e.g. LAVIS's coco_karpathy_test_gt.json).
+PAPER_BENCHMARKS = {
+    "vqav2": BenchmarkSpec(task="vqa", images=_COCO / "val2014",
+                           questions=Path("data/benchmarks/vqav2/v2_OpenEnded_mscoco_val2014_questions.json"),
+                           annotations=Path("data/benchmarks/vqav2/v2_mscoco_val2014_annotations.json")),
+    "okvqa": BenchmarkSpec(task="vqa", images=_COCO / "val2014",
+                           questions=Path("data/benchmarks/okvqa/OpenEnded_mscoco_val2014_questions.json"),
+                           annotations=Path("data/benchmarks/okvqa/mscoco_val2014_annotations.json")),
+    "coco-captions": BenchmarkSpec(task="caption", images=_COCO / "val2014",
+                                   annotations=_COCO / "annotations/captions_karpathy_test.json"),
+}
 
 
 class EvaluateParams(_Section):
@@ -218,21 +262,14 @@ class EvaluateParams(_Section):
     # Evaluation images packed into a shard and their features (the features stage's code and format),
     # kept across runs: a new student is evaluated without embedding the images again.
     cache: Path = Path("data/cache/eval")
-    benchmarks: dict[str, BenchmarkSpec] = {
-        "vqa": BenchmarkSpec(task="vqa", images=Path("data/world/images/eval"),
-                             questions=Path("data/world/vqa/questions.json"),
-                             annotations=Path("data/world/vqa/annotations.json")),
-        "vqa-shifted": BenchmarkSpec(task="vqa", images=Path("data/world/images/shifted"),
-                                     questions=Path("data/world/shifted/vqa/questions.json"),
-                                     annotations=Path("data/world/shifted/vqa/annotations.json")),
-        "captions": BenchmarkSpec(task="caption", images=Path("data/world/images/eval"),
-                                  annotations=Path("data/world/captions/annotations.json")),
-    }
-    retention_text: Path = Path("data/world/text/heldout.txt")
+    # The folder that holds every benchmark's files: DVC watches it (a pipeline cannot list a varying
+    # number of files), so each benchmark path must lie inside it.
+    data: Path = Path("data/benchmarks")
+    benchmarks: dict[str, BenchmarkSpec] = PAPER_BENCHMARKS
     curves: Path = Path("metrics/distill")  # the distillation's dvclive folder, drawn in the report
     # direct: the VLKD paper's zero-shot VQA, [image prefix ; vqa_prompt]. describe: the student describes the
     # image (describe_prompt) and the language model answers "<description>. <vqa_prompt>" from text.
-    vqa_mode: Literal["direct", "describe"] = "describe"
+    vqa_mode: Literal["direct", "describe"] = "direct"
     vqa_prompt: str = "Question: {question} Answer: <mask>"
     caption_prompt: str = "A picture of <mask>"
     describe_prompt: str = "A picture of <mask>"
@@ -331,7 +368,9 @@ def load_params(path: Path | None = None) -> Params:
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise VlkdError(f"{path}: {_first_problem(err)}; fix params.yaml") from err
-    return _resolve_paths(params, Path(path).resolve().parent)
+    params = _resolve_paths(params, Path(path).resolve().parent)
+    _check_watched(params, path)
+    return params
 
 
 def with_overrides(section: _Section, **flags) -> _Section:
@@ -348,6 +387,27 @@ def _first_problem(err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"])
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{where}: {first['msg']}{more}"
+
+
+def watched_files(params: Params) -> dict[str, tuple[Path, Path, str]]:
+    """{key: (file, folder, folder key)} of the inputs that dvc.yaml watches through a folder (a stage with
+    optional or many inputs depends on the folder that holds them)."""
+    files = {"plm.corpus": params.plm.corpus, "plm.heldout": params.plm.heldout}
+    watched = {key: (path, params.plm.text, "plm.text") for key, path in files.items() if path is not None}
+    for name, spec in params.evaluate.benchmarks.items():
+        for field in ("images", "questions", "annotations"):
+            path = getattr(spec, field)
+            if path is not None:
+                watched[f"evaluate.benchmarks.{name}.{field}"] = (path, params.evaluate.data, "evaluate.data")
+    return watched
+
+
+def _check_watched(params: Params, source: Path) -> None:
+    for key, (path, folder, folder_key) in watched_files(params).items():
+        if not Path(path).resolve().is_relative_to(Path(folder).resolve()):
+            raise VlkdError(f"{source}: {key} ({path}) is outside {folder_key} ({folder}), the folder the pipeline "
+                            f"watches for its changes; move the file under it or set {folder_key} to a folder "
+                            "that holds it")
 
 
 def _resolve_paths(params: Params, root: Path) -> Params:

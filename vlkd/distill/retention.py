@@ -25,7 +25,7 @@ class RetentionBatches:
     def __init__(self, corpus: Path, tokenizer, plm_folder: Path, mask_ratio: float, poisson_lambda: float,
                  max_length: int):
         self.tokenizer = tokenizer
-        self.documents = encode_documents(tokenizer, read_documents(corpus, "distill.retention_corpus"), max_length)
+        self.documents = encode_documents(tokenizer, read_documents(corpus, "plm.corpus"), max_length)
         self.noise = PlmParams(mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
                                answer_mask_share=pretrained_answer_mask_share(plm_folder))
 

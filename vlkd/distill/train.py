@@ -34,6 +34,7 @@ from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
 from vlkd.features.reader import FeatureStore
 from vlkd.io import remove_path, replace_folder, sha256_file, tmp_path_for, write_json_atomic
+from vlkd.models.plm import language_model_text
 from vlkd.models.student import Student, StudentConfig
 from vlkd.training import decay_groups, deterministic_cuda
 
@@ -269,12 +270,9 @@ def _check_finite(losses: dict[str, float], step: int, checkpoint: Path, ranks: 
 def _retention_batches(params: DistillParams, student: Student) -> RetentionBatches | None:
     if not params.retention_weight:
         return None
-    corpus = params.retention_corpus
-    if corpus is None or not Path(corpus).is_file():
-        raise VlkdError(f"distill.retention_weight is {params.retention_weight} but the retention corpus {corpus} "
-                        "does not exist; set distill.retention_corpus to a text file (one document per line) or "
-                        "set retention_weight: 0")
-    return RetentionBatches(Path(corpus), student.tokenizer, params.plm, params.mask_ratio, params.poisson_lambda,
+    # The text the language model knows is the plm stage's input, so DVC sees it through distill.plm.
+    corpus = language_model_text(params.plm, "corpus", f"distill.retention_weight {params.retention_weight}")
+    return RetentionBatches(corpus, student.tokenizer, params.plm, params.mask_ratio, params.poisson_lambda,
                             params.max_length)
 
 

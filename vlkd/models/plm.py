@@ -47,7 +47,15 @@ from tqdm import tqdm
 
 from vlkd.config import PlmParams
 from vlkd.errors import VlkdError, first_line
-from vlkd.io import params_record, remove_path, replace_folder, sha256_file, without_output, write_json_atomic
+from vlkd.io import (
+    params_record,
+    project_root,
+    remove_path,
+    replace_folder,
+    sha256_file,
+    without_output,
+    write_json_atomic,
+)
 from vlkd.models.infill import MASK, extract_infill, fill_prompt, generate_texts
 from vlkd.models.noising import infill_spans
 from vlkd.training import decay_groups, resolve_device, warmup_cosine
@@ -185,15 +193,38 @@ def read_documents(path: Path, field: str) -> list[str]:
 
 
 def _inputs(params: PlmParams) -> dict:
-    """sha256 of the text files the stage reads: a changed corpus or held-out file rebuilds the folder."""
+    """sha256 of the text files the stage reads: a changed corpus or held-out file rebuilds the folder.
+    The corpus is recorded for a pretrained model too: it is the text distillation's retention keeps."""
     inputs = {}
-    if params.model is None:
-        if not Path(params.corpus).is_file():
-            read_documents(Path(params.corpus), "plm.corpus")  # raises the one-line error
-        inputs["corpus"] = sha256_file(Path(params.corpus))
-    if Path(params.heldout).is_file():
-        inputs["heldout"] = sha256_file(Path(params.heldout))
+    if params.model is None and (params.corpus is None or not Path(params.corpus).is_file()):
+        read_documents(Path(params.corpus or "<plm.corpus is null>"), "plm.corpus")  # raises the one-line error
+    for name in ("corpus", "heldout"):
+        path = getattr(params, name)
+        if path is not None and Path(path).is_file():
+            inputs[name] = sha256_file(Path(path))
     return inputs
+
+
+def language_model_text(folder: Path, name: str, field: str, required: bool = True) -> Path | None:
+    """The language model's `corpus` or `heldout` file as its folder's manifest records it, checked to be
+    unchanged since the model was built (a later stage must read the text the model was built with).
+    None if the model was built without one (or elsewhere, with no manifest) and the text is not `required`."""
+    if not required and not (Path(folder) / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(folder)
+    recorded = manifest.get("params", {}).get(name)
+    if recorded is None or name not in manifest.get("inputs", {}):
+        if not required:
+            return None
+        raise VlkdError(f"{field} needs the language model's {name} text, and {folder} was built without one; set "
+                        f"plm.{name} to a text file (one document per line) and run `vlkd plm` again")
+    path = Path(recorded)
+    if not path.is_absolute():
+        path = (project_root(Path(folder) / MANIFEST) or Path.cwd()) / path
+    if not path.is_file() or sha256_file(path) != manifest["inputs"][name]:
+        raise VlkdError(f"{path}, the plm.{name} that {folder} was built with, is missing or has changed since; "
+                        "run `vlkd plm` again (dvc repro does)")
+    return path
 
 
 def weights_sha256(folder: Path) -> dict[str, str]:
@@ -494,10 +525,11 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
 # ---------------------------------------------------------------------------------------------------
 def evaluate_plm(model, tokenizer, params: PlmParams, device: torch.device | str = "cpu") -> dict:
     """Held-out infilling loss and text-only QA on `params.heldout` (skipped, with a reason, without it)."""
+    if params.heldout is None or not Path(params.heldout).is_file():
+        why = "plm.heldout is null" if params.heldout is None else f"{params.heldout} does not exist"
+        log.warning("held-out metrics not measured: %s (set plm.heldout)", why)
+        return {"heldout_infilling": {"skipped": why}, "qa": {"skipped": why}}
     path = Path(params.heldout)
-    if not path.is_file():
-        log.warning("held-out metrics not measured: %s does not exist (set plm.heldout)", path)
-        return {"heldout_infilling": {"skipped": f"{path} does not exist"}, "qa": {"skipped": f"{path} does not exist"}}
     documents = read_documents(path, "plm.heldout")
     return {
         "heldout_infilling": infilling_loss(model, tokenizer, documents, params.mask_ratio, params.poisson_lambda,

@@ -9,12 +9,15 @@ vlkd.config before it replaces the old one, and left untouched when no value cha
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from vlkd.config import PARAMS_FILE, Params, load_params
 from vlkd.errors import VlkdError
@@ -28,7 +31,8 @@ def find_project(params_file: Path | str = PARAMS_FILE) -> tuple[Path, dict[str,
     The project's own params.yaml (next to dvc.yaml) gives no overrides. Any other YAML file is a
     variant: each of its values becomes an override of the params.yaml of the project that holds the
     file, or else the one that holds the working directory. Its paths are written as they are, so they
-    are relative to the project."""
+    are relative to the project. A mapping of named entries (evaluate.benchmarks, pipeline.secrets) is
+    replaced whole, so a variant's benchmarks are the only ones; sections are merged key by key."""
     path = Path(params_file).expanduser().resolve()
     if not path.is_file():
         raise VlkdError(f"params file {path} does not exist; pass the project's params.yaml or a variant file")
@@ -45,7 +49,7 @@ def find_project(params_file: Path | str = PARAMS_FILE) -> tuple[Path, dict[str,
         raise VlkdError(f"{path} is not valid YAML ({getattr(err, 'problem', None) or err}); fix the file") from err
     if not isinstance(raw, dict):
         raise VlkdError(f"{path} must hold sections (a mapping), not {type(raw).__name__}")
-    return root, flatten(raw)
+    return root, flatten(raw, whole=named_mappings())
 
 
 def _nearest_project(start: Path) -> Path | None:
@@ -55,16 +59,29 @@ def _nearest_project(start: Path) -> Path | None:
     return None
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"teacher": {"epochs": 1}} -> {"teacher.epochs": 1}; lists and scalars are leaves."""
+def flatten(tree: Mapping[str, Any], prefix: str = "", whole: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """{"teacher": {"epochs": 1}} -> {"teacher.epochs": 1}; lists, scalars and the keys in `whole` are leaves."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
+        if isinstance(value, Mapping) and value and name not in whole:
+            flat.update(flatten(value, name + ".", whole))
         else:
             flat[name] = value
     return flat
+
+
+def named_mappings(model: type[BaseModel] = Params, prefix: str = "") -> frozenset[str]:
+    """Dotted keys of the params that map user-chosen names to entries (`dict[str, ...]` fields), as
+    opposed to sections with fixed keys."""
+    found: set[str] = set()
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:
+            found.add(prefix + name)
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            found |= named_mappings(annotation, f"{prefix}{name}.")
+    return frozenset(found)
 
 
 def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
@@ -114,12 +131,43 @@ _MISSING = object()
 
 
 def preview(root: Path, overrides: Mapping[str, Any]) -> Params:
-    """The validated params the run will use, without changing any file."""
+    """The validated params the run will use, without changing any file; the paths dvc.yaml takes from
+    them are checked to be set."""
     params_path = root / PARAMS_FILE
     raw = yaml.safe_load(params_path.read_text()) or {}
     for key, value in overrides.items():
         _set(raw, key, _plain(value))
-    return _validated(root, yaml.safe_dump(raw, sort_keys=False), overrides)
+    params = _validated(root, yaml.safe_dump(raw, sort_keys=False), overrides)
+    check_pipeline_paths(root, raw)
+    return params
+
+
+_REFERENCE = re.compile(r"\$\{\s*([\w.-]+)\s*\}")
+
+
+def check_pipeline_paths(root: Path, raw: Mapping[str, Any]) -> None:
+    """Every `${key}` in a stage's deps and outs names a set value: DVC fails on a null one with a bare
+    AssertionError, so the user gets one line naming the stage and the key instead."""
+    pipeline = yaml.safe_load((root / PIPELINE_FILE).read_text()) or {}
+    for stage, spec in (pipeline.get("stages") or {}).items():
+        entries = [entry for field in ("deps", "outs", "metrics", "plots") for entry in (spec or {}).get(field) or []]
+        for entry in entries:
+            for text in entry if isinstance(entry, Mapping) else [entry]:
+                for key in _REFERENCE.findall(str(text)):
+                    value = _lookup(raw, key)
+                    if value is None or value == "":
+                        raise VlkdError(f"the {stage} stage of {root / PIPELINE_FILE} depends on {key}, which is "
+                                        f"{'not set' if value is None else 'empty'} in params.yaml; set it to a "
+                                        "path (a folder may be empty; see the comment in params.yaml)")
+
+
+def _lookup(tree: Mapping[str, Any], key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def _validated(root: Path, text: str, overrides: Mapping[str, Any]) -> Params:

@@ -113,20 +113,25 @@ def _describe(stage, root: Path) -> Stage:
 
 
 def plan(root: Path, until: str | None = None) -> list[Stage]:
-    """The stages to run: all of them, or `until` and the stages it depends on (as `dvc repro until`)."""
+    """The stages to run: `until` and the stages it depends on (as `dvc repro until`), or else every stage
+    that writes metrics or plots and the stages they depend on. So a stage that only provides data (the
+    synthetic world) runs only when a stage that is run reads its output."""
     stages = list_stages(root)
-    if until is None:
-        return stages
     names = [stage.name for stage in stages]
-    if until not in names:
+    if until is not None and until not in names:
         raise VlkdError(f"no stage {until!r} in {root / 'dvc.yaml'} (stages: {', '.join(names)}); check `until`")
+    targets = {until} if until else {stage.name for stage in stages if stage.metrics or stage.plots}
+    if not targets:
+        return stages
     import networkx as nx
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        target = next(stage for stage in graph.nodes if _address(stage, root) == until)
-        needed = {_address(stage, root) for stage in nx.descendants(graph, target)} | {until}
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        needed = set(targets)
+        for stage in graph.nodes:
+            if _address(stage, root) in targets:
+                needed |= {_address(dependency, root) for dependency in nx.descendants(graph, stage)}
     return [stage for stage in stages if stage.name in needed]
 
 
