@@ -159,6 +159,10 @@ def check_pipeline_paths(root: Path, raw: Mapping[str, Any]) -> None:
                         raise VlkdError(f"the {stage} stage of {root / PIPELINE_FILE} depends on {key}, which is "
                                         f"{'not set' if value is None else 'empty'} in params.yaml; set it to a "
                                         "path (a folder may be empty; see the comment in params.yaml)")
+                    if not isinstance(value, str) or "{" in value:
+                        raise VlkdError(f"the {stage} stage of {root / PIPELINE_FILE} depends on {key}, which is "
+                                        f"{value!r} in params.yaml; the pipeline needs one file or folder there "
+                                        "(DVC cannot depend on a list or a pattern): put the files in a folder")
 
 
 def _lookup(tree: Mapping[str, Any], key: str) -> Any:
