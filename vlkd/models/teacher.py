@@ -8,6 +8,7 @@ with open_clip before loading, so `create_model_and_transforms(model, pretrained
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
+from open_clip.transformer import VisionTransformer
 
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file, tmp_path_for, write_json_atomic
@@ -47,10 +50,16 @@ class Fingerprint:
     model: str
     weights_sha256: str
     open_clip_version: str
+    # The image tokens' spatial grid pooled to token_grid x token_grid; None: the model's own grid. Part of the
+    # fingerprint because features of two grids must never meet in one folder or one student.
+    token_grid: int | None = None
 
-    def as_dict(self) -> dict[str, str]:
-        return {"model": self.model, "weights_sha256": self.weights_sha256,
-                "open_clip_version": self.open_clip_version}
+    def as_dict(self) -> dict[str, str | int]:
+        fingerprint: dict[str, str | int] = {"model": self.model, "weights_sha256": self.weights_sha256,
+                                             "open_clip_version": self.open_clip_version}
+        if self.token_grid is not None:  # absent, not null: feature files and students made before keep matching
+            fingerprint["token_grid"] = self.token_grid
+        return fingerprint
 
 
 @dataclass
@@ -88,8 +97,18 @@ def is_checkpoint_file(pretrained: str) -> bool:
 
 
 def load_teacher(model_name: str, pretrained: str, device: str | torch.device = "cpu",
-                 image_tokens: bool = False) -> Teacher:
-    """The frozen teacher in eval mode; with `image_tokens`, encode_image also returns patch tokens."""
+                 image_tokens: bool = False, token_grid: int | None = None) -> Teacher:
+    """The frozen teacher in eval mode; with `image_tokens`, encode_image also returns image tokens.
+
+    `token_grid` G average-pools the tokens' spatial grid (ViT patches, ResNet cells) to G x G, keeping a
+    leading non-grid token (the ResNet's pooled one) first: a ViT then gives G*G tokens instead of one per
+    patch, the ResNet 1 + G*G. It is part of the fingerprint whether or not this load returns tokens, so
+    that a teacher loaded for pooled embeddings only (evaluating a `prefix: pooled` student) still matches
+    the feature files made with the grid. G equal to the model's grid is its own layout: None."""
+    if token_grid is not None and (isinstance(token_grid, bool) or not isinstance(token_grid, int)
+                                   or token_grid < 1):
+        raise VlkdError(f"token_grid must be a whole number of at least 1 (or null for every token), "
+                        f"not {token_grid!r}")
     weights = _register_and_locate(model_name, pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
@@ -103,11 +122,16 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
         weights = Path(open_clip.pretrained.download_pretrained(
             open_clip.get_pretrained_cfg(model_name, pretrained)))
     model.eval().requires_grad_(False)
+    token_grid = _check_token_grid(model.visual, model_name, token_grid)
     if image_tokens:
         if isinstance(model.visual, ModifiedResNet):
-            model.visual.attnpool.register_forward_hook(_with_cell_tokens)
+            model.visual.attnpool.register_forward_hook(functools.partial(_with_cell_tokens, token_grid=token_grid))
         elif hasattr(model.visual, "output_tokens"):
             model.visual.output_tokens = True
+            if token_grid is not None:
+                grid = model.visual.grid_size
+                model.visual.register_forward_hook(
+                    lambda _, __, out: (out[0], pool_token_grid(out[1], grid, token_grid)))
         else:
             raise VlkdError(f"model {model_name!r} has no image tokens (ViT and ModifiedResNet towers do); "
                             "set features.image_tokens: false")
@@ -116,21 +140,64 @@ def load_teacher(model_name: str, pretrained: str, device: str | torch.device = 
         model=model,
         preprocess=preprocess,
         tokenizer=open_clip.get_tokenizer(model_name),
-        fingerprint=Fingerprint(model_name, sha256_file(weights), open_clip.__version__),
+        fingerprint=Fingerprint(model_name, sha256_file(weights), open_clip.__version__, token_grid),
         embed_dim=open_clip.get_model_config(model_name)["embed_dim"],
         image_size=size[0] if isinstance(size, tuple | list) else size,
     )
 
 
+def token_grid_size(visual: torch.nn.Module) -> tuple[int, int] | None:
+    """(rows, columns) of the image tokens' spatial grid, or None for a tower whose tokens are no grid."""
+    if isinstance(visual, ModifiedResNet):
+        side = visual.attnpool.positional_embedding.shape[0] - 1  # one position per cell, after the pooled one
+        return (round(side ** 0.5),) * 2
+    # An attentional pool (CoCa) returns learnt queries, not patches: nothing spatial to pool.
+    if isinstance(visual, VisionTransformer) and visual.attn_pool is None:
+        return tuple(visual.grid_size)
+    return None
+
+
+def _check_token_grid(visual: torch.nn.Module, model_name: str, token_grid: int | None) -> int | None:
+    """token_grid as the fingerprint records it: None when it is the model's own grid (the same features)."""
+    if token_grid is None:
+        return None
+    grid = token_grid_size(visual)
+    if grid is None:
+        raise VlkdError(f"model {model_name!r} has no spatial grid of image tokens to pool; set token_grid: null")
+    if token_grid > min(grid):
+        raise VlkdError(f"token_grid {token_grid} is larger than the {grid[0]} x {grid[1]} grid of image tokens "
+                        f"of model {model_name!r}; pooling can only shrink it")
+    return None if grid == (token_grid, token_grid) else token_grid
+
+
+def pool_token_grid(tokens: torch.Tensor, grid: tuple[int, int], token_grid: int) -> torch.Tensor:
+    """[N, leading + rows*columns, W] tokens, grid row-major after `leading` (0 or 1) non-grid tokens, to
+    [N, leading + token_grid**2, W]: each output token the mean of its block of the grid (adaptive average
+    pooling, so blocks overlap when the grid does not divide), the leading token kept first as it is."""
+    rows, columns = grid
+    leading = tokens.shape[1] - rows * columns
+    if leading not in (0, 1):
+        raise VlkdError(f"{tokens.shape[1]} image tokens are not a {rows} x {columns} grid (plus at most one "
+                        "pooled token); token_grid cannot pool them")
+    cells = tokens[:, leading:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, columns)
+    pooled = F.adaptive_avg_pool2d(cells, token_grid).flatten(2).transpose(1, 2)
+    return torch.cat([tokens[:, :leading], pooled], 1)
+
+
 def _with_cell_tokens(pool: AttentionPool2d, inputs: tuple[torch.Tensor], pooled: torch.Tensor,
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      token_grid: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward hook on the attention pool: (pooled, image tokens [pooled ; one per cell of the last feature
     map]), all in the embedding space. open_clip's ResNet towers return only the pooled token; the cell
     tokens are MaskCLIP's dense features (Zhou et al. 2022): each cell through the pool's value and output
-    projections, without the attention that mixes the cells, so each keeps what is at its place."""
+    projections, without the attention that mixes the cells, so each keeps what is at its place. With
+    `token_grid` the cells are pooled after the projections, which are affine, so it is the same as pooling
+    the feature map first."""
     feature_map = inputs[0]  # [N, C, H, W]
     cells = feature_map.flatten(2).transpose(1, 2) + pool.positional_embedding[1:].to(feature_map.dtype)
-    return pooled, torch.cat([pooled[:, None], pool.c_proj(pool.v_proj(cells))], 1)
+    tokens = torch.cat([pooled[:, None], pool.c_proj(pool.v_proj(cells))], 1)
+    if token_grid is None:
+        return pooled, tokens
+    return pooled, pool_token_grid(tokens, feature_map.shape[2:], token_grid)
 
 
 def _register_and_locate(model_name: str, pretrained: str) -> Path | None:
