@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+import webdataset as wds
 from click.testing import CliRunner
 from conftest import TEST_MODEL, make_random_teacher
 from PIL import Image
@@ -181,14 +186,30 @@ def test_a_corrupt_image_is_counted_and_skipped(shards, tmp_path, teacher):
     assert json.loads((tmp_path / "features" / "summary.json").read_text())["bad_samples"]["keys"] == [broken_key]
 
 
-def test_ranks_split_the_shards_deterministically(shards, tmp_path, teacher):
+def test_ranks_split_the_shards_and_the_last_to_finish_writes_the_folders_summary(shards, tmp_path, teacher):
     output = tmp_path / "features"
     zero = extract_features(shards, output, teacher, PARAMS, rank=0, world_size=2)
+    assert zero["shards"] == {"total": 3, "this_rank": 2} and not zero["this_run"]["folder_complete"]
+    assert sorted(p.name for p in output.iterdir()) == ["00000.parquet", "00002.parquet"]  # no summary yet
     one = extract_features(shards, output, teacher, PARAMS, rank=1, world_size=2)
-    assert zero["shards"]["this_rank"] == 2 and one["shards"]["this_rank"] == 1
-    assert sorted(p.name for p in output.glob("[0-9]*.parquet")) == ["00000.parquet", "00001.parquet",
-                                                                     "00002.parquet"]
-    assert (output / "summary.rank-0-of-2.json").exists() and (output / "summary.rank-1-of-2.json").exists()
+    assert one["this_run"]["folder_complete"] and one["this_run"]["shards_computed"] == 1
+    extract_features(shards, tmp_path / "single", teacher, PARAMS)
+    assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert (output / "summary.json").read_bytes() == (tmp_path / "single" / "summary.json").read_bytes()
+
+
+def test_replacing_another_teachers_files_each_rank_replaces_only_its_own(shards, tmp_path, teacher):
+    other = load_teacher(TEST_MODEL, str(make_random_teacher(tmp_path / "other", seed=1)))
+    output = tmp_path / "features"
+    extract_features(shards, output, other, PARAMS)
+    ours = teacher.fingerprint.as_dict()
+    # Rank 1 starts first: it must neither stop at nor delete rank 0's old files, which rank 0 replaces.
+    extract_features(shards, output, teacher, PARAMS, rank=1, world_size=2, replace_other_teachers=True)
+    assert {p.name: read_metadata(p)["teacher"] == ours for p in sorted(output.glob("*.parquet"))} == {
+        "00000.parquet": False, "00001.parquet": True, "00002.parquet": False}
+    extract_features(shards, output, teacher, PARAMS, rank=0, world_size=2, replace_other_teachers=True)
+    assert all(read_metadata(p)["teacher"] == ours for p in output.glob("*.parquet"))
+    assert json.loads((output / "summary.json").read_text())["teacher"] == ours
 
 
 def test_reader_batches_across_files_and_refuses_other_teachers(shards, tmp_path, teacher, random_teacher):
@@ -249,3 +270,121 @@ def test_every_caption_of_a_sample_is_stored(shards, tmp_path, teacher):
             for row in pq.read_table(path, columns=["caption", "captions"]).to_pylist()]
     assert all(row["captions"][0] == row["caption"] for row in rows)
     assert all(len(row["captions"]) == 3 for row in rows)  # the tiny world's captions_per_image
+
+
+# -- any webdataset shards: a folder, a brace pattern, a list; under torchrun ----------------------------------
+def jpeg_bytes(index: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), ((index * 53) % 256, (index * 17) % 256, 200)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_foreign_shards(folder: Path, shards: int = 3, per_shard: int = 4, broken: dict | None = None,
+                         pattern: str = "cc-%06d.tar") -> list[list[str]]:
+    """Shards as webdataset's own ShardWriter writes them (no stats, no parquet); the keys of each shard.
+    `broken`: {sample index: its files instead of a good jpg and txt}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = [[f"{1000 + shard * per_shard + i:09d}" for i in range(per_shard)] for shard in range(shards)]
+    with wds.ShardWriter(str(folder / pattern), maxcount=per_shard, verbose=0) as sink:
+        for index, key in enumerate(key for shard in keys for key in shard):
+            files = (broken or {}).get(index, {"jpg": jpeg_bytes(index), "txt": f"picture number {index}"})
+            sink.write({"__key__": key, **files})
+    return keys
+
+
+def feature_keys(folder: Path, names: list[str]) -> list[list[str]]:
+    return [pq.read_table(folder / f"{name}.parquet", columns=["key"]).column("key").to_pylist() for name in names]
+
+
+CC = ["cc-000000", "cc-000001", "cc-000002"]
+
+
+def test_foreign_shards_from_a_folder_a_pattern_and_a_list(tmp_path, teacher):
+    keys = write_foreign_shards(tmp_path / "cc")
+    assert sorted(p.name for p in (tmp_path / "cc").iterdir()) == [f"{name}.tar" for name in CC]
+    specs = {"folder": tmp_path / "cc", "pattern": str(tmp_path / "cc" / "cc-{000000..000002}.tar"),
+             "list": [tmp_path / "cc" / f"{name}.tar" for name in CC]}
+    for name, spec in specs.items():
+        summary = extract_features(spec, tmp_path / name, teacher, PARAMS)
+        assert summary["shards"]["total"] == 3 and summary["images"] == 12, name
+        assert feature_keys(tmp_path / name, CC) == keys, name
+        assert FeatureStore(tmp_path / name).num_rows == 12  # the reader finds files of any name
+    assert read_metadata(tmp_path / "folder" / "cc-000001.parquet")["shard"] == "cc-000001.tar"
+    for name in (*CC, "summary"):
+        suffix = ".json" if name == "summary" else ".parquet"
+        contents = {(tmp_path / spec / f"{name}{suffix}").read_bytes() for spec in specs}
+        assert len(contents) == 1, name
+
+
+def test_bad_samples_of_a_foreign_shard_are_counted_by_key(tmp_path, teacher):
+    keys = write_foreign_shards(tmp_path / "cc", broken={1: {"jpg": b"no jpeg at all", "txt": "broken"},
+                                                         6: {"txt": "a caption without its image"}})
+    summary = extract_features(tmp_path / "cc", tmp_path / "features", teacher, PARAMS)
+    bad = [keys[0][1], keys[1][2]]
+    assert summary["bad_samples"]["count"] == 2 and summary["bad_samples"]["keys"] == bad
+    assert summary["bad_samples"]["reasons"][keys[1][2]] == "ValueError: no image in the shard for this key"
+    assert feature_keys(tmp_path / "features", CC[:2]) == [[k for k in shard if k not in bad] for shard in keys[:2]]
+    assert json.loads((tmp_path / "features" / "summary.json").read_text())["bad_samples"]["keys"] == bad
+
+
+def test_done_foreign_shards_are_skipped_and_a_tar_added_later_is_the_only_one_computed(tmp_path, teacher):
+    write_foreign_shards(tmp_path / "cc")
+    output = tmp_path / "features"
+    assert extract_features(tmp_path / "cc", output, teacher, PARAMS)["this_run"]["shards_computed"] == 3
+    mtimes = {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")}
+    again = extract_features(tmp_path / "cc", output, teacher, PARAMS)
+    assert again["this_run"]["shards_computed"] == 0 and again["this_run"]["shards_skipped"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.parquet")} == mtimes
+    [added] = write_foreign_shards(tmp_path / "cc", shards=1, pattern="laion-part-%d.tar")
+    refresh = extract_features(tmp_path / "cc", output, teacher, PARAMS)
+    assert refresh["this_run"]["shards_computed"] == 1 and refresh["this_run"]["shards_skipped"] == 3
+    assert feature_keys(output, ["laion-part-0"]) == [added]
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("cc-*.parquet")} == mtimes
+    extract_features(tmp_path / "cc", tmp_path / "full", teacher, PARAMS)
+    assert (output / "summary.json").read_bytes() == (tmp_path / "full" / "summary.json").read_bytes()
+
+
+def test_a_download_folder_gives_its_complete_shards_and_another_folder_every_tar(shards, tmp_path):
+    shutil.copy(shards / "00002.tar", shards / "00003.tar")  # no 00003_stats.json yet: still being written
+    assert [tar.name for tar in list_shards(shards)] == ["00000.tar", "00001.tar", "00002.tar"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("00003.tar", "00010.tar", "00002.tar", "extra.tar"):
+        shutil.copy(shards / "00002.tar", plain / name)
+    assert [tar.name for tar in list_shards(plain)] == ["00002.tar", "00003.tar", "00010.tar", "extra.tar"]
+
+
+def test_shards_with_one_name_or_a_pattern_naming_missing_files_are_one_clear_line(tmp_path, random_teacher):
+    write_foreign_shards(tmp_path / "a", shards=1)
+    write_foreign_shards(tmp_path / "b", shards=1)
+    good = ["--output", str(tmp_path / "f"), "--model", TEST_MODEL, "--pretrained", str(random_teacher)]
+    assert_one_line_error(invoke("--shards", str(tmp_path / "a"), "--shards", str(tmp_path / "b"), *good),
+                          "have the same name 'cc-000000', so their features would be one file")
+    assert_one_line_error(invoke("--shards", str(tmp_path / "a" / "cc-{000000..000001}.tar"), *good),
+                          f"1 of the 2 shard(s) that {tmp_path / 'a'}/cc-{{000000..000001}}.tar names do not exist")
+    assert not list((tmp_path / "f").glob("*.parquet"))
+
+
+def test_torchrun_with_two_processes_writes_what_one_process_writes(tmp_path, teacher, random_teacher):
+    write_foreign_shards(tmp_path / "cc", shards=4, per_shard=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process runs (OMP_NUM_THREADS=1): CPU results depend on it
+    try:
+        extract_features(tmp_path / "cc", tmp_path / "single", teacher, PARAMS)
+    finally:
+        torch.set_num_threads(threads)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vlkd.cli", "features",
+         "--shards", str(tmp_path / "cc" / "cc-{000000..000003}.tar"), "--output", str(tmp_path / "ranks"),
+         "--model", TEST_MODEL, "--pretrained", str(random_teacher), "--device", "cpu", "--num-workers", "0",
+         "--batch-size", str(PARAMS.batch_size), "--metrics", str(tmp_path / "metrics.json"),
+         "--run-log", str(tmp_path / "run.json")],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = {p.name: p.read_bytes() for p in sorted((tmp_path / "single").iterdir())}
+    assert sorted(single) == [*(f"cc-{i:06d}.parquet" for i in range(4)), "summary.json"]
+    assert {p.name: p.read_bytes() for p in sorted((tmp_path / "ranks").iterdir())} == single
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(single["summary.json"])
+    runs = [json.loads((tmp_path / f"run.rank-{rank}-of-2.json").read_text()) for rank in (0, 1)]
+    assert [run["shards_computed"] for run in runs] == [2, 2]

@@ -150,7 +150,9 @@ def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 
 
 @main.command()
-@click.option("--shards", type=click.Path(path_type=Path), help="Shard folder [features.shards].")
+@click.option("--shards", type=click.Path(path_type=Path), multiple=True,
+              help="A shard folder, a quoted brace pattern ('/data/cc3m/{00000..00331}.tar') or a tar file; "
+              "repeat for several [features.shards].")
 @click.option("--output", type=click.Path(path_type=Path), help="Feature folder [features.output].")
 @click.option("--teacher", type=click.Path(path_type=Path), help="Teacher folder [features.teacher].")
 @click.option("--model", help="open_clip model name; with --pretrained, used instead of --teacher.")
@@ -171,7 +173,7 @@ def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 @click.pass_obj
 @_reports_errors
 def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, run_log: Path | None,
-             replace_other_teachers: bool, **flags) -> None:
+             replace_other_teachers: bool, shards: tuple[Path, ...], **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
     started = time.perf_counter()
     from vlkd.features.extract import extract_features
@@ -179,14 +181,22 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
 
     if not 0 <= rank < world_size:
         raise VlkdError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
+    if shards:
+        flags["shards"] = shards[0] if len(shards) == 1 else list(shards)
     stage = with_overrides(params.features, **flags)
     model, pretrained = _teacher_names(stage)
     teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
     summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size,
                                replace_other_teachers=replace_other_teachers)
-    _write_metrics(metrics_file, run_log, summary, started)
     this_run = summary["this_run"]
-    click.echo(f"features in {stage.output}: {this_run['shards_computed']} shard(s) computed, "
+    # The metrics are the folder's summary, which only a rank that found every shard done has; each rank
+    # keeps its own run log, as ranks share the command line.
+    if world_size > 1 and run_log is not None:
+        run_log = run_log.with_name(f"{run_log.stem}.rank-{rank}-of-{world_size}{run_log.suffix}")
+    _write_metrics(metrics_file if this_run["folder_complete"] else None, run_log, summary, started)
+    share = "" if this_run["folder_complete"] else (f" (rank {rank} of {world_size}: its shards; the rank that "
+                                                    "finishes last writes summary.json)")
+    click.echo(f"features in {stage.output}{share}: {this_run['shards_computed']} shard(s) computed, "
                f"{this_run['shards_skipped']} skipped, {summary['images']} images, "
                f"{summary['bad_samples']['count']} bad sample(s), {this_run['images_per_second']} images/s")
 

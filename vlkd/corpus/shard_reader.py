@@ -1,4 +1,8 @@
-"""Streaming the samples of a webdataset shard written by the download stage.
+"""Which tar files are shards, and streaming the samples of one.
+
+Shards are any webdataset tars: a folder (vlkd's download, img2dataset's, or any tars), a brace pattern
+(`/data/cc3m/{00000..00331}.tar`, expanded by braceexpand as webdataset expands it), or a list of files.
+Keys are webdataset's: a member's name up to the first dot of its file name (`webdataset`'s own split).
 
 A plain `tarfile` stream rather than `webdataset.WebDataset`: the stages downstream must report the key
 of every sample they could not decode, and webdataset's error handlers drop a bad sample without it.
@@ -8,16 +12,23 @@ Streaming keeps memory at one sample, whatever the shard's size.
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlkd.corpus import shards
+from braceexpand import braceexpand
+from webdataset.tariterators import base_plus_ext
+
+from vlkd.corpus.shards import STATS_SUFFIX
 from vlkd.errors import VlkdError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
+ShardSpec = Path | str | Sequence[Path | str]  # a folder, a brace pattern, a tar file, or a list of those
 
 @dataclass(frozen=True)
 class ShardSample:
@@ -27,21 +38,65 @@ class ShardSample:
     captions: tuple[str, ...]  # every caption of the image, `caption` first (just `caption` without a list)
 
 
-def list_shards(folder: Path) -> list[Path]:
-    """The tar files of the complete shards in `folder`, in shard order."""
-    if not folder.is_dir():
-        raise VlkdError(f"shard folder {folder} does not exist; run `vlkd download` first or check --shards")
-    return [folder / f"{shard_id:05d}.tar" for shard_id in shards.complete_shards(folder)]
+def list_shards(spec: ShardSpec) -> list[Path]:
+    """The shards' tar files, in order: a folder's (see `folder_shards`), a brace pattern's (every file
+    it names must exist), or each of a list of those. Two shards with the same stem are refused: their
+    feature files, named after the stem, would be one file."""
+    entries = [spec] if isinstance(spec, str | Path) else list(spec)
+    tars = [tar for entry in entries for tar in _expand(Path(entry))]
+    seen: dict[str, Path] = {}
+    for tar in tars:
+        if tar.stem in seen:
+            raise VlkdError(f"shards {seen[tar.stem]} and {tar} have the same name {tar.stem!r}, so their features "
+                            "would be one file; give shards distinct file names (features.shards or --shards)")
+        seen[tar.stem] = tar
+    return tars
+
+
+def _expand(entry: Path) -> list[Path]:
+    if "{" in str(entry):
+        named = [Path(name) for name in braceexpand(str(entry))]
+        missing = [path for path in named if not path.is_file()]
+        if missing:
+            raise VlkdError(f"{len(missing)} of the {len(named)} shard(s) that {entry} names do not exist, e.g. "
+                            f"{missing[0]}; fix the pattern (features.shards or --shards)")
+        return named
+    if entry.is_dir():
+        return folder_shards(entry)
+    if entry.is_file():
+        return [entry]
+    raise VlkdError(f"shard folder or file {entry} does not exist; run `vlkd download` first or check --shards")
+
+
+def folder_shards(folder: Path) -> list[Path]:
+    """The shards of a folder, numbered ones in number order, then the rest by name. In a folder with
+    img2dataset's stats files (vlkd's download) only complete shards count: a tar whose `<stem>_stats.json`
+    is not there yet is being written, or a killed run's leftover. Without any stats file, every *.tar is."""
+    tars = sorted(folder.glob("*.tar"), key=_shard_order)
+    if not any(folder.glob(f"*{STATS_SUFFIX}")):
+        return tars
+    complete = [tar for tar in tars if tar.with_name(tar.stem + STATS_SUFFIX).is_file()]
+    if len(complete) < len(tars):
+        log.warning("%s: %d tar file(s) without their %s left out (a download in progress, or a killed one's "
+                    "leftover): %s", folder, len(tars) - len(complete), STATS_SUFFIX,
+                    [tar.name for tar in tars if tar not in complete][:5])
+    return complete
+
+
+def _shard_order(tar: Path) -> tuple[int, int, str]:
+    """Numbered shards by number (as the download stage numbers them, past 99999 too), then by name."""
+    return (0, int(tar.stem), "") if tar.stem.isdigit() else (1, 0, tar.stem)
 
 
 def iter_shard(tar_path: Path) -> Iterator[ShardSample]:
     """The samples of one shard in file order; files of one sample are consecutive in a webdataset tar."""
     key, files = None, {}
-    with tarfile.open(tar_path, mode="r|") as tar:
+    with tarfile.open(tar_path, mode="r|*") as tar:  # `*`: compressed shards too, as webdataset reads them
         for member in tar:
-            if not member.isfile() or "." not in member.name:
+            member_key, extension = base_plus_ext(member.name) if member.isfile() else (None, None)
+            if member_key is None:  # not a sample's file (webdataset skips these too)
                 continue
-            member_key, extension = member.name.split(".", 1)
+            extension = extension.lower()  # as webdataset's grouping does: x.JPG is an image
             if member_key != key and key is not None:
                 yield _sample(key, files)
                 files = {}

@@ -6,7 +6,8 @@
 clip-retrieval's `inference` does the same job but writes .npy files, holds a partition in memory and
 cannot resume; here memory is bounded by a batch, a killed run leaves whole files or none, and a shard
 whose file exists for the same teacher is skipped, so a corpus refresh only computes the new shards.
-Several processes split the shard list deterministically (rank i of n takes every n-th shard).
+Several processes split the shard list deterministically (rank i of n takes every n-th shard); whichever
+finds the folder complete when it finishes writes its summary, so no rank waits for another.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from vlkd.config import FeaturesParams
-from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.corpus.shard_reader import ShardSpec, iter_shard, list_shards
 from vlkd.errors import VlkdError
+from vlkd.features.reader import FEATURE_FILES
 from vlkd.features.schema import (
     BAD_SAMPLES_KEY,
     DTYPE,
@@ -143,19 +145,22 @@ def output_path(output: Path, tar: Path) -> Path:
     return output / f"{tar.stem}.parquet"
 
 
-def extract_features(shards: Path, output: Path, teacher: Teacher, params: FeaturesParams,
+def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, params: FeaturesParams,
                      rank: int = 0, world_size: int = 1, replace_other_teachers: bool = False) -> dict:
-    """Bring `output` up to date with the shards in `shards`; returns this process's summary. Files made
-    by another teacher are refused, or with `replace_other_teachers` deleted (DVC runs: a changed teacher
-    must re-embed everything, and DVC's cache still holds the old files)."""
+    """Bring `output` up to date with the shards `shards` names (a folder, a brace pattern, tar files: see
+    `list_shards`); returns the folder's summary once every shard is done (always, with one process),
+    else this rank's. Files made by another teacher are refused, or with `replace_other_teachers` deleted
+    (DVC runs: a changed teacher must re-embed everything, and DVC's cache still holds the old files)."""
     started = time.perf_counter()
     tars = list_shards(shards)
     if not tars:
-        raise VlkdError(f"no complete shards in {shards}; run `vlkd download` first")
+        raise VlkdError(f"no shards in {shards}: a folder needs *.tar files (in a download's folder, complete ones "
+                        "with their _stats.json); run `vlkd download` first or check --shards")
     output.mkdir(parents=True, exist_ok=True)
     fingerprint = teacher.fingerprint.as_dict()
-    _refuse_other_teachers(output, fingerprint, delete=replace_other_teachers and rank == 0)
     mine = tars[rank::world_size]
+    _refuse_other_teachers(output, fingerprint, _deletable(output, tars, mine, rank) if replace_other_teachers
+                           else None)
     for tar in mine:  # partial files of a killed run; only this rank ever writes these shards
         partial_path(output_path(output, tar)).unlink(missing_ok=True)
     todo = [tar for tar in mine if not _is_done(output_path(output, tar), fingerprint, params.image_tokens)]
@@ -164,27 +169,39 @@ def extract_features(shards: Path, output: Path, teacher: Teacher, params: Featu
     device = _device(params.device)
     encoded, bad = _encode_shards(todo, output, teacher, params, device) if todo else (0, [])
     seconds = time.perf_counter() - started
-    summary = {
-        "teacher": fingerprint,
-        "rank": rank, "world_size": world_size, "device": str(device), "precision": _precision(params, device),
-        **_rollup([output_path(output, tar) for tar in mine], len(tars)),
-    }
-    name = "summary.json" if world_size == 1 else f"summary.rank-{rank}-of-{world_size}.json"
-    write_json_atomic(output / name, summary)
+    # Another rank may still be writing its shards; the last to finish sees them all (each looks after its
+    # own files are in place), and ranks that finish together write the same bytes.
+    complete = all(_is_done(output_path(output, tar), fingerprint, params.image_tokens) for tar in tars)
+    if complete:
+        summary = _summary(fingerprint, params, device, [output_path(output, tar) for tar in tars], len(tars))
+        write_json_atomic(output / SUMMARY, summary)
+    else:
+        summary = _summary(fingerprint, params, device, [output_path(output, tar) for tar in mine], len(tars),
+                           rank, world_size)
+        log.info("rank %d of %d done; %s is written by the rank that finishes last", rank, world_size, SUMMARY)
     if bad:
         log.warning("%d undecodable sample(s) skipped, e.g. %s (%s); their keys are in %s", len(bad), bad[0][0],
-                    bad[0][1], output / name)
+                    bad[0][1], output / SUMMARY)
     summary["this_run"] = {
+        "rank": rank, "world_size": world_size, "folder_complete": complete,
         "shards_computed": len(todo), "shards_skipped": len(mine) - len(todo), "images_encoded": encoded,
         "seconds": round(seconds, 3), "images_per_second": round(encoded / seconds, 2) if encoded else 0.0,
     }
     return summary
 
 
-def _rollup(files: list[Path], total_shards: int) -> dict:
-    """What the feature files hold, whichever run wrote them (a refresh summarises the same as a full run)."""
+SUMMARY = "summary.json"
+
+
+def _summary(fingerprint: dict, params: FeaturesParams, device: torch.device, files: list[Path], total_shards: int,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """What the feature files hold, whichever run wrote them (a refresh summarises the same as a full run).
+    The folder's summary is the one a single process (rank 0 of 1) writes, however many ranks made it, so
+    the same shards give the same bytes; the device is its kind only, as ranks differ in their GPU index."""
     bad = [pair for path in files for pair in read_bad_samples(path)]
     return {
+        "teacher": fingerprint,
+        "rank": rank, "world_size": world_size, "device": device.type, "precision": _precision(params, device),
         "shards": {"total": total_shards, "this_rank": len(files)},
         "images": sum(pq.read_metadata(path).num_rows for path in files),
         "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
@@ -260,14 +277,27 @@ def _metadata(teacher: Teacher, params: FeaturesParams, tar: Path) -> dict:
     }
 
 
-def _refuse_other_teachers(output: Path, fingerprint: dict, delete: bool = False) -> None:
-    for path in sorted(output.glob("[0-9]*.parquet")):
+def _deletable(output: Path, tars: list[Path], mine: list[Path], rank: int) -> set[str]:
+    """The feature files this rank may delete: its own shards', and (rank 0) those of no shard. Only a
+    shard's owner touches its file, so one rank never deletes a file another has just written."""
+    names = {output_path(output, tar).name for tar in mine}
+    if rank == 0:
+        names |= {path.name for path in output.glob(FEATURE_FILES)} - {output_path(output, tar).name for tar in tars}
+    return names
+
+
+def _refuse_other_teachers(output: Path, fingerprint: dict, deletable: set[str] | None = None) -> None:
+    """Stop at a file made by another teacher, or delete it if it is in `deletable` (None: refuse them
+    all); another rank's are left to that rank."""
+    for path in sorted(output.glob(FEATURE_FILES)):
         metadata = read_metadata(path)
         theirs = metadata and metadata.get("teacher")
-        if theirs != fingerprint and delete:
+        if theirs == fingerprint:
+            continue
+        if deletable is not None and path.name in deletable:
             log.warning("deleting %s: made by another teacher (--replace-other-teachers)", path)
             path.unlink()
-        elif theirs != fingerprint:
+        elif deletable is None:
             raise VlkdError(
                 f"features in {output} were made by another teacher ({path.name}: "
                 f"{(theirs or {}).get('model', 'unknown')}, weights {str((theirs or {}).get('weights_sha256'))[:12]}) "
@@ -278,8 +308,9 @@ def _refuse_other_teachers(output: Path, fingerprint: dict, delete: bool = False
 def _is_done(path: Path, fingerprint: dict, image_tokens: bool) -> bool:
     if not path.is_file():
         return False
-    metadata = read_metadata(path)
-    return metadata["teacher"] == fingerprint and (metadata["image_tokens"] or not image_tokens)
+    metadata = read_metadata(path)  # None: not a feature file
+    return (metadata is not None and metadata["teacher"] == fingerprint
+            and (metadata["image_tokens"] or not image_tokens))
 
 
 def _device(requested: str) -> torch.device:

@@ -14,13 +14,16 @@ from vlkd.errors import VlkdError
 from vlkd.features.schema import read_metadata
 
 EMBEDDINGS = ("image_embedding", "text_embedding")
+# One file per shard, named after the shard's tar (00000.parquet for vlkd's shards, any name for others');
+# partial files are hidden and end in .partial, summaries are JSON.
+FEATURE_FILES = "*.parquet"
 
 
 class FeatureStore:
     """The feature files of one folder, all made by one teacher (the expected one, if given)."""
 
     def __init__(self, folder: Path, expected_teacher: dict | None = None):
-        self.files = sorted(folder.glob("[0-9]*.parquet")) if folder.is_dir() else []
+        self.files = sorted(folder.glob(FEATURE_FILES)) if folder.is_dir() else []
         if not self.files:
             raise VlkdError(f"no feature files in {folder}; run `vlkd features` first or check the path")
         self.metadata = self._common_metadata(expected_teacher)
