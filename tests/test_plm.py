@@ -23,7 +23,7 @@ from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.plm import MANIFEST, build_plm, make_example, pretrain, qa_pairs, train_tokenizer
 
 # The embedded model at test size: the same code path, a fraction of the compute.
-TINY = {"vocab_size": 400, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 64,
+TINY = {"model": None, "vocab_size": 400, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 64,
         "max_positions": 96, "epochs": 12, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "dropout": 0.0,
         "qa_questions": 12, "device": "cpu"}
 

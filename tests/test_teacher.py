@@ -45,7 +45,8 @@ def tiny_embedded_model():
 
 
 def teacher_params(world: Path, shards: Path, output: Path, **overrides) -> TeacherParams:
-    settings = {"output": output, "shards": shards, "eval_images": world / "images" / "eval",
+    settings = {"model": "vlkd-tiny-resnet", "pretrained": None, "output": output, "shards": shards,
+                "eval_images": world / "images" / "eval",
                 "eval_captions": world / "captions" / "annotations.json", "epochs": 40, "batch_size": 10,
                 "lr": 1e-3, "warmup_steps": 3, "seed": 0, "device": "cpu"}
     return TeacherParams(**{**settings, **overrides})

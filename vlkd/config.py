@@ -369,7 +369,8 @@ def load_params(path: Path | None = None) -> Params:
     except ValidationError as err:
         raise VlkdError(f"{path}: {_first_problem(err)}; fix params.yaml") from err
     params = _resolve_paths(params, Path(path).resolve().parent)
-    _check_watched(params, path)
+    if (Path(path).resolve().parent / "dvc.yaml").is_file():  # only a pipeline watches folders
+        _check_watched(params, path)
     return params
 
 
@@ -424,6 +425,8 @@ def _resolve_value(value, root: Path):
         return value if value.is_absolute() else root / value
     if isinstance(value, BaseModel):
         return _resolve_model(value, root)
+    if isinstance(value, list):
+        return [_resolve_value(item, root) for item in value]
     if isinstance(value, dict):
         return {key: _resolve_value(item, root) for key, item in value.items()}
     return value

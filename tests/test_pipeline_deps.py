@@ -1,0 +1,74 @@
+"""dvc.yaml knows what each stage runs: its code dependencies cover every vlkd module the stage's command
+imports (directly or through other modules), and params.yaml names every setting, so a code or settings
+change re-runs exactly the stages it can affect and nothing ever needs `dvc commit -f`."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlkd.config import Params
+
+PROJECT = Path(__file__).resolve().parents[1]
+# The module each `vlkd <stage>` command runs (vlkd/cli.py imports it inside the command).
+ENTRY = {"synth": "vlkd/corpus/synth.py", "download": "vlkd/corpus/download.py",
+         "teacher": "vlkd/models/train_teacher.py", "features": "vlkd/features/extract.py",
+         "plm": "vlkd/models/plm.py", "distill": "vlkd/distill/train.py", "evaluate": "vlkd/evaluate/run.py"}
+# Not dependencies: the typed params (DVC sees every value through params.yaml, checked below) and the
+# error type.
+NOT_DEPS = {"vlkd/config.py", "vlkd/errors.py"}
+
+
+def _module_file(name: str) -> Path | None:
+    path = PROJECT / Path(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_files(entry: str) -> set[str]:
+    """Every vlkd source file `entry` imports, transitively (imports inside functions included)."""
+    seen: set[Path] = set()
+    pending = [PROJECT / entry]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlkd"):
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names if alias.name.startswith("vlkd")]
+            pending += [found for found in map(_module_file, names) if found is not None]
+    return {path.relative_to(PROJECT).as_posix() for path in seen if path.stat().st_size}  # empty __init__s: no code
+
+
+def stages() -> dict:
+    return yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_has_an_entry_module():
+    assert set(stages()) == set(ENTRY)
+
+
+@pytest.mark.parametrize("stage", sorted(ENTRY))
+def test_code_dependencies_cover_every_module_the_stage_imports(stage):
+    deps = [dep for dep in stages()[stage]["deps"] if dep.startswith("vlkd")]
+    covered = [file for file in imported_files(ENTRY[stage]) - NOT_DEPS
+               if any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)]
+    missing = sorted(imported_files(ENTRY[stage]) - NOT_DEPS - set(covered))
+    assert not missing, f"dvc.yaml's {stage} stage does not depend on {missing}, which it runs"
+
+
+@pytest.mark.parametrize("section", [name for name in Params.model_fields if name != "pipeline"])
+def test_params_yaml_names_every_setting_of_each_stage(section):
+    """A value left to vlkd/config.py's default would change a stage's result unseen by DVC."""
+    written = yaml.safe_load((PROJECT / "params.yaml").read_text())[section]
+    expected = set(Params.model_fields[section].annotation.model_fields)
+    assert expected - set(written) == set(), f"params.yaml's {section} leaves these to the code's defaults"
