@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
@@ -94,9 +95,11 @@ VARIANT = {
     "teacher": {"model": TEST_MODEL, "pretrained": "data/models/teacher/open_clip_model.safetensors",
                 "eval_images": "data/benchmarks/coco/val2014",
                 "eval_captions": "data/benchmarks/coco/annotations/captions_karpathy_test.json"},
-    "features": {"image_tokens": False},
+    # Image tokens pooled to a 2 x 2 grid (the way to keep tokens affordable at scale), read by a patch prefix:
+    # evaluation must embed its images with the same grid, or the student's teacher check refuses them.
+    "features": {"image_tokens": True, "token_grid": 2},
     "plm": {"model": "data/models/bart", "text": "data/text", "corpus": None, "heldout": "data/text/heldout.txt"},
-    "distill": {"prefix": "pooled", "prefix_tokens": 1, "retention_weight": 0.0, "whole_caption_share": 0.0,
+    "distill": {"prefix": "patch", "prefix_tokens": 1, "retention_weight": 0.0, "whole_caption_share": 0.0,
                 "whole_caption_keep": 0, "epochs": 1},
     "evaluate": {"data": "data/benchmarks", "vqa_mode": "direct", "benchmarks": {
         "vqav2": {"task": "vqa", "images": "data/benchmarks/coco/val2014",
@@ -153,6 +156,9 @@ def test_the_users_files_are_what_each_stage_read(user_run):
     assert teacher["pretrained"] == "data/models/teacher/open_clip_model.safetensors"
     assert json.loads((root / "metrics/teacher.json").read_text())["retrieval"]["images"] == len(EVAL_IMAGE_IDS)
     assert json.loads((root / "data/plm/vlkd-plm.json").read_text())["name"] == "data/models/bart"
+    features = pq.ParquetFile(root / "data/features/00000.parquet")
+    assert features.schema_arrow.field("image_tokens").type.list_size == 2 * 2  # the ViT's 4 x 4 patches pooled
+    assert json.loads(features.schema_arrow.metadata[b"vlkd.features"])["teacher"]["token_grid"] == 2
 
 
 def test_evaluation_scores_the_variants_benchmarks_only(user_run):

@@ -163,6 +163,8 @@ def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="[features.precision]")
 @click.option("--image-tokens/--no-image-tokens", default=None, help="Also store patch tokens "
               "[features.image_tokens].")
+@click.option("--token-grid", type=click.IntRange(min=1), help="Average-pool the image tokens' grid to N x N "
+              "[features.token_grid].")
 @click.option("--rank", type=int, envvar="RANK", default=0, show_default=True,
               help="This process's share of the shard list (torchrun sets RANK).")
 @click.option("--world-size", type=int, envvar="WORLD_SIZE", default=1, show_default=True,
@@ -185,7 +187,7 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
         flags["shards"] = shards[0] if len(shards) == 1 else list(shards)
     stage = with_overrides(params.features, **flags)
     model, pretrained = _teacher_names(stage)
-    teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens)
+    teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens, token_grid=stage.token_grid)
     summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size,
                                replace_other_teachers=replace_other_teachers)
     this_run = summary["this_run"]

@@ -130,6 +130,9 @@ class FeaturesParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     image_tokens: bool = False  # also store image tokens, ViT patches or ResNet cells (for `prefix: patch`)
+    # Average-pool the tokens' spatial grid to token_grid x token_grid (ViT-L-14: 256 patches -> 16 at 4,
+    # 1.69 TB -> 113 GB for CC3M; docs/benchmarks.md). null: every token.
+    token_grid: int | None = Field(None, ge=1)
 
 
 class PlmParams(_Section):

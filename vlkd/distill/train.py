@@ -331,10 +331,14 @@ def _image_embeddings(store: FeatureStore, rows: int) -> torch.Tensor:
 def check_teacher(config: StudentConfig, teacher: dict, where: str) -> None:
     """Refuse features from another teacher than the one the student was distilled from."""
     if config.teacher != teacher:
-        raise VlkdError(
-            f"features in {where} were made by teacher {teacher['model']} (weights {teacher['weights_sha256'][:12]}), "
-            f"but the student was distilled from {config.teacher['model']} (weights "
-            f"{config.teacher['weights_sha256'][:12]}); extract features with the student's teacher")
+        def described(fingerprint: dict) -> str:
+            grid = fingerprint.get("token_grid")
+            return (f"{fingerprint['model']} (weights {fingerprint['weights_sha256'][:12]}"
+                    f"{f', tokens pooled to {grid} x {grid}' if grid else ''}, open_clip "
+                    f"{fingerprint.get('open_clip_version', '?')})")
+
+        raise VlkdError(f"features in {where} were made by teacher {described(teacher)}, but the student was "
+                        f"distilled from {described(config.teacher)}; extract features with the student's teacher")
 
 
 def _plm_manifest(folder: Path) -> dict:
