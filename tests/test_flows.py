@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -228,10 +227,15 @@ def test_a_second_run_on_the_same_workspace_stops_with_a_clear_message(project):
 def test_lock_waits_for_the_holder_then_runs(tmp_path):
     first = WorkspaceLock(tmp_path, owner="first")
     first.acquire()
-    threading.Timer(0.5, first.release).start()
-    started = time.monotonic()
+    released = threading.Event()
+
+    def release() -> None:
+        released.set()  # before the release: the second holder can only get in after it
+        first.release()
+
+    threading.Timer(0.5, release).start()
     with WorkspaceLock(tmp_path, timeout=10, owner="second"):
-        assert time.monotonic() - started >= 0.4
+        assert released.is_set(), "the second run got the lock while the first still held it"
     with WorkspaceLock(tmp_path, timeout=0):  # free again
         pass
 
