@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 
@@ -17,6 +18,7 @@ from vlkd.evaluate import run
 from vlkd.evaluate.images import BLANK_KEY, image_features
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore
+from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher
 from vlkd.models.train_teacher import MANIFEST, SOURCE_FILE
 
@@ -95,6 +97,85 @@ def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trai
     metrics = run.evaluate(params)
     assert metrics["vqa"]["mode"] == "direct"
     assert set(metrics["vqa"]["controls"]) == {"blank", "shuffled", "text_only", "prior"}
+
+
+def record_model_batches(monkeypatch) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
+    """({what the generator runs: the feature batches the student got}, {what: rows of the table they
+    were gathered from}), filled while the evaluation runs."""
+    batches: dict[str, list[torch.Tensor]] = {}
+    table_rows: dict[str, int] = {}
+    answers, generate = run._Generator.answers, Student.generate
+    running = []
+
+    def recording_answers(self, prompts, features, what):
+        if features is not None:
+            table_rows[what] = len(features.table)
+        running.append(what)
+        try:
+            return answers(self, prompts, features, what)
+        finally:
+            running.pop()
+
+    def recording_generate(self, image_features, prompts, *args):
+        if image_features is not None:
+            batches.setdefault(running[-1], []).append(image_features)
+        return generate(self, image_features, prompts, *args)
+
+    monkeypatch.setattr(run._Generator, "answers", recording_answers)
+    monkeypatch.setattr(Student, "generate", recording_generate)
+    return batches, table_rows
+
+
+@pytest.mark.parametrize("mode", ["direct", "describe"])
+def test_features_are_held_once_per_image_and_each_batch_is_gathered_from_them(trained, tmp_path, monkeypatch,
+                                                                                random_teacher, mode):
+    """VQAv2 has ~5 questions per image: a features tensor stacked per question, for each condition, would
+    take hundreds of GB with patch tokens. The student must get batches gathered from one row per image
+    (and the blank image's), each batch its own tensor, with the features a per-question stack had."""
+    world, root = trained[0], trained[3]
+    params = eval_params(trained, tmp_path / "eval", vqa_mode=mode, batch_size=4)
+    if mode == "describe":  # captions are generated the same way in both modes
+        params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
+    questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
+    image_ids = sorted({q["image_id"] for q in questions})
+    assert len(questions) > len(image_ids) + 1  # so a table per question is told apart from one per image
+    batches, table_rows = record_model_batches(monkeypatch)
+    run.evaluate(params)
+
+    assert set(table_rows.values()) == {len(image_ids) + 1}, table_rows
+    for what, fed in batches.items():
+        for batch in fed:  # not a slice or an expanded view of a bigger (per-question) tensor
+            held, own = batch.untyped_storage().nbytes(), batch.numel() * batch.element_size()
+            assert len(batch) <= params.batch_size and held == own, f"{what}: {held} bytes held for {own}"
+
+    features, blank = image_features(params.benchmarks["vqa"], image_ids, load_teacher(TEST_MODEL, str(random_teacher)),
+                                     root / "cache" / "vqa", patch=False, device="cpu")
+    other = run._derangement(image_ids, params.seed)
+    expected = {"image": [features[q["image_id"]] for q in questions], "blank": [blank] * len(questions),
+                "shuffled": [features[other[q["image_id"]]] for q in questions]}
+    for condition, rows in expected.items():
+        if mode == "direct":
+            assert torch.equal(torch.cat(batches[f"vqa {condition}"]), torch.stack(rows)), condition
+        else:  # each distinct image described once, in the order torch.unique gave before
+            distinct = torch.unique(torch.stack(rows), dim=0)
+            assert torch.equal(torch.cat(batches[f"vqa {condition} describe"]), distinct), condition
+    if mode == "direct":
+        assert torch.equal(torch.cat(batches["captions image"]), torch.stack([features[i] for i in image_ids]))
+
+
+def test_rows_are_grouped_by_value_in_the_order_torch_unique_gives():
+    """Describe mode describes each distinct image once, in torch.unique's order, without copying features."""
+    table = torch.randint(0, 3, (40, 3, 2), generator=torch.Generator().manual_seed(0)).float()
+    table[5], table[17] = table[2], table[2]  # duplicates
+    table[9] = torch.tensor([[-0.0, 1.0], [2.0, -0.0], [1.0, 1.0]])
+    table[30] = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])  # equal to row 9 as torch.unique has it
+    rows = [row for row in range(40) if row % 7]
+    groups = run._rows_by_value(table, rows)
+    distinct, inverse = torch.unique(table[rows], dim=0, return_inverse=True)
+    assert torch.equal(torch.stack([table[group[0]] for group in groups]), distinct)
+    group_of = {row: k for k, group in enumerate(groups) for row in group}
+    assert sorted(group_of) == rows and [group_of[row] for row in rows] == inverse.tolist()
+    assert any(len(group) > 1 for group in groups)
 
 
 def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,20 +82,35 @@ def evaluate(params: EvaluateParams) -> dict:
     return metrics
 
 
+@dataclass(frozen=True)
+class _FeatureRows:
+    """One condition's image features for a list of prompts, without a copy per prompt: `table` holds each
+    image's features once ([images + 1, ...], the blank image last) and prompt i uses row `rows[i]` of it.
+    VQAv2 has ~5 questions per image, so a tensor per question would be ~5x the images' features for each
+    condition (hundreds of GB with patch tokens); batches are gathered from the table one at a time."""
+
+    table: torch.Tensor
+    rows: torch.Tensor  # LongTensor [prompts]
+
+    def batch(self, begin: int, size: int) -> torch.Tensor:
+        return self.table[self.rows[begin:begin + size]]
+
+
 class _Generator:
     """Batched beam search over prompts for one model and condition, answers cut out of the outputs."""
 
     def __init__(self, student: Student, plm: tuple, params: EvaluateParams, max_new_tokens: int):
         self.student, self.plm, self.params, self.max_new_tokens = student, plm, params, max_new_tokens
 
-    def answers(self, prompts: list[str], features: torch.Tensor | None, what: str) -> list[str]:
+    def answers(self, prompts: list[str], features: _FeatureRows | None, what: str) -> list[str]:
+        """`features` None: the language model alone, no image."""
         size, out = self.params.batch_size, []
         for begin in tqdm(range(0, len(prompts), size), desc=what, unit="batch", disable=None, leave=False):
             batch = prompts[begin:begin + size]
             if features is None:
                 texts = self._text_only(batch)
             else:
-                texts = self.student.generate(features[begin:begin + size], batch, self.params.num_beams,
+                texts = self.student.generate(features.batch(begin, size), batch, self.params.num_beams,
                                               self.max_new_tokens)
             out.extend(extract_infill(prompt, text) for prompt, text in zip(batch, texts, strict=True))
         return out
@@ -113,18 +129,11 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     if not isinstance(records, list):
         raise VlkdError(f"{spec.questions} has no \"questions\" list; use the VQAv2 questions format")
     image_ids = sorted({record["image_id"] for record in records})
-    features, blank = image_features(spec, image_ids, teacher, params.cache / name, student.config.prefix == "patch",
-                                     params.device)
-    usable = [record for record in records if record["image_id"] in features]
+    table, row_of = _per_image_table(*image_features(spec, image_ids, teacher, params.cache / name,
+                                                     student.config.prefix == "patch", params.device))
+    usable = [record for record in records if record["image_id"] in row_of]
     prompts = [fill_prompt(params.vqa_prompt, question=record["question"]) for record in usable]
-    own = torch.stack([features[record["image_id"]] for record in usable]) if usable else None
-    other = _derangement(image_ids, params.seed)
-    conditions = {
-        "image": own,
-        "blank": blank.expand(len(usable), *blank.shape) if usable else None,
-        "shuffled": torch.stack([features.get(other[r["image_id"]], blank) for r in usable]) if usable else None,
-        "text_only": None,
-    }
+    conditions = _vqa_conditions(table, row_of, usable, _derangement(image_ids, params.seed))
     generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
     results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
@@ -151,7 +160,7 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     metrics = {key: main[key] for key in ("overall", "perAnswerType", "perQuestionType")}
     metrics["questions"] = len(records)
     metrics["mode"] = params.vqa_mode
-    metrics["images_not_decoded"] = len(image_ids) - len(features)
+    metrics["images_not_decoded"] = len(image_ids) - len(row_of)
     metrics["controls"] = {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
                            for c in VQA_CONTROLS}
     samples = _vqa_samples(spec, records, annotations, predictions, results, params)
@@ -160,7 +169,22 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     return metrics, samples
 
 
-def _described_answers(records: list[dict], prompts: list[str], features: torch.Tensor | None, student: Student,
+def _vqa_conditions(table: torch.Tensor, row_of: dict[int, int], usable: list[dict],
+                    other: dict[int, int]) -> dict[str, _FeatureRows | None]:
+    """Each VQA condition as rows of the per-image table, one per usable question (None: no image)."""
+    if not usable:
+        return dict.fromkeys(("image", "blank", "shuffled", "text_only"))
+    blank_row = len(table) - 1
+    return {
+        "image": _FeatureRows(table, _long([row_of[r["image_id"]] for r in usable])),
+        "blank": _FeatureRows(table, torch.full((len(usable),), blank_row, dtype=torch.long)),
+        # An image whose deranged partner could not be decoded gets the blank image.
+        "shuffled": _FeatureRows(table, _long([row_of.get(other[r["image_id"]], blank_row) for r in usable])),
+        "text_only": None,
+    }
+
+
+def _described_answers(records: list[dict], prompts: list[str], features: _FeatureRows | None, student: Student,
                        plm: tuple, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
     """`vqa_mode: describe`: the model under test describes each image (the caption prompt, with that
     condition's features, or the language model alone for text_only), and the language model before
@@ -173,10 +197,13 @@ def _described_answers(records: list[dict], prompts: list[str], features: torch.
     prompt = fill_prompt(params.describe_prompt)
     if features is None:  # text_only: one prompt, no image, so one description for every image
         descriptions = describer.answers([prompt], None, f"{what} describe") * len(image_ids)
-    else:  # identical features (the blank control) are described once
-        distinct, which = torch.unique(features[[first_row[i] for i in image_ids]], dim=0, return_inverse=True)
-        described = describer.answers([prompt] * len(distinct), distinct, f"{what} describe")
-        descriptions = [described[k] for k in which.tolist()]
+    else:  # identical features (the blank control, the same row for every image) are described once
+        table_rows = features.rows[[first_row[i] for i in image_ids]].tolist()
+        groups = _rows_by_value(features.table, sorted(set(table_rows)))
+        described = describer.answers([prompt] * len(groups), _FeatureRows(features.table, _long(
+            [group[0] for group in groups])), f"{what} describe")
+        description_of_row = {row: text for group, text in zip(groups, described, strict=True) for row in group}
+        descriptions = [description_of_row[row] for row in table_rows]
     by_image = dict(zip(image_ids, descriptions, strict=True))
     contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
                 zip(records, prompts, strict=True)]
@@ -191,12 +218,13 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
     if not isinstance(images, list):
         raise VlkdError(f"{spec.annotations} has no \"images\" list; use the COCO captions format")
     image_ids = sorted(image["id"] for image in images)
-    features, blank = image_features(spec, image_ids, teacher, params.cache / name, student.config.prefix == "patch",
-                                     params.device)
-    usable = [image_id for image_id in image_ids if image_id in features]
+    table, row_of = _per_image_table(*image_features(spec, image_ids, teacher, params.cache / name,
+                                                     student.config.prefix == "patch", params.device))
+    usable = [image_id for image_id in image_ids if image_id in row_of]
     prompt = fill_prompt(params.caption_prompt)
-    conditions = {"image": torch.stack([features[i] for i in usable]) if usable else None,
-                  "blank": blank.expand(len(usable), *blank.shape) if usable else None, "text_only": None}
+    blank_rows = torch.full((len(usable),), len(table) - 1, dtype=torch.long)
+    conditions = {"image": _FeatureRows(table, _long([row_of[i] for i in usable])) if usable else None,
+                  "blank": _FeatureRows(table, blank_rows) if usable else None, "text_only": None}
     generator = _Generator(student, plm, params, params.caption_max_new_tokens)
     results, predictions = {}, {}
     for condition, condition_features in conditions.items():
@@ -229,6 +257,42 @@ def _retention(params: EvaluateParams, student: Student, plm: tuple, device: tor
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+def _per_image_table(features: dict[int, torch.Tensor], blank: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+    """Every decoded image's features once, in image id order, with the blank image's as the last row
+    ([images + 1, ...]), and each image id's row. Called on `image_features`' result directly, so its
+    dictionary (and the feature store's batches its values are views of) is freed as soon as the table is
+    built: the features are held twice only while it is."""
+    image_ids = sorted(features)
+    return torch.stack([features[i] for i in image_ids] + [blank]), {i: row for row, i in enumerate(image_ids)}
+
+
+def _long(rows: list[int]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _rows_by_value(table: torch.Tensor, rows: list[int]) -> list[list[int]]:
+    """`rows` of `table` grouped by equal features, the groups in ascending lexicographic order of their
+    flattened features: the grouping and order `torch.unique(dim=0)` gives, which describe mode's batches
+    always had (a batch's composition can change a model's floating-point results). Computed on row
+    numbers, one feature column at a time, so no features are copied."""
+    flat = table.reshape(len(table), -1)
+    groups: list[list[int]] = []
+    pending = [(_long(rows), 0)]  # a stack whose top holds the smallest features not yet grouped
+    while pending:
+        members, column = pending.pop()
+        if len(members) <= 1 or column == flat.shape[1]:
+            groups += [members.tolist()] if len(members) else []
+            continue
+        values, order = flat[members, column].sort(stable=True)
+        members = members[order]
+        counts = torch.unique_consecutive(values, return_counts=True)[1].tolist()
+        if len(counts) == 1 and all(torch.equal(flat[members[0]], flat[row]) for row in members[1:]):
+            groups.append(members.tolist())  # identical features: one group, without walking every column
+            continue
+        pending += [(part, column + 1) for part in reversed(torch.split(members, counts))]
+    return groups
+
+
 def _derangement(image_ids: list[int], seed: int) -> dict[int, int]:
     """Each image id mapped to another image id of the split (a seeded cyclic shift of a permutation)."""
     if len(image_ids) < 2:
