@@ -18,9 +18,12 @@ from vlkd.evaluate import run
 from vlkd.evaluate.images import BLANK_KEY, image_features
 from vlkd.features.extract import extract_features
 from vlkd.features.reader import FeatureStore
+from vlkd.io import sha256_file
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher
 from vlkd.models.train_teacher import MANIFEST, SOURCE_FILE
+
+WORLD_IMAGE = "{image_id:06d}.png"  # the synthetic world's image file names
 
 
 def teacher_folder(checkpoint):
@@ -39,6 +42,9 @@ def trained(tiny_world_shards, random_teacher, tmp_path_factory):
     captions = [c for batch in FeatureStore(root / "features").iter_batches(64) for c in batch["caption"]]
     captions += (world / "text" / "train.txt").read_text().splitlines()
     plm = make_tiny_plm(root / "plm", captions)
+    heldout = world / "text" / "heldout.txt"  # recorded as `vlkd plm` records it: evaluation measures retention on it
+    (plm / "vlkd-plm.json").write_text(json.dumps({"params": {"heldout": str(heldout)},
+                                                   "inputs": {"heldout": sha256_file(heldout)}}))
     distill(DistillParams(features=root / "features", plm=plm, output=root / "student", checkpoints=root / "ckpt",
                           plots=root / "curves", epochs=2, batch_size=6, device="cpu"))
     return world, teacher_folder(random_teacher), plm, root
@@ -48,14 +54,14 @@ def eval_params(trained, output, **changes) -> EvaluateParams:
     world, teacher, plm, root = trained
     benchmarks = {
         "vqa": BenchmarkSpec(task="vqa", images=world / "images" / "eval", questions=world / "vqa" / "questions.json",
-                             annotations=world / "vqa" / "annotations.json"),
+                             annotations=world / "vqa" / "annotations.json", image_pattern=WORLD_IMAGE),
         "captions": BenchmarkSpec(task="caption", images=world / "images" / "eval",
-                                  annotations=world / "captions" / "annotations.json"),
+                                  annotations=world / "captions" / "annotations.json", image_pattern=WORLD_IMAGE),
     }
     base = dict(student=root / "student", plm=plm, teacher=teacher, output=output, cache=root / "cache",
-                benchmarks=benchmarks, retention_text=world / "text" / "heldout.txt", curves=root / "curves",
+                benchmarks=benchmarks, curves=root / "curves",
                 num_beams=2, vqa_max_new_tokens=3, caption_max_new_tokens=4, batch_size=16, report_samples=3,
-                device="cpu")
+                vqa_mode="describe", device="cpu")  # the world's mode (params.yaml)
     return EvaluateParams(**{**base, **changes})
 
 
@@ -232,6 +238,6 @@ def test_missing_inputs_give_one_clear_line(trained, tmp_path):
     (world / "images" / "eval" / "000003.png").unlink()
     params = eval_params(trained, tmp_path / "e", benchmarks={"vqa": BenchmarkSpec(
         task="vqa", images=world / "images" / "eval", questions=world / "vqa" / "questions.json",
-        annotations=world / "vqa" / "annotations.json")})
+        annotations=world / "vqa" / "annotations.json", image_pattern=WORLD_IMAGE)})
     with pytest.raises(Exception, match="evaluation image\\(s\\) missing, e.g. .*000003.png"):
         run.evaluate(params)

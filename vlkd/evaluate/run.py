@@ -38,7 +38,7 @@ from vlkd.evaluate.report import write_report
 from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.io import project_relative, remove_path, replace_folder, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
-from vlkd.models.plm import infilling_loss, read_documents
+from vlkd.models.plm import infilling_loss, language_model_text, read_documents
 from vlkd.models.student import Student, load_language_model
 from vlkd.models.teacher import load_teacher
 from vlkd.models.train_teacher import resolve_teacher
@@ -62,8 +62,10 @@ def evaluate(params: EvaluateParams) -> dict:
         return done
     device = resolve_device(params.device, "evaluate.device")
     student = Student.from_pretrained(params.student, device)
+    # The image tokens exactly as the student's features were made (the grid is in the teacher's fingerprint).
     teacher = load_teacher(*resolve_teacher(params.teacher), device=device,
-                           image_tokens=student.config.prefix == "patch")
+                           image_tokens=student.config.prefix == "patch",
+                           token_grid=student.config.teacher.get("token_grid"))
     check_teacher(student.config, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
     bart, tokenizer = load_language_model(params.plm, "evaluate.plm")
     plm = (bart.to(device).eval(), tokenizer)
@@ -244,11 +246,12 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
 
 def _retention(params: EvaluateParams, student: Student, plm: tuple, device: torch.device) -> dict:
     """Infilling loss on held-out text before and after distillation, with the same noise for both."""
-    if not params.retention_text.is_file():
-        log.warning("text retention not measured: %s does not exist (set evaluate.retention_text)",
-                    params.retention_text)
-        return {"skipped": f"{params.retention_text} does not exist"}
-    documents = read_documents(params.retention_text, "evaluate.retention_text")
+    heldout = _heldout_text(params)
+    if heldout is None:
+        log.warning("text retention not measured: the language model %s was built without held-out text "
+                    "(set plm.heldout)", params.plm)
+        return {"skipped": "the language model has no held-out text (plm.heldout)"}
+    documents = read_documents(heldout, "plm.heldout")
     bart, tokenizer = plm
     before = infilling_loss(bart, tokenizer, documents, 0.3, 3.0, RETENTION_MAX_TOKENS, device=device)
     after = infilling_loss(student.bart, student.tokenizer, documents, 0.3, 3.0, RETENTION_MAX_TOKENS, device=device)
@@ -343,10 +346,15 @@ def _sample(ids: list[int], count: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
 
 
+def _heldout_text(params: EvaluateParams) -> Path | None:
+    """The language model's held-out text (plm.heldout, through its folder, so DVC sees it via evaluate.plm)."""
+    return language_model_text(params.plm, "heldout", "evaluate (text retention)", required=False)
+
+
 def _inputs(params: EvaluateParams) -> dict:
     """What the evaluation depends on: the student's weights, the language model, the benchmark files."""
     files = [params.student / "model.safetensors", params.student / "projections.safetensors",
-             params.plm / "model.safetensors", params.retention_text]
+             params.plm / "model.safetensors", params.plm / "vlkd-plm.json"]
     for spec in params.benchmarks.values():
         files += [path for path in (spec.questions, spec.annotations) if path is not None]
     missing = [path for path in files[:3] if not path.is_file()]
