@@ -117,6 +117,21 @@ def image_server():
     server.httpd.server_close()
 
 
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """Prefect's test harness (a temporary local server on SQLite), set up as the Makefile sets Prefect."""
+    settings = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in settings.items():
+            patch.setenv(name, value)
+        from prefect.testing.utilities import prefect_test_harness
+
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
 def free_port() -> int:
     import socket
 

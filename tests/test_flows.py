@@ -36,18 +36,8 @@ GATE = [{"file": "metrics/download.json", "metric": "url_list.successes"},
 # Fixtures: one Prefect test server and one tiny project for the module
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
-def prefect_server(tmp_path_factory):
-    """Prefect's test harness (a temporary local server on SQLite), set up as the Makefile sets Prefect."""
-    settings = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in settings.items():
-            patch.setenv(name, value)
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
+def prefect(prefect_server):
+    """Every test of this module runs against conftest's Prefect test server."""
 
 
 @pytest.fixture(scope="module")

@@ -27,19 +27,6 @@ TRAIN_ROWS = 40
 EVAL_IMAGE_IDS = [42, 73, 139, 285, 632, 724]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server(tmp_path_factory):
-    settings = {"PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
-                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in settings.items():
-            patch.setenv(name, value)
-        from prefect.testing.utilities import prefect_test_harness
-
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
 
 def jpeg(colour: tuple[int, int, int], size: int = 40) -> bytes:
     buffer = io.BytesIO()
@@ -114,7 +101,7 @@ VARIANT = {
 
 
 @pytest.fixture(scope="module")
-def user_run(tmp_path_factory):
+def user_run(tmp_path_factory, prefect_server):
     """(project, flow result) of `python -m flows.pipeline --params configs/my-corpus.yaml`."""
     from conftest import ImageServer
 
