@@ -61,7 +61,7 @@ RANDOM_SEED = 0  # the random teacher's weights: the same in the extraction and 
 def subset_shards(shards: Path, folder: Path, images: int, per_shard: int) -> Path:
     """The first `images` samples of `shards`, rewritten as complete shards of `per_shard` samples each
     (one decode worker reads one shard at a time, so several shards keep several workers busy)."""
-    from vlkd.corpus.shard_reader import iter_shard, list_shards
+    from vlkd.data.webdataset import iter_shard, list_shards
 
     folder.mkdir(parents=True)
     samples = list(itertools.islice((s for tar in list_shards(shards) for s in iter_shard(tar)), images))
@@ -98,7 +98,7 @@ def extract_random_features(model_name: str, shards: Path, output: Path, device:
     import torch
 
     from vlkd.config import FeaturesParams
-    from vlkd.features.extract import extract_features
+    from vlkd.data.feature_writer import extract_features
 
     params = FeaturesParams(batch_size=64, num_workers=workers, device=device)
     extract_features(shards, output, random_teacher(model_name), params)
@@ -115,7 +115,7 @@ def make_small_plm(folder: Path, shards: Path) -> Path:
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
     from vlkd.config import PlmParams
-    from vlkd.corpus.shard_reader import iter_shard, list_shards
+    from vlkd.data.webdataset import iter_shard, list_shards
 
     captions = [sample.caption for tar in list_shards(shards) for sample in iter_shard(tar)]
     sizes = PlmParams()
@@ -168,8 +168,8 @@ def on_the_fly_batches(spec: dict, batch_size: int, workers: int, device):
     import torch.nn.functional as F  # noqa: N812
     from torch.utils.data import DataLoader
 
-    from vlkd.corpus.shard_reader import list_shards
-    from vlkd.features.extract import ShardBatches
+    from vlkd.data.feature_writer import ShardBatches
+    from vlkd.data.webdataset import list_shards
     from vlkd.models.teacher import load_teacher
 
     if spec["teacher_model"]:
@@ -211,9 +211,9 @@ def run_variant(spec: dict) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     from vlkd.config import DistillParams
+    from vlkd.data.feature_store import FeatureStore
     from vlkd.distill.data import FeatureBatches
     from vlkd.distill.train import Ranks, VlkdObjective, _check_finite, _train_step, _use_bf16
-    from vlkd.features.reader import FeatureStore
     from vlkd.training import decay_groups
 
     device = torch.device(spec["device"])
@@ -363,8 +363,8 @@ def resolve_device(requested: str) -> str:
 
 def prepare(args, device: str, tmp: Path) -> dict:
     """Paths and names both variants share: shards, stored features, teacher, language model."""
-    from vlkd.features.reader import FeatureStore
-    from vlkd.models.train_teacher import resolve_teacher
+    from vlkd.data.feature_store import FeatureStore
+    from vlkd.models.teacher import resolve_teacher
 
     spec = {"device": device, "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
             "compile": args.compile, "threads": args.threads, "teacher_model": args.teacher_model,

@@ -44,8 +44,8 @@ import pyarrow.parquet as pq
 
 from vlkd.config import DownloadParams, SynthParams
 from vlkd.corpus.download import download
-from vlkd.corpus.server import serve_folder
-from vlkd.corpus.synth import generate_world
+from vlkd.world.server import serve_folder, world_server
+from vlkd.world.synth import generate_world
 
 log = logging.getLogger("benchmarks.download")
 
@@ -137,7 +137,8 @@ def run_img2dataset(url_list: Path, output: Path, params: DownloadParams, port: 
 
 def run_vlkd(url_list: Path, output: Path, params: DownloadParams) -> int:
     """The download stage; returns the rows it fetched in this run."""
-    return download(url_list, output, params)["this_run"]["fetched"]
+    with world_server(url_list):
+        return download(url_list, output, params)["this_run"]["fetched"]
 
 
 def import_img2dataset() -> int:

@@ -103,8 +103,7 @@ def make_teacher(folder: Path):
     import open_clip
     import torch
 
-    from vlkd.models.teacher import load_teacher, save_checkpoint
-    from vlkd.models.train_teacher import MANIFEST, SOURCE_FILE
+    from vlkd.models.teacher import MANIFEST, SOURCE_FILE, load_teacher, save_checkpoint
 
     folder.mkdir(parents=True)
     (folder / f"{TEACHER_MODEL}.json").write_text(json.dumps(TEACHER_CONFIG))

@@ -35,8 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlkd.features.extract import ShardWriter  # noqa: E402
-from vlkd.features.schema import feature_schema  # noqa: E402
+from vlkd.data.feature_schema import feature_schema  # noqa: E402
+from vlkd.data.feature_writer import ShardWriter  # noqa: E402
 from vlkd.models.teacher import EMBEDDED_CONFIG, EMBEDDED_MODEL, pool_token_grid, token_grid_size  # noqa: E402
 
 CORPORA = {"CC3M": 3_300_000, "LAION-400M": 400_000_000}

@@ -35,12 +35,14 @@ def free_port() -> int:
 def make_shards(workdir: Path, images: int) -> Path:
     from vlkd.config import DownloadParams, SynthParams
     from vlkd.corpus.download import download
-    from vlkd.corpus.synth import generate_world
+    from vlkd.world.server import world_server
+    from vlkd.world.synth import generate_world
 
     generate_world(workdir / "world", SynthParams(images=images, eval_images=2, shifted_images=1, text_scenes=10,
                                                   image_size=96, port=free_port()))
-    download(workdir / "world" / "urls.parquet", workdir / "shards",
-             DownloadParams(image_size=256, shard_size=500, processes=2))
+    with world_server(workdir / "world" / "urls.parquet"):
+        download(workdir / "world" / "urls.parquet", workdir / "shards",
+                 DownloadParams(image_size=256, shard_size=500, processes=2))
     return workdir / "shards"
 
 
@@ -63,7 +65,7 @@ def run_stage(args) -> dict:
     import torch
 
     from vlkd.config import FeaturesParams
-    from vlkd.features.extract import extract_features
+    from vlkd.data.feature_writer import extract_features
     from vlkd.models.teacher import load_teacher
 
     teacher = load_teacher(args.model, args.checkpoint)
@@ -83,7 +85,7 @@ def run_baseline(args) -> dict:
     import torch.nn.functional as F  # noqa: N812
     from PIL import Image
 
-    from vlkd.corpus.shard_reader import iter_shard, list_shards
+    from vlkd.data.webdataset import iter_shard, list_shards
     from vlkd.models.teacher import load_teacher
 
     teacher = load_teacher(args.model, args.checkpoint)

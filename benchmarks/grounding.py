@@ -35,13 +35,12 @@ import pyarrow.parquet as pq
 import torch
 
 from vlkd.config import load_params
-from vlkd.corpus.synth import _POSITION_PHRASES, COLOURS, SHAPES
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.vqa_metric import read_json, score_vqa
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.student import Student
-from vlkd.models.teacher import load_teacher
-from vlkd.models.train_teacher import resolve_teacher
+from vlkd.models.teacher import load_teacher, resolve_teacher
+from vlkd.world.synth import _POSITION_PHRASES, COLOURS, SHAPES
 
 PROBED = ("colour", "shape", "size", "position")
 OBJECT = re.compile(rf"(?:(small|large) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"

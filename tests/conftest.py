@@ -145,13 +145,15 @@ def tiny_world_shards(tmp_path_factory):
     """A tiny synthetic world downloaded for real into 3 shards of 10 images: (world folder, shard folder)."""
     from vlkd.config import DownloadParams, SynthParams
     from vlkd.corpus.download import download
-    from vlkd.corpus.synth import generate_world
+    from vlkd.world.server import world_server
+    from vlkd.world.synth import generate_world
 
     root = tmp_path_factory.mktemp("tiny")
     generate_world(root / "world", SynthParams(images=30, eval_images=6, shifted_images=2, text_scenes=20,
                                                image_size=48, port=free_port()))
-    download(root / "world" / "urls.parquet", root / "shards",
-             DownloadParams(processes=1, shard_size=10, image_size=32, captions_col="captions"))
+    with world_server(root / "world" / "urls.parquet"):
+        download(root / "world" / "urls.parquet", root / "shards",
+                 DownloadParams(processes=1, shard_size=10, image_size=32, captions_col="captions"))
     return root / "world", root / "shards"
 
 

@@ -24,17 +24,18 @@ from safetensors.torch import load_file
 
 from vlkd.cli import main
 from vlkd.config import DistillParams, FeaturesParams
+from vlkd.data.feature_store import FeatureStore
+from vlkd.data.feature_writer import extract_features
 from vlkd.distill import train
 from vlkd.distill.data import FeatureBatches
-from vlkd.distill.losses import ItclLoss, noisy_batch, ttdm_loss
 from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
-from vlkd.features.extract import extract_features
-from vlkd.features.reader import FeatureStore
 from vlkd.io import sha256_file
+from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
 from vlkd.models.noising import infill_spans
 from vlkd.models.student import Student, StudentConfig
 from vlkd.models.teacher import load_teacher
+from vlkd.training import Optimization
 
 TEACHER = {"model": "t", "weights_sha256": "0" * 64, "open_clip_version": "x"}
 
@@ -212,41 +213,31 @@ def test_training_with_all_objectives_saves_a_loadable_student(setup, tmp_path):
     torch.testing.assert_close(saved["text_projection.weight"], student.text_projection.weight.detach())
 
 
-def test_the_added_layers_train_at_their_own_learning_rate(setup, tmp_path):
+def test_optimization_takes_every_trainable_parameter_once_and_decays_only_matrices(setup):
     student = Student.from_language_model(setup[1], StudentConfig(embed_dim=32, teacher=TEACHER))
-    groups = train._param_groups(student, params(setup, tmp_path, lr=1e-3, projection_lr_scale=10))
-    added = {id(p) for layer in (student.visual_projection, student.visual_norm, student.text_projection)
-             for p in layer.parameters()}
-    for group in groups:
-        inside = {id(p) in added for p in group["params"]}
-        assert len(inside) == 1 and group["lr"] == pytest.approx(1e-2 if inside == {True} else 1e-3)
+    groups = Optimization(student, 1e-3, 0.01, 2, 4).optimizer.param_groups
     trainable = {id(p) for p in student.parameters() if p.requires_grad}
     assert sorted(id(p) for g in groups for p in g["params"]) == sorted(trainable)  # each once
-    assert {g["weight_decay"] for g in groups if {id(p) for p in g["params"]} & added} == {0.0, 0.01}
+    decayed = [p for g in groups if g["weight_decay"] for p in g["params"]]
+    exempt = [p for g in groups if not g["weight_decay"] for p in g["params"]]
+    assert all(p.ndim == 2 for p in decayed) and any(p.ndim == 1 for p in exempt)
+    assert any(p is student.bart.model.shared.weight for p in exempt)  # BART's token embedding: no decay
 
 
-def test_whitened_features_have_identity_covariance_and_survive_a_reload(setup, tmp_path):
-    metrics = train.distill(params(setup, tmp_path, epochs=1, batch_size=10, whiten_features=True))
-    assert metrics["final"]["loss"] > 0
-    student = Student.from_pretrained(tmp_path / "student")
-    assert student.config.whiten
-    embeddings = train._image_embeddings(FeatureStore(setup[0]), 10_000)
-    whitened = (embeddings - student.feature_mean) @ student.feature_whitening
-    assert whitened.mean(0).abs().max() < 1e-4
-    # Each direction of variance v ends with variance v / (v + eps): about 1 where there is signal, about 0
-    # where there is none (eps = 1% of the mean variance keeps those from being blown up).
-    before = torch.linalg.eigvalsh(torch.cov(embeddings.T.double())).clamp(min=0)
-    expected = before / (before + 0.01 * before.mean())
-    torch.testing.assert_close(torch.linalg.eigvalsh(torch.cov(whitened.T.double())), expected, atol=1e-4, rtol=0)
-    fresh = Student.from_language_model(setup[1], student.config)
-    assert not torch.equal(fresh.visual_prefix(embeddings[:2]), student.visual_prefix(embeddings[:2]))
-    fresh.load_state_dict(student.state_dict())
-    torch.testing.assert_close(fresh.visual_prefix(embeddings[:2]), student.visual_prefix(embeddings[:2]))
+def test_optimization_steps_follow_transformers_warmup_then_cosine():
+    model = torch.nn.Linear(2, 2)
+    optimization = Optimization(model, 1.0, 0.0, warmup_steps=2, total_steps=4, max_grad_norm=1.0)
+    used = []
+    for _ in range(4):
+        model(torch.ones(1, 2)).sum().backward()
+        used.append(optimization.step())
+        assert all(p.grad is None for p in model.parameters())  # zeroed after each step
+    assert used == pytest.approx([0.0, 0.5, 1.0, 0.5])  # the learning rate each step used
 
 
-def test_whitening_is_refused_for_the_patch_prefix():
-    with pytest.raises(VlkdError, match="pooled prefix only"):
-        StudentConfig(teacher=TEACHER, embed_dim=8, prefix="patch", whiten=True)
+def test_prefix_tokens_are_refused_with_the_patch_prefix(setup, tmp_path):
+    with pytest.raises(ValueError, match="pooled prefix only"):
+        params(setup, tmp_path, prefix="patch", prefix_tokens=4)
 
 
 def test_patch_prefix_and_accumulation_train(setup, tmp_path):

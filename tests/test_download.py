@@ -23,7 +23,7 @@ from vlkd.cli import main
 from vlkd.config import DownloadParams
 from vlkd.corpus import shards
 from vlkd.corpus.download import FAILED, LOCK, STAGING, SUMMARY, download
-from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.data.webdataset import iter_shard, list_shards
 from vlkd.errors import VlkdError
 
 PARAMS = DownloadParams(processes=1, threads=8, shard_size=10, timeout=1.0, max_image_area=250_000,

@@ -13,15 +13,15 @@ from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 
 from vlkd.cli import main
 from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams, FeaturesParams
+from vlkd.data.feature_store import FeatureStore
+from vlkd.data.feature_writer import extract_features
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
 from vlkd.evaluate.images import BLANK_KEY, image_features
-from vlkd.features.extract import extract_features
-from vlkd.features.reader import FeatureStore
 from vlkd.io import sha256_file
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher
-from vlkd.models.train_teacher import MANIFEST, SOURCE_FILE
+from vlkd.teacher.build import MANIFEST, SOURCE_FILE
 
 WORLD_IMAGE = "{image_id:06d}.png"  # the synthetic world's image file names
 

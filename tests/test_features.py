@@ -24,12 +24,12 @@ from PIL import Image
 
 from vlkd.cli import main
 from vlkd.config import FeaturesParams
-from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.data import feature_writer
+from vlkd.data.feature_schema import read_metadata
+from vlkd.data.feature_store import FeatureStore, fixed_size_to_numpy
+from vlkd.data.feature_writer import extract_features
+from vlkd.data.webdataset import iter_shard, list_shards
 from vlkd.errors import VlkdError
-from vlkd.features import extract
-from vlkd.features.extract import extract_features
-from vlkd.features.reader import FeatureStore, fixed_size_to_numpy
-from vlkd.features.schema import read_metadata
 from vlkd.models.teacher import load_teacher
 
 PARAMS = FeaturesParams(batch_size=4, num_workers=0, device="cpu")
@@ -144,7 +144,7 @@ def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monk
     extract_features(shards, clean, teacher, PARAMS)
 
     killed = tmp_path / "killed"
-    real_commit = extract.ShardWriter.commit
+    real_commit = feature_writer.ShardWriter.commit
     commits = []
 
     def commit_then_die(self, bad):
@@ -153,10 +153,10 @@ def test_a_killed_run_resumes_to_the_same_result(shards, tmp_path, teacher, monk
         real_commit(self, bad)
         commits.append(self.path)
 
-    monkeypatch.setattr(extract.ShardWriter, "commit", commit_then_die)
+    monkeypatch.setattr(feature_writer.ShardWriter, "commit", commit_then_die)
     with pytest.raises(KeyboardInterrupt):
         extract_features(shards, killed, teacher, PARAMS)
-    monkeypatch.setattr(extract.ShardWriter, "commit", real_commit)
+    monkeypatch.setattr(feature_writer.ShardWriter, "commit", real_commit)
     assert len(list(killed.glob("[0-9]*.parquet"))) == 1 and list(killed.glob(".*.partial"))
 
     resumed = extract_features(shards, killed, teacher, PARAMS)

@@ -13,10 +13,11 @@ import yaml
 from vlkd.config import Params
 
 PROJECT = Path(__file__).resolve().parents[1]
-# The module each `vlkd <stage>` command runs (vlkd/cli.py imports it inside the command).
-ENTRY = {"synth": "vlkd/corpus/synth.py", "download": "vlkd/corpus/download.py",
-         "teacher": "vlkd/models/train_teacher.py", "features": "vlkd/features/extract.py",
-         "plm": "vlkd/models/plm.py", "distill": "vlkd/distill/train.py", "evaluate": "vlkd/evaluate/run.py"}
+# The modules each `vlkd <stage>` command runs (vlkd/cli.py imports them inside the command; download
+# serves the embedded world's folder while it fetches a world's list).
+ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
+         "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
+         "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"]}
 # Not dependencies: the typed params (DVC sees every value through params.yaml, checked below) and the
 # error type.
 NOT_DEPS = {"vlkd/config.py", "vlkd/errors.py"}
@@ -30,10 +31,10 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def imported_files(entry: str) -> set[str]:
-    """Every vlkd source file `entry` imports, transitively (imports inside functions included)."""
+def imported_files(entries: list[str]) -> set[str]:
+    """Every vlkd source file the `entries` import, transitively (imports inside functions included)."""
     seen: set[Path] = set()
-    pending = [PROJECT / entry]
+    pending = [PROJECT / entry for entry in entries]
     while pending:
         path = pending.pop()
         if path in seen:
@@ -64,6 +65,17 @@ def test_code_dependencies_cover_every_module_the_stage_imports(stage):
                if any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)]
     missing = sorted(imported_files(ENTRY[stage]) - NOT_DEPS - set(covered))
     assert not missing, f"dvc.yaml's {stage} stage does not depend on {missing}, which it runs"
+
+
+@pytest.mark.parametrize("stage", sorted(ENTRY))
+def test_code_dependencies_name_only_code_the_stage_runs(stage):
+    """A dependency the stage does not import would re-run it for a change that cannot affect it."""
+    runs = imported_files(ENTRY[stage])
+    deps = [dep for dep in stages()[stage]["deps"] if dep.startswith("vlkd")]
+    for dep in deps:
+        files = {path.relative_to(PROJECT).as_posix() for path in (PROJECT / dep).rglob("*.py") if path.stat().st_size}
+        files = files or {dep}
+        assert files <= runs, f"dvc.yaml's {stage} stage depends on {sorted(files - runs)}, which it never imports"
 
 
 @pytest.mark.parametrize("section", [name for name in Params.model_fields if name != "pipeline"])

@@ -15,12 +15,18 @@ from transformers import AutoTokenizer, BartForConditionalGeneration
 
 from vlkd.cli import main
 from vlkd.config import PlmParams, SynthParams
-from vlkd.corpus.synth import text_corpus
+from vlkd.data import text
+from vlkd.data.text import make_example, qa_pairs
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
-from vlkd.models import plm
+from vlkd.models import language_model
 from vlkd.models.infill import extract_infill, fill_prompt
-from vlkd.models.plm import MANIFEST, build_plm, make_example, pretrain, qa_pairs, train_tokenizer
+from vlkd.models.language_model import MANIFEST
+from vlkd.plm import build as plm
+from vlkd.plm import pretrain as plm_pretrain
+from vlkd.plm.build import build_plm
+from vlkd.plm.pretrain import pretrain, train_tokenizer
+from vlkd.world.synth import text_corpus
 
 # The embedded model at test size: the same code path, a fraction of the compute.
 TINY = {"model": None, "vocab_size": 400, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 64,
@@ -131,7 +137,7 @@ def test_tokenizer_has_barts_special_ids_and_round_trips(tokenizer, corpus, tmp_
 def test_examples_mask_the_answers_or_random_spans(tokenizer):
     document = ("a small red circle on the left. Question: What color is the circle? Answer: red "
                 "Question: Where is the red circle? Answer: left")
-    [encoded] = plm.encode_documents(tokenizer, [document], 64)
+    [encoded] = text.encode_documents(tokenizer, [document], 64)
     assert [tokenizer.decode(encoded.tokens[start:end]).strip() for start, end in encoded.answers] == ["red", "left"]
     rng = np.random.default_rng(0)
     source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=1.0), rng)
@@ -143,7 +149,7 @@ def test_examples_mask_the_answers_or_random_spans(tokenizer):
     assert kind == "spans" and tokenizer.mask_token_id in source
     assert tokenizer.decode(target, skip_special_tokens=True) == document
     # truncation drops the answers it cuts
-    [short] = plm.encode_documents(tokenizer, [document], 12)
+    [short] = text.encode_documents(tokenizer, [document], 12)
     assert len(short.tokens) == 10 and short.answers == []
 
 
@@ -156,11 +162,11 @@ def test_saved_folder_loads_with_from_pretrained(built):
     model = BartForConditionalGeneration.from_pretrained(output)
     tokenizer = AutoTokenizer.from_pretrained(output)
     assert tokenizer.mask_token_id == manifest["mask_token_id"] == model.config.vocab_size - 1
-    assert manifest["name"] == plm.EMBEDDED_NAME and manifest["source"].startswith(plm.SOURCE_TRAINED)
+    assert manifest["name"] == plm_pretrain.EMBEDDED_NAME and manifest["source"].startswith(plm.SOURCE_TRAINED)
     assert manifest["sha256"] == {name: sha256_file(output / name) for name in manifest["sha256"]}
     assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
     assert json.loads((output / MANIFEST).read_text()) == manifest
-    assert not (output.parent / "plm.tmp").exists()
+    assert not (output.parent / ".plm.building").exists()
     # the saved model generates through BART's own generate
     batch = tokenizer(["Question: What color is the circle? Answer: <mask>"], return_tensors="pt")
     assert model.generate(**batch, num_beams=2, max_new_tokens=20).shape[0] == 1
@@ -176,10 +182,10 @@ def test_training_lowers_the_infilling_loss(built, corpus, tokenizer):
     # held out: the trained model against an untrained one, on the same noise
     documents = corpus[1].read_text().splitlines()
     trained = BartForConditionalGeneration.from_pretrained(params.output)
-    fresh = plm.create_model(params, AutoTokenizer.from_pretrained(params.output))
+    fresh = plm_pretrain.create_model(params, AutoTokenizer.from_pretrained(params.output))
     tokenizer = AutoTokenizer.from_pretrained(params.output)
-    before = plm.infilling_loss(fresh, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
-    after = plm.infilling_loss(trained, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
+    before = language_model.infilling_loss(fresh, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
+    after = language_model.infilling_loss(trained, tokenizer, documents, 0.3, 3.0, params.max_length)["loss"]
     assert after == pytest.approx(metrics["heldout_infilling"]["loss"], rel=1e-4)
     assert after < 0.6 * before
     qa = metrics["qa"]
@@ -219,7 +225,7 @@ def local_bart(tokenizer, tmp_path_factory) -> Path:
     """A tiny randomly initialised BART and its tokenizer, saved like a downloaded checkpoint."""
     folder = tmp_path_factory.mktemp("bart") / "tiny-bart"
     torch.manual_seed(0)
-    plm.create_model(PlmParams(**{**TINY, "output": folder}), tokenizer).save_pretrained(folder)
+    plm_pretrain.create_model(PlmParams(**{**TINY, "output": folder}), tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -227,7 +233,7 @@ def local_bart(tokenizer, tmp_path_factory) -> Path:
 def test_local_bart_is_checked_and_saved(local_bart, corpus, tmp_path):
     params = tiny_params(corpus, tmp_path / "plm", model=str(local_bart), qa_questions=4)
     manifest = build_plm(params)
-    assert manifest["name"] == str(local_bart) and manifest["source"] == plm.SOURCE_LOCAL
+    assert manifest["name"] == str(local_bart) and manifest["source"] == language_model.SOURCE_LOCAL
     assert "training" not in manifest["metrics"] and "loss" in manifest["metrics"]["heldout_infilling"]
     original = BartForConditionalGeneration.from_pretrained(local_bart)
     saved = BartForConditionalGeneration.from_pretrained(tmp_path / "plm")
@@ -241,7 +247,7 @@ def test_not_a_bart_is_refused(tmp_path):
 
     GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(VlkdError, match="is a 'gpt2' model, not a BART"):
-        plm.load_pretrained(str(tmp_path / "gpt2"))
+        language_model.load_pretrained(str(tmp_path / "gpt2"))
 
 
 def test_unknown_hub_name_is_one_line(monkeypatch):
@@ -249,7 +255,7 @@ def test_unknown_hub_name_is_one_line(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(VlkdError, match="cannot load plm.model nobody-here/not-a-bart"):
-        plm.load_pretrained("nobody-here/not-a-bart")
+        language_model.load_pretrained("nobody-here/not-a-bart")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +296,7 @@ def test_cli_missing_local_model(tmp_path, corpus):
 def test_cli_output_is_not_a_model_folder(tmp_path, corpus):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    assert_one_line_error(run_cli(tmp_path, corpus, "--output", str(tmp_path / "taken")), "not a language-model folder")
+    assert_one_line_error(run_cli(tmp_path, corpus, "--output", str(tmp_path / "taken")), "not a language model folder")
     (tmp_path / "file").write_text("a file")
     assert_one_line_error(run_cli(tmp_path, corpus, "--output", str(tmp_path / "file")), "refusing")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from vlkd.config import SynthParams
-from vlkd.corpus import synth
-from vlkd.corpus.synth import (
+from vlkd.errors import VlkdError
+from vlkd.world import synth
+from vlkd.world.synth import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
@@ -29,7 +30,6 @@ from vlkd.corpus.synth import (
     SceneObject,
     generate_world,
 )
-from vlkd.errors import VlkdError
 
 TINY = SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50, image_size=64)
 EVAL_SPLITS = {"eval": "", "shifted": "shifted/"}
@@ -105,8 +105,8 @@ def test_regenerating_replaces_the_old_world_and_leaves_no_temporaries(tmp_path:
     small = TINY.model_copy(update={"images": 3, "eval_images": 2, "shifted_images": 1, "text_scenes": 10})
     generate_world(target, small)
     (target / "stale.txt").write_text("from an older run")
-    (tmp_path / "world.tmp").mkdir()  # left by a killed run
-    (tmp_path / "world.tmp" / "half.png").write_bytes(b"")
+    (tmp_path / ".world.building").mkdir()  # left by a killed run
+    (tmp_path / ".world.building" / "half.png").write_bytes(b"")
     generate_world(target, small.model_copy(update={"images": 4}))
     assert not (target / "stale.txt").exists()
     assert len(list((target / "images/train").iterdir())) == 4
@@ -117,10 +117,10 @@ def test_refuses_to_replace_a_folder_that_is_not_a_world(tmp_path: Path) -> None
     target = tmp_path / "precious"
     target.mkdir()
     (target / "thesis.tex").write_text("do not delete")
-    with pytest.raises(VlkdError, match="not a synthetic world"):
+    with pytest.raises(VlkdError, match="not a synthetic world folder"):
         generate_world(target, TINY)
     assert (target / "thesis.tex").read_text() == "do not delete"
-    assert not (tmp_path / "precious.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
 # --- training URL list and images ------------------------------------------------------------------

@@ -15,19 +15,14 @@ import torch
 from PIL import Image
 
 from vlkd.config import TeacherParams
-from vlkd.corpus.shard_reader import iter_shard, list_shards
+from vlkd.data.webdataset import iter_shard, list_shards
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
-from vlkd.models import train_teacher
-from vlkd.models.teacher import CHECKPOINT_NAME, EMBEDDED_MODEL, load_teacher
-from vlkd.models.train_teacher import (
-    MANIFEST,
-    METRICS,
-    _recalls,
-    build_teacher,
-    resolve_teacher,
-    train_contrastive,
-)
+from vlkd.models.teacher import CHECKPOINT_NAME, EMBEDDED_MODEL, MANIFEST, load_teacher, resolve_teacher
+from vlkd.teacher import contrastive
+from vlkd.teacher.build import METRICS, build_teacher
+from vlkd.teacher.contrastive import train_contrastive
+from vlkd.teacher.retrieval import _recalls
 
 # The embedded architecture at test size: the same code path, a fraction of the compute.
 EMBEDDED_CONFIG = {
@@ -40,7 +35,7 @@ EMBEDDED_CONFIG = {
 @pytest.fixture(scope="module", autouse=True)
 def tiny_embedded_model():
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train_teacher, "EMBEDDED_CONFIG", EMBEDDED_CONFIG)
+        patch.setattr(contrastive, "EMBEDDED_CONFIG", EMBEDDED_CONFIG)
         yield
 
 
@@ -281,7 +276,7 @@ def test_an_image_with_several_captions_is_paired_with_each_of_them():
     Image.new("RGB", (8, 8), (200, 10, 10)).save(image, format="PNG")
     tokenizer = open_clip.get_tokenizer("RN50")
     captions = [("a red square", "a square on the left", "a red shape"), ("a blue circle",)]
-    pairs = train_teacher._Pairs([image.getvalue()] * 2, captions, tokenizer, lambda picture: torch.zeros(1))
+    pairs = contrastive._Pairs([image.getvalue()] * 2, captions, tokenizer, lambda picture: torch.zeros(1))
     torch.manual_seed(0)
     drawn = {tuple(pairs[0][1].tolist()) for _ in range(60)}
     assert drawn == {tuple(tokens.tolist()) for tokens in tokenizer(list(captions[0]))}

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from vlkd.config import FeaturesParams
+from vlkd.data.feature_store import FeatureStore
+from vlkd.data.feature_writer import extract_features
 from vlkd.errors import VlkdError
-from vlkd.features.extract import extract_features
-from vlkd.features.reader import FeatureStore
 from vlkd.io import sha256_file
 from vlkd.models.teacher import load_teacher, pool_token_grid, save_checkpoint
 

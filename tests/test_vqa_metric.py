@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from vlkd.cli import main
 from vlkd.config import SynthParams
-from vlkd.corpus.synth import generate_world
 from vlkd.errors import VlkdError
 from vlkd.evaluate.vqa_metric import process_punctuation, question_accuracy, question_type_prior, score_vqa
+from vlkd.world.synth import generate_world
 
 
 def humans(*groups: tuple[int, str]) -> list[dict]:

@@ -1,19 +1,21 @@
-"""The synthetic world downloaded for real: the stage starts and stops the world's server itself."""
+"""The synthetic world downloaded for real: `vlkd download` starts and stops the world's server itself."""
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
-from vlkd.config import DownloadParams, SynthParams
-from vlkd.corpus.download import download
-from vlkd.corpus.server import serve_folder, world_server
-from vlkd.corpus.synth import generate_world
+from vlkd.cli import main
+from vlkd.config import SynthParams
 from vlkd.errors import VlkdError
+from vlkd.world.server import serve_folder, world_server
+from vlkd.world.synth import generate_world
 
 
 def free_port() -> int:
@@ -30,10 +32,14 @@ def world(tmp_path):
     return tmp_path / "world", params
 
 
-def test_the_world_downloads_through_its_own_server(world, tmp_path):
+def test_vlkd_download_serves_the_world_it_downloads(world, tmp_path):
     folder, params = world
-    summary = download(folder / "urls.parquet", tmp_path / "shards",
-                       DownloadParams(processes=1, shard_size=10, image_size=32))
+    (tmp_path / "params.yaml").write_text("download:\n  processes: 1\n  shard_size: 10\n  image_size: 32\n")
+    result = CliRunner().invoke(main, ["--params", str(tmp_path / "params.yaml"), "download", "--url-list",
+                                       str(folder / "urls.parquet"), "--output", str(tmp_path / "shards"),
+                                       "--metrics", str(tmp_path / "summary.json")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["url_list"]["successes"] == 24 and summary["shards"]["count"] == 3
     with pytest.raises(OSError):  # stopped afterwards
         urllib.request.urlopen(f"http://127.0.0.1:{params.port}/world.json", timeout=1)

@@ -85,7 +85,7 @@ def main(ctx: click.Context, params_file: Path | None, verbose: bool) -> None:
 @_reports_errors
 def synth(params: Params, output: Path | None, images: int | None, seed: int | None) -> None:
     """Generate the synthetic world: images, URL list, VQA and COCO files, text corpus."""
-    from vlkd.corpus.synth import generate_world
+    from vlkd.world.synth import generate_world
 
     world = with_overrides(params.synth, output=output, images=images, seed=seed)
     manifest = generate_world(world.output, world)
@@ -115,12 +115,16 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
     """Download a URL list into webdataset shards with img2dataset (incremental, resumable)."""
     started = time.perf_counter()
     from vlkd.corpus.download import download as run_download
+    from vlkd.world.server import world_server
 
     names = [name.strip() for name in column_names.split(",")] if column_names else None
     stage = with_overrides(params.download, url_list=url_list, output=output, url_col=url_col,
                        caption_col=caption_col, captions_col=captions_col, input_format=input_format,
                        column_names=names)
-    summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
+    # The embedded world's list names URLs on 127.0.0.1 that only exist while its folder is served; any
+    # other list is downloaded as it is.
+    with world_server(stage.url_list):
+        summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
     _write_metrics(metrics_file, run_log, summary, started)
     click.echo(json.dumps(summary["url_list"], indent=2))
     click.echo(f"shards in {stage.output}: {summary['shards']['count']}, "
@@ -141,7 +145,7 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
 def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the teacher folder: an open_clip model, or train the embedded one on the shards."""
     started = time.perf_counter()
-    from vlkd.models.train_teacher import METRICS, build_teacher, read_json
+    from vlkd.teacher.build import METRICS, build_teacher, read_json
 
     stage = with_overrides(params.teacher, **flags)
     manifest = build_teacher(stage)
@@ -178,18 +182,12 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
              replace_other_teachers: bool, shards: tuple[Path, ...], **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
     started = time.perf_counter()
-    from vlkd.features.extract import extract_features
-    from vlkd.models.teacher import load_teacher
+    from vlkd.features.extract import features as run_features
 
-    if not 0 <= rank < world_size:
-        raise VlkdError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
     if shards:
         flags["shards"] = shards[0] if len(shards) == 1 else list(shards)
     stage = with_overrides(params.features, **flags)
-    model, pretrained = _teacher_names(stage)
-    teacher_model = load_teacher(model, pretrained, image_tokens=stage.image_tokens, token_grid=stage.token_grid)
-    summary = extract_features(stage.shards, stage.output, teacher_model, stage, rank=rank, world_size=world_size,
-                               replace_other_teachers=replace_other_teachers)
+    summary = run_features(stage, rank, world_size, replace_other_teachers)
     this_run = summary["this_run"]
     # The metrics are the folder's summary, which only a rank that found every shard done has; each rank
     # keeps its own run log, as ranks share the command line.
@@ -201,16 +199,6 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
     click.echo(f"features in {stage.output}{share}: {this_run['shards_computed']} shard(s) computed, "
                f"{this_run['shards_skipped']} skipped, {summary['images']} images, "
                f"{summary['bad_samples']['count']} bad sample(s), {this_run['images_per_second']} images/s")
-
-
-def _teacher_names(stage) -> tuple[str, str]:
-    if (stage.model is None) != (stage.pretrained is None):
-        raise VlkdError("--model and --pretrained go together (or neither, to use the teacher folder)")
-    if stage.model is not None:
-        return stage.model, stage.pretrained
-    from vlkd.models.train_teacher import resolve_teacher
-
-    return resolve_teacher(stage.teacher)
 
 
 @main.command()
@@ -228,7 +216,7 @@ def _teacher_names(stage) -> tuple[str, str]:
 def plm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the language-model folder: a BART checkpoint, or pretrain the embedded one on the corpus."""
     started = time.perf_counter()
-    from vlkd.models.plm import build_plm
+    from vlkd.plm.build import build_plm
 
     quiet_transformers()
     stage = with_overrides(params.plm, **flags)

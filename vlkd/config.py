@@ -184,8 +184,7 @@ class DistillParams(_Section):
     checkpoints: Path = Path("data/checkpoints/distill")  # kept outside `output`: DVC deletes outs before a run
     plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
-    prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding")
-    whiten_features: bool = False  # not in the paper: ZCA-whiten the pooled features before W_v (Student.set_whitening)
+    prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding (pooled only)")
     ttdm_weight: float = Field(1.0, ge=0)
     itcl_weight: float = Field(1.0, ge=0)
     icti_weight: float = Field(1.0, ge=0)
@@ -204,7 +203,6 @@ class DistillParams(_Section):
     batch_size: int = Field(64, ge=2)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
-    projection_lr_scale: float = Field(1.0, gt=0)  # W_v, its LayerNorm and W_t train at this multiple of lr
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "linear"] = "cosine"
@@ -220,6 +218,13 @@ class DistillParams(_Section):
         if self.whole_caption_keep and not self.whole_caption_share:
             raise ValueError("whole_caption_keep applies to the captions masked whole, and whole_caption_share is 0; "
                              "set whole_caption_share above 0 or whole_caption_keep to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _prefix_tokens_need_the_pooled_prefix(self) -> DistillParams:
+        if self.prefix_tokens != 1 and self.prefix != "pooled":
+            raise ValueError(f"prefix_tokens {self.prefix_tokens} applies to the pooled prefix only, and prefix "
+                             f"is {self.prefix} (a token per image token); set prefix_tokens: 1 or prefix: pooled")
         return self
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+
+from vlkd.errors import VlkdError
 
 
 def tmp_path_for(path: Path) -> Path:
@@ -76,6 +80,34 @@ def replace_folder(built: Path, output: Path) -> None:
         output.rename(old)
     built.rename(output)
     remove_path(old)
+
+
+@contextlib.contextmanager
+def building_folder(output: Path, marker: str, what: str, setting: str) -> Iterator[Path]:
+    """Build a stage's output folder whole: yields an empty hidden sibling to fill, swapped in over `output`
+    when the block ends, removed if it fails, so `output` is only ever the old folder or the new one.
+    A non-empty `output` without the stage's `marker` file (its manifest) is refused, never overwritten:
+    it is not this stage's to replace. `what` and `setting` name the folder and the params key in errors."""
+    output = Path(output)
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / marker).is_file())):
+        raise VlkdError(f"{output} exists and is not a {what} folder (no {marker}); refusing to replace it: "
+                        f"choose another {setting} or remove it")
+    building = output.parent / f".{output.name}.building"
+    try:
+        remove_path(building)
+        building.mkdir(parents=True)
+    except OSError as err:
+        raise VlkdError(f"cannot create {building} ({err.strerror}); choose a writable {setting}") from err
+    try:
+        yield building
+        replace_folder(building, output)
+    except OSError as err:
+        remove_path(building)
+        raise VlkdError(f"cannot write the {what} to {output} ({err.strerror or err}); check the disk's free "
+                        f"space and permissions, or choose another {setting}") from err
+    except BaseException:
+        remove_path(building)
+        raise
 
 
 def params_record(section, anchor: Path) -> dict:

@@ -1,26 +1,30 @@
-"""What the stages that train or run a model share: the device, AdamW's decay groups, the schedule."""
+"""The training scaffold the teacher, language-model and distillation loops share: device and precision,
+AdamW with decay groups, transformers' warmup schedules, the optimizer step (clipping, schedule, zeroing),
+per-epoch loss means and the progress bar. Each loop keeps only what is its own: data, model, loss."""
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Iterable
+from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 from vlkd.errors import VlkdError
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 def resolve_device(requested: str, setting: str) -> torch.device:
-    """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is bad input for `setting`."""
-    if requested == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    elif requested == "cuda" and not torch.cuda.is_available():
+    """`auto` -> CUDA when torch sees a GPU, else the CPU; `cuda` without a GPU is bad input for `setting`.
+    Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if requested == "cuda" and not torch.cuda.is_available():
         raise VlkdError(f"{setting} is cuda but torch sees no CUDA device; use auto or cpu")
-    else:
-        device = torch.device(requested)
-    if device.type == "cuda":
-        deterministic_cuda()
-    return device
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    deterministic_cuda()
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def deterministic_cuda() -> None:
@@ -35,6 +39,19 @@ def deterministic_cuda() -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` -> bf16 on CUDA (no loss scaling needed, unlike fp16), fp32 on the CPU."""
+    if requested == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return requested
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast at `precision` (bf16 or fp16), or nothing for fp32."""
+    dtype = PRECISIONS.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW parameter groups as CLIP and BART are trained: no decay on gains, biases, the temperature and
     embeddings (BART's `shared` token embedding included), decay on the other matrices; frozen ones left out."""
@@ -47,9 +64,57 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def warmup_cosine(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """open_clip's schedule: linear warmup to `base_lr`, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress))) * base_lr
+class Optimization:
+    """AdamW over `decay_groups(model)` with transformers' warmup schedule (`schedule`: cosine or linear decay
+    to 0 at `total_steps`) and gradient-norm clipping; `step()` is one optimizer step."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                 schedule: str = "cosine", max_grad_norm: float | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        from transformers import get_scheduler  # imported here: transformers is slow to import
+
+        self.parameters = [param for param in model.parameters() if param.requires_grad]
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup_steps,
+                                       num_training_steps=total_steps)
+
+    def step(self) -> float:
+        """Clip, step, advance the schedule, zero the gradients; returns the learning rate the step used."""
+        lr = self.scheduler.get_last_lr()[0]
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+
+class EpochMeans:
+    """The mean of each named loss over each epoch, as the stages' metrics and logs report them."""
+
+    def __init__(self) -> None:
+        self.means: list[dict[str, float]] = []
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def add(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            total, count = self._sums.get(name, (0.0, 0))
+            self._sums[name] = (total + value, count + 1)
+
+    def end_epoch(self) -> dict[str, float]:
+        self.means.append({name: total / count for name, (total, count) in self._sums.items()})
+        self._sums.clear()
+        return self.means[-1]
+
+    def of(self, name: str) -> list[float]:
+        return [epoch[name] for epoch in self.means]
+
+
+def progress(total: int, desc: str, initial: int = 0, enabled: bool = True) -> tqdm:
+    """The loops' progress bar: shown on a terminal (tqdm's `disable=None`), silent in logs and other ranks."""
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=None if enabled else True)
+
+
+def trainable(parameters: Iterable[torch.nn.Parameter]) -> int:
+    return sum(param.numel() for param in parameters if param.requires_grad)

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 
 from vlkd.config import DownloadParams
 from vlkd.corpus import shards
-from vlkd.corpus.server import world_server
 from vlkd.corpus.shard_writer import KeyOrderedWebDatasetWriter
 from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
 from vlkd.errors import VlkdError
@@ -98,8 +97,7 @@ def _fetch(url_list: Path, rows: pa.Table, staging: Path, output: Path, start_sh
         plan.mkdir(parents=True)
         pq.write_table(rows, plan / PLAN_ROWS)
         write_json_atomic(plan / PLAN_LAYOUT, {"start_shard_id": start_shard_id, "shard_size": params.shard_size})
-    with world_server(url_list):
-        _run_img2dataset(plan / PLAN_ROWS, rows.num_rows, staging, start_shard_id, params, done)
+    _run_img2dataset(plan / PLAN_ROWS, rows.num_rows, staging, start_shard_id, params, done)
     adopted = shards.adopt(staging, output)
     shards.reset_staging(staging)
     return adopted

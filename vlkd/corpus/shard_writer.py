@@ -11,7 +11,6 @@ rows (the images stay on disk).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -21,9 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# Fixed tar member metadata: what a reproducible archive needs (as `tar --mtime=@0 --owner=0 --group=0`).
-MTIME = 0
-MODE = 0o444
+from vlkd.data.webdataset import add_member
 
 
 class KeyOrderedWebDatasetWriter:
@@ -68,12 +65,3 @@ class KeyOrderedWebDatasetWriter:
         pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), self.parquet_path)
 
 
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    """One tar member with fixed metadata, so the archive's bytes depend on names and contents only."""
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = MTIME
-    info.mode = MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))

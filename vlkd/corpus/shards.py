@@ -17,12 +17,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlkd.data.webdataset import STATS_SUFFIX
 from vlkd.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
 SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
-STATS_SUFFIX = "_stats.json"
 # What img2dataset's stats file says about the run rather than the shard (wall-clock times).
 RUN_FIELDS = ("start_time", "end_time", "duration")
 SHARD_SUFFIXES = (".tar", ".parquet", STATS_SUFFIX)  # the order in which a shard is moved into place

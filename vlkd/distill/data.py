@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlkd.data.feature_store import FeatureStore, table_to_batch
 from vlkd.errors import VlkdError
-from vlkd.features.reader import FeatureStore, table_to_batch
 
 
 class FeatureBatches:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vlkd.config import PlmParams
-from vlkd.models.plm import collate, encode_documents, make_example, read_documents
+from vlkd.data.text import collate, encode_documents, make_example, read_documents
 
 
 class RetentionBatches:

@@ -24,24 +24,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from vlkd.config import DistillParams
+from vlkd.data.feature_store import FeatureStore
 from vlkd.distill.data import FeatureBatches
-from vlkd.distill.losses import ItclLoss, noisy_batch, ttdm_loss
 from vlkd.distill.retention import RetentionBatches
 from vlkd.errors import VlkdError
-from vlkd.features.reader import FeatureStore
-from vlkd.io import remove_path, replace_folder, sha256_file, tmp_path_for, write_json_atomic
-from vlkd.models.plm import language_model_text
-from vlkd.models.student import Student, StudentConfig
-from vlkd.training import decay_groups, deterministic_cuda
+from vlkd.io import building_folder, remove_path, sha256_file, tmp_path_for, write_json_atomic
+from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
+from vlkd.models.language_model import language_model_text
+from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
+from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig
+from vlkd.models.teacher import check_teacher
+from vlkd.training import EpochMeans, Optimization, autocast, progress, resolve_device, resolve_precision, trainable
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ttdm", "itcl", "icti", "retention")
-WHITENING_ROWS = 200_000  # image embeddings the whitening is estimated from (plenty for a 1024-d covariance)
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
@@ -118,48 +117,40 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         objective = DistributedDataParallel(objective, find_unused_parameters=unused)
     if params.compile:
         objective = torch.compile(objective)
-    optimizer = torch.optim.AdamW(_param_groups(student, params), lr=params.lr)
-    schedule = get_cosine_schedule_with_warmup if params.schedule == "cosine" else get_linear_schedule_with_warmup
-    scheduler = schedule(optimizer, params.warmup_steps, total_steps)
-
+    optimization = Optimization(student, params.lr, params.weight_decay, params.warmup_steps, total_steps,
+                                params.schedule, params.max_grad_norm)
     fingerprint = _run_fingerprint(params, store, student)
     checkpoint = params.checkpoints / fingerprint[:16] / CHECKPOINT
-    start_step = _resume(checkpoint, student, optimizer, scheduler, ranks)
+    start_step = _resume(checkpoint, student, optimization, ranks)
     live = _open_live(params.plots, start_step) if ranks.is_main else None
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(params, ranks.device) else nullcontext())
+    precision = _precision(params, ranks.device)
 
     logger.info("distilling %s rows into the student for %d steps (%d per epoch) on %d rank(s), %s",
                 store.num_rows, total_steps, steps_per_epoch, ranks.world_size, ranks.device)
-    started, recent, epoch_sums = time.perf_counter(), {}, {}
-    epoch_means: list[dict[str, float]] = []
-    data = None
-    progress = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step",
-                    disable=None if ranks.is_main else True)
-    with progress as bar:
+    started, recent, epochs, data = time.perf_counter(), {}, EpochMeans(), None
+    with progress(total_steps, "distill", start_step, enabled=ranks.is_main) as bar:
         for step in range(start_step, total_steps):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if data is None or in_epoch == 0:
                 data = batches.epoch(epoch, skip=in_epoch * params.grad_accum)
-            recent = _train_step(objective, student, data, retention, params, ranks, step, autocast)
+            recent = _train_step(objective, student, data, retention, params, ranks, step, precision)
             _check_finite(recent, step, checkpoint, ranks)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            recent["lr"] = scheduler.get_last_lr()[0]
+            recent["lr"] = optimization.step()
             if live is not None:
                 _log_step(live, recent)
-            _add_to_epoch(epoch_sums, epoch_means, recent, in_epoch + 1 == steps_per_epoch)
+            epochs.add({name: value for name, value in recent.items() if name != "lr"})
+            if in_epoch + 1 == steps_per_epoch:
+                epochs.end_epoch()
             bar.set_postfix({name: f"{recent[name]:.3f}" for name in LOSSES if name in recent}, refresh=False)
             bar.update()
             if (step + 1) % params.checkpoint_every == 0 and step + 1 < total_steps and ranks.is_main:
-                _save_checkpoint(checkpoint, step + 1, student, optimizer, scheduler)
+                _save_checkpoint(checkpoint, step + 1, student, optimization)
 
     elapsed = time.perf_counter() - started
     metrics = {
         "steps": total_steps, "epochs": params.epochs, "feature_rows": store.num_rows, "ranks": ranks.world_size,
         "final": {name: round(value, 5) for name, value in recent.items() if name in (*LOSSES, "loss")},
-        "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
+        "trainable_parameters": trainable(student.parameters()),
     }
     if ranks.is_main:
         _save_student(student, params, metrics)
@@ -171,7 +162,8 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     # How this run went: a resumed run ends with the same student, so none of this is in its files.
     metrics["this_run"] = {
         "resumed_from_step": start_step, "training_seconds": round(elapsed, 1),
-        "epoch_means": epoch_means,  # the mean of each loss over each epoch this process trained
+        # the mean of each loss over each epoch this process trained
+        "epoch_means": [{name: round(value, 5) for name, value in epoch.items()} for epoch in epochs.means],
         "samples_per_s": round((total_steps - start_step) * params.batch_size * params.grad_accum
                                * ranks.world_size / max(elapsed, 1e-9), 1),
     }
@@ -179,8 +171,9 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
 
 
 def _train_step(objective, student: Student, data, retention: RetentionBatches | None, params: DistillParams,
-                ranks: Ranks, step: int, autocast) -> dict[str, float]:
-    """One optimizer step's forward and backward passes over `grad_accum` micro-batches."""
+                ranks: Ranks, step: int, precision: str) -> dict[str, float]:
+    """One optimizer step's forward and backward passes over `grad_accum` micro-batches (forward under
+    autocast, backward outside it, as torch recommends)."""
     torch.manual_seed(_step_seed(params.seed, ranks.rank, step))
     noise = np.random.default_rng([params.seed, ranks.rank, step])
     totals: dict[str, float] = {}
@@ -191,7 +184,7 @@ def _train_step(objective, student: Student, data, retention: RetentionBatches |
                                    for name, tensor in retention.batch(params.batch_size, noise).items()}
         last = micro == params.grad_accum - 1
         sync = objective.no_sync() if isinstance(objective, DistributedDataParallel) and not last else nullcontext()
-        with sync, autocast:
+        with sync, autocast(ranks.device, precision):
             losses = objective(**inputs)
         with sync:
             (losses["loss"] / params.grad_accum).backward()
@@ -217,19 +210,6 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
     return {name: None if value is None else value.to(device, non_blocking=True) for name, value in inputs.items()}
 
 
-def _param_groups(student: Student, params: DistillParams) -> list[dict]:
-    """`decay_groups`, with the layers VLKD adds to BART (W_v and its LayerNorm, W_t) at
-    `projection_lr_scale` times the learning rate: they start from scratch, BART does not."""
-    added = {id(param) for layer in student.added_layers() for param in layer.parameters()}
-    groups = []
-    for group in decay_groups(student, params.weight_decay):
-        for scale, members in ((1.0, [p for p in group["params"] if id(p) not in added]),
-                               (params.projection_lr_scale, [p for p in group["params"] if id(p) in added])):
-            if members:
-                groups.append({**group, "params": members, "lr": params.lr * scale})
-    return groups
-
-
 def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
     """ICTI reconstructs one of each image's captions, drawn anew each step where the features list several;
     TTDM and ITCL stay on `caption`, the one whose teacher embedding is stored."""
@@ -243,16 +223,6 @@ def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
 
 def _unpadded(encoded) -> list[list[int]]:
     return [ids[:int(mask.sum())].tolist() for ids, mask in zip(encoded.input_ids, encoded.attention_mask, strict=True)]
-
-
-def _add_to_epoch(sums: dict, means: list, losses: dict[str, float], epoch_done: bool) -> None:
-    for name in (*LOSSES, "loss"):
-        if name in losses:
-            total, count = sums.get(name, (0.0, 0))
-            sums[name] = (total + losses[name], count + 1)
-    if epoch_done:
-        means.append({name: round(total / count, 5) for name, (total, count) in sums.items()})
-        sums.clear()
 
 
 def _check_finite(losses: dict[str, float], step: int, checkpoint: Path, ranks: Ranks) -> None:
@@ -298,7 +268,7 @@ def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
 def _build_student(params: DistillParams, store: FeatureStore) -> Student:
     if params.init is not None:
         student = Student.from_pretrained(params.init)
-        check_teacher(student.config, store.teacher, where=str(store.files[0].parent))
+        check_teacher(student.config.teacher, store.teacher, where=str(store.files[0].parent))
         if student.config.prefix != params.prefix:
             raise VlkdError(f"the student in {params.init} has a {student.config.prefix} prefix, not "
                             f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
@@ -308,41 +278,14 @@ def _build_student(params: DistillParams, store: FeatureStore) -> Student:
         visual_width = pq.read_schema(store.files[0]).field("image_tokens").type.value_type.list_size
     config = StudentConfig(teacher=store.teacher, embed_dim=store.embed_dim, prefix=params.prefix,
                            prefix_tokens=params.prefix_tokens, visual_width=visual_width,
-                           itcl_temperature=params.itcl_temperature, plm=_plm_manifest(params.plm),
-                           whiten=params.whiten_features)
+                           itcl_temperature=params.itcl_temperature, plm=_plm_manifest(params.plm))
     student = Student.from_language_model(params.plm, config)
     student.logit_scale.requires_grad_(params.itcl_learnable_temperature)
-    if params.whiten_features:
-        student.set_whitening(_image_embeddings(store, WHITENING_ROWS))
     return student
 
 
-def _image_embeddings(store: FeatureStore, rows: int) -> torch.Tensor:
-    """The first `rows` stored image embeddings (every rank reads the same ones)."""
-    batches, count = [], 0
-    for batch in store.iter_batches(4096, columns=("image_embedding",)):
-        batches.append(batch["image_embedding"][:rows - count])
-        count += len(batches[-1])
-        if count >= rows:
-            break
-    return torch.cat(batches)
-
-
-def check_teacher(config: StudentConfig, teacher: dict, where: str) -> None:
-    """Refuse features from another teacher than the one the student was distilled from."""
-    if config.teacher != teacher:
-        def described(fingerprint: dict) -> str:
-            grid = fingerprint.get("token_grid")
-            return (f"{fingerprint['model']} (weights {fingerprint['weights_sha256'][:12]}"
-                    f"{f', tokens pooled to {grid} x {grid}' if grid else ''}, open_clip "
-                    f"{fingerprint.get('open_clip_version', '?')})")
-
-        raise VlkdError(f"features in {where} were made by teacher {described(teacher)}, but the student was "
-                        f"distilled from {described(config.teacher)}; extract features with the student's teacher")
-
-
 def _plm_manifest(folder: Path) -> dict:
-    manifest = folder / "vlkd-plm.json"
+    manifest = folder / PLM_MANIFEST
     if manifest.is_file():
         record = json.loads(manifest.read_text())
         return {key: record[key] for key in ("name", "source", "sha256") if key in record}
@@ -361,56 +304,48 @@ def _run_fingerprint(params: DistillParams, store: FeatureStore, student: Studen
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
-def _save_checkpoint(path: Path, step: int, student: Student, optimizer, scheduler) -> None:
+def _save_checkpoint(path: Path, step: int, student: Student, optimization: Optimization) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
-    torch.save({"step": step, "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, tmp)
+    torch.save({"step": step, "student": student.state_dict(), "optimizer": optimization.optimizer.state_dict(),
+                "scheduler": optimization.scheduler.state_dict()}, tmp)
     tmp.replace(path)
     logger.debug("checkpoint at step %d: %s", step, path)
 
 
-def _resume(path: Path, student: Student, optimizer, scheduler, ranks: Ranks) -> int:
+def _resume(path: Path, student: Student, optimization: Optimization, ranks: Ranks) -> int:
     if not path.exists():
         return 0
     state = torch.load(path, map_location=ranks.device, weights_only=True)
     student.load_state_dict(state["student"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    optimization.optimizer.load_state_dict(state["optimizer"])
+    optimization.scheduler.load_state_dict(state["scheduler"])
     logger.info("resuming from %s at step %d", path, state["step"])
     return state["step"]
 
 
 def _save_student(student: Student, params: DistillParams, metrics: dict) -> None:
-    building = params.output.parent / f".{params.output.name}.building"
-    remove_path(building)
-    student.save_pretrained(building)
-    write_json_atomic(building / "distill-metrics.json", {k: v for k, v in metrics.items() if k != "this_run"})
-    replace_folder(building, params.output)
+    with building_folder(params.output, STUDENT_CONFIG, "student", "distill.output") as building:
+        student.save_pretrained(building)
+        write_json_atomic(building / "distill-metrics.json", {k: v for k, v in metrics.items() if k != "this_run"})
     logger.info("student written to %s", params.output)
 
 
 # -- plumbing --------------------------------------------------------------------------------------------
-def _init_distributed(device: str) -> Ranks:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "cuda" and not torch.cuda.is_available():
-        raise VlkdError("distill.device is cuda but torch sees no CUDA device; use auto or cpu")
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        deterministic_cuda()
-    if world_size == 1:
-        return Ranks(0, 1, torch.device("cuda" if use_cuda else "cpu"))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    return Ranks(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+def _init_distributed(requested: str) -> Ranks:
+    device = resolve_device(requested, "distill.device")  # under torchrun, the GPU of this LOCAL_RANK
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Ranks(0, 1, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), device)
 
 
-def _use_bf16(params: DistillParams, device: torch.device) -> bool:
+def _precision(params: DistillParams, device: torch.device) -> str:
     if params.precision == "bf16" and device.type != "cuda":
         raise VlkdError("distill.precision bf16 needs a CUDA device; use auto or fp32 on CPU")
-    return device.type == "cuda" and params.precision in ("auto", "bf16")
+    return resolve_precision(params.precision, device)
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:

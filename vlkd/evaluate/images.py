@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 from vlkd.config import BenchmarkSpec, FeaturesParams
-from vlkd.corpus.shard_writer import add_member
+from vlkd.data.feature_store import FeatureStore
+from vlkd.data.feature_writer import extract_features
+from vlkd.data.webdataset import add_member
 from vlkd.errors import VlkdError
-from vlkd.features.extract import extract_features
-from vlkd.features.reader import FeatureStore
 from vlkd.io import remove_path, write_json_atomic
 from vlkd.models.teacher import Teacher
 

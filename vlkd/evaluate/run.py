@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from vlkd.config import BenchmarkSpec, EvaluateParams
-from vlkd.distill.train import check_teacher
+from vlkd.data.text import read_documents
 from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
@@ -38,10 +38,9 @@ from vlkd.evaluate.report import write_report
 from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.io import project_relative, remove_path, replace_folder, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
-from vlkd.models.plm import infilling_loss, language_model_text, read_documents
+from vlkd.models.language_model import infilling_loss, language_model_text
 from vlkd.models.student import Student, load_language_model
-from vlkd.models.teacher import load_teacher
-from vlkd.models.train_teacher import resolve_teacher
+from vlkd.models.teacher import check_teacher, load_teacher, resolve_teacher
 from vlkd.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ def evaluate(params: EvaluateParams) -> dict:
     teacher = load_teacher(*resolve_teacher(params.teacher), device=device,
                            image_tokens=student.config.prefix == "patch",
                            token_grid=student.config.teacher.get("token_grid"))
-    check_teacher(student.config, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
+    check_teacher(student.config.teacher, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
     bart, tokenizer = load_language_model(params.plm, "evaluate.plm")
     plm = (bart.to(device).eval(), tokenizer)
     building = params.output.parent / f".{params.output.name}.building"

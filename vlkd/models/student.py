@@ -42,15 +42,11 @@ class StudentConfig:
     visual_width: int = 0  # input width of W_v: embed_dim (pooled) or the patch tokens' width
     itcl_temperature: float = 0.01
     plm: dict = field(default_factory=dict)  # the language model's manifest (name, source, sha256)
-    whiten: bool = False  # pooled features are whitened (feature_mean, feature_whitening) before W_v
     format: int = FORMAT
 
     def __post_init__(self):
         if self.prefix not in ("pooled", "patch"):
             raise VlkdError(f"unknown prefix kind {self.prefix!r}; use pooled or patch")
-        if self.whiten and self.prefix != "pooled":
-            raise VlkdError("whitening applies to the pooled prefix only; set distill.whiten_features: false "
-                            "or distill.prefix: pooled")
 
 
 class Student(nn.Module):
@@ -65,9 +61,6 @@ class Student(nn.Module):
         tokens = config.prefix_tokens if config.prefix == "pooled" else 1
         self.visual_projection = nn.Linear(config.visual_width or config.embed_dim, width * tokens)
         self.visual_norm = nn.LayerNorm(width)
-        if config.whiten:  # set by `set_whitening` from the training features, saved with the projections
-            self.register_buffer("feature_mean", torch.zeros(config.embed_dim))
-            self.register_buffer("feature_whitening", torch.eye(config.embed_dim))
         # CLIP's convention: logits = exp(logit_scale) * cos; trainable only if ITCL's temperature is learnable.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / config.itcl_temperature)), requires_grad=False)
 
@@ -82,30 +75,8 @@ class Student(nn.Module):
                 f"projection, which takes {kind} with last size {self.visual_projection.in_features}; use features "
                 "from the student's teacher")
         features = image_features.to(self.visual_projection.weight.dtype)
-        if self.config.whiten:
-            features = (features - self.feature_mean) @ self.feature_whitening
         projected = self.visual_projection(features)
         return self.visual_norm(projected.reshape(image_features.shape[0], -1, self.bart.config.d_model))
-
-    @torch.no_grad()
-    def set_whitening(self, features: torch.Tensor, relative_eps: float = 1e-2) -> None:
-        """ZCA whitening of pooled image features [N, E]: after it they have zero mean and about unit variance
-        in every direction. Why (not in the paper): in the embedded teacher's embedding 11 directions
-        (colour, background) hold 98% of the variance and position lives in the rest, where W_v sees it
-        at a far smaller scale. `relative_eps` x the mean variance is added to every eigenvalue, so
-        directions without signal are not blown up."""
-        features = features.double()
-        mean = features.mean(0)
-        covariance = torch.cov((features - mean).T)
-        values, vectors = torch.linalg.eigh(covariance)
-        values = values.clamp(min=0)
-        values = values + relative_eps * values.mean()
-        self.feature_mean.copy_(mean.float())
-        self.feature_whitening.copy_((vectors @ torch.diag(values.rsqrt()) @ vectors.T).float())
-
-    def added_layers(self) -> tuple[nn.Module, ...]:
-        """What VLKD adds to BART (W_v and its LayerNorm, W_t): trained from scratch."""
-        return self.visual_projection, self.visual_norm, self.text_projection
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """W_t(mean of the encoder output over non-pad tokens): the student's text in CLIP's space."""

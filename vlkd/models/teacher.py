@@ -9,6 +9,7 @@ with open_clip before loading, so `create_model_and_transforms(model, pretrained
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from open_clip.transformer import VisionTransformer
 
 from vlkd.errors import VlkdError
-from vlkd.io import sha256_file, tmp_path_for, write_json_atomic
+from vlkd.io import project_root, sha256_file, tmp_path_for, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +219,53 @@ def _register_and_locate(model_name: str, pretrained: str) -> Path | None:
         raise VlkdError(f"model {model_name!r} has no pretrained tag {pretrained!r} (known: {tags}); "
                         "pass a tag or a checkpoint file as --pretrained")
     return Path(pretrained) if local else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The teacher folder (the teacher stage's output) as later stages read it
+# ---------------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+SOURCE_TAG = "open_clip pretrained tag"
+SOURCE_FILE = "checkpoint file"
+
+
+def resolve_teacher(folder: Path) -> tuple[str, str]:
+    """(open_clip model name, pretrained tag or absolute checkpoint path) of a teacher folder."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise VlkdError(f"no teacher in {folder} ({MANIFEST} is missing); run `vlkd teacher` first or "
+                        "pass --model and --pretrained")
+    try:
+        manifest = json.loads(path.read_text())
+        model, pretrained, source = manifest["model"], manifest["pretrained"], manifest["source"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise VlkdError(f"{path} is not a teacher manifest ({err}); run `vlkd teacher` again") from err
+    if source == SOURCE_TAG:
+        return model, pretrained
+    return model, str(checkpoint_path(path, source, pretrained))
+
+
+
+def checkpoint_path(manifest: Path, source: str, pretrained: str) -> Path:
+    """The manifest's checkpoint file: a user's file inside a project is recorded relative to the project
+    (as every manifest records paths), anything else relative to the teacher folder."""
+    checkpoint = Path(pretrained)
+    if checkpoint.is_absolute():
+        return checkpoint
+    root = project_root(manifest) if source == SOURCE_FILE else None
+    return (root or manifest.parent).resolve() / checkpoint
+
+
+def check_teacher(distilled_from: dict, teacher: dict, where: str) -> None:
+    """Refuse features from another teacher (`teacher`, a fingerprint) than the one a student was distilled
+    from (`distilled_from`, the fingerprint its config records)."""
+    if distilled_from != teacher:
+        def described(fingerprint: dict) -> str:
+            grid = fingerprint.get("token_grid")
+            return (f"{fingerprint['model']} (weights {fingerprint['weights_sha256'][:12]}"
+                    f"{f', tokens pooled to {grid} x {grid}' if grid else ''}, open_clip "
+                    f"{fingerprint.get('open_clip_version', '?')})")
+
+        raise VlkdError(f"features in {where} were made by teacher {described(teacher)}, but the student was "
+                        f"distilled from {described(distilled_from)}; extract features with the student's teacher")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from vlkd.config import SynthParams
 from vlkd.errors import VlkdError
-from vlkd.io import remove_path, replace_folder
+from vlkd.io import building_folder
 
 logger = logging.getLogger(__name__)
 
@@ -761,21 +761,6 @@ def _manifest(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _check_replaceable(output: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier world."""
-    if not output.exists():
-        return
-    if not output.is_dir():
-        raise VlkdError(f"{output} exists and is not a folder; remove it or choose another synth output")
-    if any(output.iterdir()) and not (output / WORLD_MANIFEST).is_file():
-        raise VlkdError(
-            f"{output} is not empty and holds no {WORLD_MANIFEST}, so it is not a synthetic world; "
-            "refusing to replace it: choose another synth output or remove the folder"
-        )
-
-
-
-
 def _build(root: Path, params: SynthParams) -> dict[str, Any]:
     scenes = split_scenes(params)
     splits = {split: _write_split(root, split, scenes[split], params) for split in SPLITS}
@@ -787,20 +772,9 @@ def _build(root: Path, params: SynthParams) -> dict[str, Any]:
 
 def generate_world(output: Path, params: SynthParams) -> dict[str, Any]:
     """Write the synthetic world into `output` (params.output is ignored) and return its manifest,
-    which is also `output/world.json`. Built in `<output>.tmp`, then renamed over `output`."""
-    output = Path(output)
-    _check_replaceable(output)
-    building = output.parent / (output.name + ".tmp")
-    try:
-        remove_path(building)
-        building.mkdir(parents=True)
+    which is also `output/world.json`. Built whole, then swapped in (`building_folder`)."""
+    with building_folder(Path(output), WORLD_MANIFEST, "synthetic world", "synth.output") as building:
         manifest = _build(building, params)
-        replace_folder(building, output)
-    except OSError as err:
-        raise VlkdError(
-            f"cannot write the synthetic world to {output}: {err.strerror or err}; "
-            "check the folder's permissions and free space"
-        ) from err
     splits = manifest["splits"]
     logger.info(
         "synthetic world in %s: %d train, %d eval (%d questions), %d shifted images, %d text documents",

@@ -1,4 +1,4 @@
-"""Which tar files are shards, and streaming the samples of one.
+"""Which tar files are shards, streaming the samples of one, and writing tar members reproducibly.
 
 Shards are any webdataset tars: a folder (vlkd's download, img2dataset's, or any tars), a brace pattern
 (`/data/cc3m/{00000..00331}.tar`, expanded by braceexpand as webdataset expands it), or a list of files.
@@ -11,6 +11,7 @@ Streaming keeps memory at one sample, whatever the shard's size.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import tarfile
@@ -21,10 +22,13 @@ from pathlib import Path
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from vlkd.corpus.shards import STATS_SUFFIX
 from vlkd.errors import VlkdError
 
 log = logging.getLogger(__name__)
+
+STATS_SUFFIX = "_stats.json"  # img2dataset writes it last: a shard with one is complete
+MTIME = 0  # tar members' fixed metadata
+MODE = 0o444
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 
@@ -121,3 +125,21 @@ def _captions(meta: bytes | None, caption: str) -> tuple[str, ...]:
     if not isinstance(listed, list):
         return (caption,)
     return tuple(dict.fromkeys([caption, *(text for text in listed if isinstance(text, str) and text)]))
+
+
+# Fixed tar member metadata: what a reproducible archive needs (as `tar --mtime=@0 --owner=0 --group=0`).
+
+
+
+
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed metadata, so the archive's bytes depend on names and contents only."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = MTIME
+    info.mode = MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))

@@ -19,8 +19,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vlkd.corpus.synth import WORLD_MANIFEST
 from vlkd.errors import VlkdError
+from vlkd.world.synth import WORLD_MANIFEST
 
 log = logging.getLogger(__name__)
 

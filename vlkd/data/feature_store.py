@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vlkd.data.feature_schema import read_metadata
 from vlkd.errors import VlkdError
-from vlkd.features.schema import read_metadata
 
 EMBEDDINGS = ("image_embedding", "text_embedding")
 # One file per shard, named after the shard's tar (00000.parquet for vlkd's shards, any name for others');

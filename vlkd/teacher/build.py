@@ -1,0 +1,162 @@
+"""The teacher stage: make the teacher folder the features stage reads.
+
+    pretrained tag or file -> load it through open_clip to check it        (no training)
+    nothing pretrained     -> train the embedded model contrastively on the shards (`contrastive`)
+    either way             -> zero-shot retrieval on the held-out split (`retrieval`) -> manifest.json,
+                              metrics.json
+
+A folder whose manifest records the same params, the same shard contents and a weights file with the
+recorded sha256 is kept as it is; otherwise it is rebuilt whole (`building_folder`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from vlkd.config import TeacherParams
+from vlkd.data.webdataset import list_shards
+from vlkd.errors import VlkdError
+from vlkd.io import building_folder, params_record, sha256_file, without_output, write_json_atomic
+from vlkd.models.teacher import (
+    CHECKPOINT_NAME,
+    EMBEDDED_MODEL,
+    MANIFEST,
+    SOURCE_FILE,
+    SOURCE_TAG,
+    checkpoint_path,
+    is_checkpoint_file,
+    load_teacher,
+)
+from vlkd.teacher.contrastive import train_contrastive, training_setup
+from vlkd.teacher.retrieval import evaluate_retrieval
+from vlkd.training import resolve_device
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.json"
+SOURCE_TRAINED = "trained on"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------------
+def build_teacher(params: TeacherParams) -> dict:
+    """Make `params.output` (manifest.json, metrics.json and, for the embedded model, its checkpoint and
+    config) and return the manifest. An up-to-date folder is left alone."""
+    output = Path(params.output)
+    current = _up_to_date(output, params)
+    if current is not None:
+        log.info("teacher in %s is up to date (same params, inputs and weights); not rebuilt", output)
+        return current
+    device = resolve_device(params.device, "teacher.device")
+    with building_folder(output, MANIFEST, "teacher", "teacher.output") as building:
+        manifest = _build(params, building, device)
+    _log_retrieval(output, read_json(output / METRICS)["retrieval"])
+    return manifest
+
+
+def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
+    """Fill `building` with the teacher, its metrics and its manifest; returns the manifest."""
+    metrics: dict = {}
+    if params.pretrained is None:
+        if params.model != EMBEDDED_MODEL:
+            raise VlkdError(f"teacher.pretrained is null, which trains the embedded model {EMBEDDED_MODEL!r}, but "
+                            f"teacher.model is {params.model!r}; set teacher.model: {EMBEDDED_MODEL} or give a "
+                            "pretrained tag or checkpoint file")
+        inputs = shard_inputs(Path(params.shards))
+        shards = [Path(params.shards) / name for name in inputs]
+        _, metrics["training"] = train_contrastive(params, building, device, shards=shards)
+        setup = training_setup(params.image_size)
+        pretrained, source = CHECKPOINT_NAME, f"{SOURCE_TRAINED} {params.shards}"
+        teacher = load_teacher(EMBEDDED_MODEL, str(building / CHECKPOINT_NAME), device=device)
+    else:
+        inputs, setup = {}, {}
+        local = is_checkpoint_file(params.pretrained)
+        pretrained = str(Path(params.pretrained).resolve()) if local else params.pretrained
+        source = SOURCE_FILE if local else SOURCE_TAG
+        log.info("checking the teacher %s / %s (no training)", params.model, pretrained)
+        teacher = load_teacher(params.model, pretrained, device=device)
+    metrics["retrieval"] = evaluate_retrieval(teacher, Path(params.eval_images), Path(params.eval_captions), device)
+    manifest = {
+        "model": teacher.fingerprint.model,
+        "pretrained": pretrained,
+        "source": source,
+        "weights_sha256": teacher.fingerprint.weights_sha256,
+        "open_clip_version": teacher.fingerprint.open_clip_version,
+        "embed_dim": teacher.embed_dim,
+        "image_size": teacher.image_size,
+        "preprocess": teacher.preprocess_description,
+        "params": params_record(params, building / MANIFEST),
+        "inputs": {"shards": inputs},
+        "training_setup": setup,
+    }
+    write_json_atomic(building / METRICS, metrics)
+    write_json_atomic(building / MANIFEST, manifest)
+    return manifest
+
+
+def _log_retrieval(output: Path, retrieval: dict) -> None:
+    if retrieval.get("skipped"):
+        log.info("teacher in %s (retrieval not measured: %s)", output, retrieval["skipped"])
+    else:
+        log.info("teacher in %s: image->text R@1 %.3f (chance %.3f), text->image R@1 %.3f (chance %.3f)", output,
+                 retrieval["image_to_text"]["recall@1"], retrieval["image_to_text"]["chance@1"],
+                 retrieval["text_to_image"]["recall@1"], retrieval["text_to_image"]["chance@1"])
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def shard_inputs(folder: Path) -> dict[str, str]:
+    """The complete shards to train on: tar path -> sha256, so refreshed shards retrain the teacher."""
+    tars = list_shards(folder)
+    if not tars:
+        raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
+    return {tar.name: sha256_file(tar) for tar in tars}
+
+
+def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
+    manifest_path = output / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if without_output(manifest["params"]) != without_output(params_record(params, manifest_path)):
+            return None
+        if params.pretrained is None:
+            if manifest["training_setup"] != training_setup(params.image_size):
+                return None
+            if manifest["inputs"]["shards"] != shard_inputs(Path(params.shards)):
+                return None
+            checkpoint = output / manifest["pretrained"]
+            if not checkpoint.is_file() or sha256_file(checkpoint) != manifest["weights_sha256"]:
+                return None
+        elif manifest["source"] == SOURCE_FILE:
+            checkpoint = checkpoint_path(manifest_path, SOURCE_FILE, manifest["pretrained"])
+            if not checkpoint.is_file() or sha256_file(checkpoint) != manifest["weights_sha256"]:
+                return None
+        # A tag: its file lives in open_clip's cache, where the tag pins it.
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.info("teacher manifest %s unreadable (%s); rebuilding", manifest_path, err)
+        return None
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training the embedded model
+# ---------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------
+# Zero-shot retrieval on the held-out split
+# ---------------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------------
+# The folder
+# ---------------------------------------------------------------------------------------------------
