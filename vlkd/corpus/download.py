@@ -58,7 +58,7 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
     output.mkdir(parents=True, exist_ok=True)
     with _exclusive(output):
         staging = output / STAGING
-        resumed, new_shards = _finish_interrupted_run(url_list, staging, output, params)
+        resumed, new_shards = _finish_interrupted_run(staging, output, params)
         ledger = shards.read_ledger(output)
         pending = _rows_to_fetch(checked.valid, ledger.outcomes(), retry_failed)
         changed = _captions_changed(checked.valid, ledger)
@@ -68,7 +68,7 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
                         "the new captions, download into an empty --output", changed, url_list)
         if pending.num_rows:
             log.info("fetching %d new URL(s) of %d usable", pending.num_rows, checked.valid.num_rows)
-            new_shards += _fetch(url_list, pending, staging, output, shards.next_shard_id(output), params)
+            new_shards += _fetch(pending, staging, output, shards.next_shard_id(output), params)
         else:
             log.info("all %d usable URL(s) are in the shards already", checked.valid.num_rows)
         staging.rmdir()
@@ -85,7 +85,7 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
     return summary
 
 
-def _fetch(url_list: Path, rows: pa.Table, staging: Path, output: Path, start_shard_id: int,
+def _fetch(rows: pa.Table, staging: Path, output: Path, start_shard_id: int,
            params: DownloadParams, done: frozenset[int] = frozenset()) -> list[int]:
     """Download `rows` into shards numbered from `start_shard_id` (but `done`) and move them into `output`.
 
@@ -103,7 +103,7 @@ def _fetch(url_list: Path, rows: pa.Table, staging: Path, output: Path, start_sh
     return adopted
 
 
-def _finish_interrupted_run(url_list: Path, staging: Path, output: Path,
+def _finish_interrupted_run(staging: Path, output: Path,
                             params: DownloadParams) -> tuple[int, list[int]]:
     """Keep what a killed run finished, drop what it left half-written, and fetch the rest of its plan
     into the shard numbers it had planned; returns (rows fetched, shards written) by this run."""
@@ -127,7 +127,7 @@ def _finish_interrupted_run(url_list: Path, staging: Path, output: Path,
             remove_path(name)
     fetched = sum(min(params.shard_size, rows.num_rows - (i - start) * params.shard_size)
                   for i in planned if i not in done)
-    return fetched, _fetch(url_list, rows, staging, output, start, params, done)
+    return fetched, _fetch(rows, staging, output, start, params, done)
 
 
 def _read_plan(plan: Path, params: DownloadParams) -> tuple[pa.Table, int] | None:

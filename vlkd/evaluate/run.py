@@ -36,7 +36,7 @@ from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
 from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
-from vlkd.io import project_relative, remove_path, replace_folder, sha256_file, write_json_atomic
+from vlkd.io import building_folder, project_relative, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.language_model import infilling_loss, language_model_text
 from vlkd.models.student import Student, load_language_model
@@ -68,18 +68,15 @@ def evaluate(params: EvaluateParams) -> dict:
     check_teacher(student.config.teacher, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
     bart, tokenizer = load_language_model(params.plm, "evaluate.plm")
     plm = (bart.to(device).eval(), tokenizer)
-    building = params.output.parent / f".{params.output.name}.building"
-    remove_path(building)
-    building.mkdir(parents=True)
     metrics, samples = {}, {}
-    for name, spec in params.benchmarks.items():
-        run = _vqa if spec.task == "vqa" else _captions
-        metrics[name], samples[name] = run(name, spec, student, plm, teacher, params, building / name)
-    metrics["retention"] = _retention(params, student, plm, device)
-    write_json_atomic(building / METRICS, metrics)
-    write_report(building / "report.html", metrics, samples, params)
-    write_json_atomic(building / MANIFEST, {"inputs": inputs, "metrics": metrics})
-    replace_folder(building, params.output)
+    with building_folder(params.output, MANIFEST, "evaluation", "evaluate.output") as building:
+        for name, spec in params.benchmarks.items():
+            run = _vqa if spec.task == "vqa" else _captions
+            metrics[name], samples[name] = run(name, spec, student, plm, teacher, params, building / name)
+        metrics["retention"] = _retention(params, student, plm, device)
+        write_json_atomic(building / METRICS, metrics)
+        write_report(building / "report.html", metrics, samples, params)
+        write_json_atomic(building / MANIFEST, {"inputs": inputs, "metrics": metrics})
     return metrics
 
 
