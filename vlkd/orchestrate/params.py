@@ -189,6 +189,7 @@ def _validated(root: Path, text: str, overrides: Mapping[str, Any]) -> Params:
         Path(name).unlink(missing_ok=True)
 
 
+# Not DVC's -S writer (dvc.utils.hydra): it merges mappings (benchmarks={} keeps all), skips validation, rejects `=`.
 def apply_overrides(root: Path, overrides: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Write the overrides into `root/params.yaml` (round trip, validated); returns {key: (old, new)} of
     the values that changed."""

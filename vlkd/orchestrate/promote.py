@@ -80,6 +80,7 @@ def _identity(root: Path) -> tuple[str, ...]:
     return () if has_email else FALLBACK_IDENTITY
 
 
+# Not GTO: its tags are name@vX.Y.Z, not the tag_prefix + vN that params.yaml names; and it only tags, never commits.
 def promote(root: Path, prefix: str, paths: Iterable[str], message: str) -> Promoted:
     """Commit `paths` (only those: other staged or changed files are left alone) and tag the commit
     `<prefix>vN`. If the files are as the last promoted tag has them, that tag is returned instead."""

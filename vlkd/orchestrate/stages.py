@@ -135,6 +135,7 @@ def plan(root: Path, until: str | None = None) -> list[Stage]:
     return [stage for stage in stages if stage.name in needed]
 
 
+# DVC's log, not Repo.reproduce(): it returns ran and run-cache stages alike, and its commands print past stream().
 _RAN = re.compile(r"^Running stage '(?P<name>[^']+)'")
 _SKIPPED = re.compile(r"^Stage '(?P<name>[^']+)' didn't change, skipping")
 _RESTORED = re.compile(r"^Stage '(?P<name>[^']+)' is cached - skipping run")
