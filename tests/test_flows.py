@@ -3,12 +3,17 @@ the pipeline flow (every stage as a task, DVC deciding, push, artifacts), a no-o
 add rows (only new rows downloaded, only new shards embedded) and promote, a gate that rejects a worse
 model, a failing stage, the workspace lock; and the library under the flows (gate, lock, overrides,
 redaction) directly.
+
+Each flow test works on its own copy of a template project (nothing run, built, or built and promoted),
+so none depends on what another test did to a workspace, its tags or its metrics, and any one runs alone
+or in any order. Artifacts are read from the test's own flow run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +23,7 @@ import pytest
 import yaml
 from test_dvc_pipeline import PROJECT, TARGET, UPSTREAM, dvc, make_tiny_project
 
-from vlkd.config import GateMetric
+from vlkd.config import GateMetric, load_params
 from vlkd.errors import VlkdError
 from vlkd.orchestrate.gate import compare
 from vlkd.orchestrate.lock import WorkspaceLock
@@ -33,7 +38,7 @@ GATE = [{"file": "metrics/download.json", "metric": "url_list.successes"},
 
 
 # ---------------------------------------------------------------------------------------------------
-# Fixtures: one Prefect test server and one tiny project for the module
+# Fixtures: one Prefect test server; template projects, each flow test on its own copy of one
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def prefect(prefect_server):
@@ -41,15 +46,52 @@ def prefect(prefect_server):
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A tiny project whose teacher is a fixed checkpoint (no training), so a refresh that adds shards
-    keeps the teacher and the features stage embeds only the new shards."""
+def fresh(tmp_path_factory) -> Path:
+    """Template: a tiny project with nothing run yet, whose teacher is a fixed checkpoint (no training), so
+    a refresh that adds shards keeps the teacher and the features stage embeds only the new shards."""
     from conftest import TEST_MODEL, make_random_teacher
 
-    root = tmp_path_factory.mktemp("flows") / "project"
+    root = tmp_path_factory.mktemp("flows-fresh") / "project"
     checkpoint = make_random_teacher(root.parent / "checkpoint")
     return make_tiny_project(root, teacher={"model": TEST_MODEL, "pretrained": str(checkpoint)},
                              pipeline={"gate": GATE})
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect, fresh, tmp_path_factory):
+    """Template: a copy of `fresh` after the pipeline flow's first run up to TARGET (pushed to the remote
+    beside it); (project, the flow run's state)."""
+    from flows.pipeline import pipeline
+
+    root = workspace(fresh, tmp_path_factory.mktemp("flows-built"))
+    state = pipeline(params_file=str(root / "params.yaml"), until=TARGET, return_state=True)
+    assert state.is_completed(), state.message
+    return root, state
+
+
+@pytest.fixture(scope="module")
+def promoted(first_run, tmp_path_factory) -> Path:
+    """Template: a copy of `first_run`'s project with its model promoted as promoted/v1 (by the library, as
+    the refresh flow promotes: the files it records, committed and tagged)."""
+    from flows.refresh import record_paths
+    from vlkd.orchestrate.promote import promote
+    from vlkd.orchestrate.stages import list_stages
+
+    root = workspace(first_run[0], tmp_path_factory.mktemp("flows-promoted"))
+    prefix = load_params(root / "params.yaml").pipeline.tag_prefix
+    promote(root, prefix, record_paths(root, list_stages(root)), "Promote the first model")
+    assert tags(root) == ["promoted/v1"]
+    return root
+
+
+def workspace(template: Path, folder: Path) -> Path:
+    """A copy of a template project in `folder`: its git history and tags, its DVC cache, its data, and the
+    DVC remote beside it (the project's remote is `../vlkd-remote`)."""
+    root = folder / "project"
+    shutil.copytree(template, root, symlinks=True)
+    if (template.parent / "vlkd-remote").is_dir():
+        shutil.copytree(template.parent / "vlkd-remote", folder / "vlkd-remote", symlinks=True)
+    return root
 
 
 def read(root: Path, name: str) -> dict:
@@ -60,10 +102,18 @@ def tags(root: Path) -> list[str]:
     return subprocess.run(["git", "tag", "--list"], cwd=root, capture_output=True, text=True).stdout.split()
 
 
-def artifact(key: str):
-    from prefect.artifacts import Artifact
+def artifact(key: str, state):
+    """The artifact `key` of the flow run `state` ended (not the latest of that key, which another run may
+    have made)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    return Artifact.get(key)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(found) == 1, f"the flow run made {len(found)} artifacts {key!r}, not one"
+    return found[0]
 
 
 def task_runs(state) -> dict[str, int]:
@@ -80,11 +130,10 @@ def task_runs(state) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------
 # The pipeline flow
 # ---------------------------------------------------------------------------------------------------
-def test_pipeline_flow_runs_each_stage_as_a_task_pushes_and_publishes(project):
-    from flows.pipeline import METRICS_ARTIFACT, RUN_ARTIFACT, pipeline
+def test_pipeline_flow_runs_each_stage_as_a_task_pushes_and_publishes(first_run):
+    from flows.pipeline import METRICS_ARTIFACT, RUN_ARTIFACT
 
-    state = pipeline(params_file=str(project / "params.yaml"), until=TARGET, return_state=True)
-    assert state.is_completed(), state.message
+    project, state = first_run  # the flow's first run on a project where nothing had run
     result = state.result()
     assert [run["stage"] for run in result["stages"]] == UPSTREAM
     assert result["ran"] == UPSTREAM
@@ -94,16 +143,17 @@ def test_pipeline_flow_runs_each_stage_as_a_task_pushes_and_publishes(project):
     # pushed to the default remote, a folder beside the project
     assert any((project.parent / "vlkd-remote").rglob("*")), "dvc push wrote nothing to the local remote"
     assert "Everything is up to date" in dvc(project, "push")
-    metrics = artifact(METRICS_ARTIFACT)
+    metrics = artifact(METRICS_ARTIFACT, state)
     rows = metrics.data if isinstance(metrics.data, list) else json.loads(metrics.data)
     assert {"file": "metrics/download.json", "metric": "url_list.successes", "value": 40} in rows
-    summary = artifact(RUN_ARTIFACT).data
+    summary = artifact(RUN_ARTIFACT, state).data
     assert "features" in summary and "report.html" in summary
 
 
-def test_second_run_with_nothing_changed_reruns_no_stage(project):
+def test_second_run_with_nothing_changed_reruns_no_stage(first_run, tmp_path):
     from flows.pipeline import pipeline
 
+    project = workspace(first_run[0], tmp_path)
     lock = (project / "dvc.lock").read_text()
     result = pipeline(params_file=str(project / "params.yaml"), until=TARGET)
     assert result["ran"] == []
@@ -114,9 +164,11 @@ def test_second_run_with_nothing_changed_reruns_no_stage(project):
 # ---------------------------------------------------------------------------------------------------
 # Refresh, gate and promotion
 # ---------------------------------------------------------------------------------------------------
-def test_first_refresh_promotes_the_current_model(project):
+def test_first_refresh_promotes_the_current_model(first_run, tmp_path):
     from flows.refresh import refresh
 
+    project = workspace(first_run[0], tmp_path)  # built, nothing promoted
+    assert tags(project) == []
     result = refresh(params_file=str(project / "params.yaml"), until=TARGET)
     assert result["ran"] == [] and result["gate_passed"] and result["baseline"] is None
     assert result["promoted"] == "promoted/v1" and tags(project) == ["promoted/v1"]
@@ -128,54 +180,62 @@ def test_first_refresh_promotes_the_current_model(project):
     assert tags(project) == ["promoted/v1"]
 
 
-def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(project):
+def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(promoted, tmp_path):
     from flows.refresh import GATE_ARTIFACT, refresh
 
+    project = workspace(promoted, tmp_path)  # 40 images in 2 shards, promoted as promoted/v1
     # A new version of the URL list: the same world with 20 more images (the first 40 rows are the same).
-    result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60}, until=TARGET)
+    state = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60}, until=TARGET,
+                    return_state=True)
+    result = state.result()
     download = read(project, "metrics/runs/download.json")  # the run log: what this run did
     assert download["fetched"] == 20 and download["new_shards"] == [2]
     assert read(project, "metrics/download.json")["url_list"]["successes"] == 60
     features = read(project, "metrics/runs/features.json")
     assert features["shards_computed"] == 1 and features["shards_skipped"] == 2
     assert result["gate_passed"] and result["baseline"] == "promoted/v1" and result["promoted"] == "promoted/v2"
+    assert tags(project) == ["promoted/v1", "promoted/v2"]
     gate = {row["metric"]: row for row in result["gate"]}
     assert gate["url_list.successes (metrics/download.json)"]["promoted"] == 40
     assert gate["url_list.successes (metrics/download.json)"]["new"] == 60
-    assert "Promoted" in artifact(f"{GATE_ARTIFACT}-summary").data
+    assert "Promoted" in artifact(f"{GATE_ARTIFACT}-summary", state).data
 
 
-def test_gate_rejects_a_worse_model_and_the_promoted_one_can_be_restored(project):
+def test_gate_rejects_a_worse_model_and_the_promoted_one_can_be_restored(promoted, tmp_path):
     import pyarrow.parquet as pq
 
     from flows.refresh import GATE_ARTIFACT, refresh
 
-    # A new list that lost a third of its rows: fewer successes than the promoted model had.
+    project = workspace(promoted, tmp_path)  # 40 successes, promoted as promoted/v1
+    # A new list that lost half of its rows: fewer successes than the promoted model had.
     shrunk = project / "lists" / "shrunk.parquet"
     shrunk.parent.mkdir()
-    pq.write_table(pq.read_table(project / "data/world/urls.parquet").slice(0, 40), shrunk)
-    promoted_lock = subprocess.run(["git", "show", "promoted/v2:dvc.lock"], cwd=project, capture_output=True,
+    pq.write_table(pq.read_table(project / "data/world/urls.parquet").slice(0, 20), shrunk)
+    promoted_lock = subprocess.run(["git", "show", "promoted/v1:dvc.lock"], cwd=project, capture_output=True,
                                    text=True, check=True).stdout
     # (only as far as the download stage, whose metrics fail the gate: the later stages cost time here)
-    result = refresh(url_list=str(shrunk), params_file=str(project / "params.yaml"), until="download")
+    state = refresh(url_list=str(shrunk), params_file=str(project / "params.yaml"), until="download",
+                    return_state=True)
+    result = state.result()
     assert result["ran"] == ["download"]
-    assert not result["gate_passed"] and result["promoted"] is None and result["current"] == "promoted/v2"
-    assert "url_list.successes 60 -> 40" in result["gate_summary"]
-    assert tags(project) == ["promoted/v1", "promoted/v2"]
-    assert "Not promoted" in artifact(f"{GATE_ARTIFACT}-summary").data
+    assert not result["gate_passed"] and result["promoted"] is None and result["current"] == "promoted/v1"
+    assert "url_list.successes 40 -> 20" in result["gate_summary"]
+    assert tags(project) == ["promoted/v1"]
+    assert "Not promoted" in artifact(f"{GATE_ARTIFACT}-summary", state).data
     assert (project / "dvc.lock").read_text() != promoted_lock
     # the command the flow gives brings the promoted model back (git for the lock, DVC for the data)
-    assert result["restore"].startswith("git checkout promoted/v2 -- ")
+    assert result["restore"].startswith("git checkout promoted/v1 -- ")
     subprocess.run(result["restore"], shell=True, cwd=project, check=True, capture_output=True,
                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
     assert (project / "dvc.lock").read_text() == promoted_lock
     assert "up to date" in dvc(project, "status", TARGET)
-    assert read(project, "metrics/download.json")["url_list"]["successes"] == 60
+    assert read(project, "metrics/download.json")["url_list"]["successes"] == 40
 
 
-def test_stage_failure_keeps_earlier_outputs_and_the_promoted_model(project):
+def test_stage_failure_keeps_earlier_outputs_and_the_promoted_model(promoted, tmp_path):
     from flows.pipeline import pipeline
 
+    project = workspace(promoted, tmp_path)
     lock_before = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     teacher_manifest = (project / "data/teacher/manifest.json").read_text()
     shards = {p.name: p.stat().st_mtime_ns for p in (project / "data/shards").iterdir()}
@@ -192,13 +252,13 @@ def test_stage_failure_keeps_earlier_outputs_and_the_promoted_model(project):
     # DVC removed the teacher's outputs before running it; the flow put the last good ones back
     assert (project / "data/teacher/manifest.json").read_text() == teacher_manifest
     assert (project / "metrics/teacher.json").is_file()
-    assert tags(project) == ["promoted/v1", "promoted/v2"]
-    subprocess.run(["git", "checkout", "params.yaml"], cwd=project, check=True)
+    assert tags(project) == ["promoted/v1"]
 
 
-def test_a_second_run_on_the_same_workspace_stops_with_a_clear_message(project):
+def test_a_second_run_on_the_same_workspace_stops_with_a_clear_message(fresh, tmp_path):
     from flows.pipeline import pipeline
 
+    project = workspace(fresh, tmp_path)
     params_before = (project / "params.yaml").read_text()
     with WorkspaceLock(project, owner="a run in this test"):
         state = pipeline(params_file=str(project / "params.yaml"), overrides={"pipeline.lock_timeout": 0.5,
@@ -209,6 +269,7 @@ def test_a_second_run_on_the_same_workspace_stops_with_a_clear_message(project):
     assert "another pipeline run holds" in message and f"pid {os.getpid()}" in message
     assert "a run in this test" in message
     assert (project / "params.yaml").read_text() == params_before  # it touched nothing
+    assert not (project / "dvc.lock").exists()  # and ran nothing
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,9 +371,10 @@ def test_secret_blocks_reach_the_stage_environment_but_not_the_logs():
         stage_environment({"X_TOKEN": "no-such-block"})
 
 
-def test_serve_builds_the_scheduled_deployment_from_params(project):
+def test_serve_builds_the_scheduled_deployment_from_params(fresh, tmp_path):
     from flows.serve import MANUAL, RETRAIN, deployments
 
+    project = workspace(fresh, tmp_path)
     retrain, manual = deployments(str(project / "params.yaml"))
     assert (retrain.name, manual.name) == (RETRAIN, MANUAL)
     schedule = retrain.schedules[0].schedule
