@@ -18,7 +18,10 @@ from vlkd.data.feature_writer import extract_features
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
 from vlkd.evaluate.images import BLANK_KEY, image_features
+from vlkd.evaluate.vqa_metric import score_vqa
 from vlkd.io import sha256_file
+from vlkd.models import student as student_module
+from vlkd.models.infill import fill_prompt
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher
 from vlkd.teacher.build import MANIFEST, SOURCE_FILE
@@ -70,13 +73,21 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     params = eval_params(trained, tmp_path / "eval")
     metrics = run.evaluate(params)
 
-    questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
+    questions_file = json.loads((world / "vqa" / "questions.json").read_text())
+    annotations = json.loads((world / "vqa" / "annotations.json").read_text())
+    questions = questions_file["questions"]
     predictions = json.loads((tmp_path / "eval" / "vqa" / "predictions.json").read_text())
     assert sorted(p["question_id"] for p in predictions) == sorted(q["question_id"] for q in questions)
     assert all(set(p) == {"question_id", "answer"} and isinstance(p["answer"], str) for p in predictions)
+    official = score_vqa(questions_file, annotations, predictions)
+    assert {key: metrics["vqa"][key] for key in ("overall", "perAnswerType", "perQuestionType")} == \
+        {key: official[key] for key in ("overall", "perAnswerType", "perQuestionType")}
     for control in ("blank", "shuffled", "text_only", "prior"):
-        assert (tmp_path / "eval" / "vqa" / f"predictions_{control}.json").is_file()
-        assert 0 <= metrics["vqa"]["controls"][control]["overall"] <= 100
+        written = json.loads((tmp_path / "eval" / "vqa" / f"predictions_{control}.json").read_text())
+        # Each control's numbers are the official accuracy of the predictions written for it.
+        scored = score_vqa(questions_file, annotations, written)
+        assert metrics["vqa"]["controls"][control] == \
+            {"overall": scored["overall"], "perAnswerType": scored["perAnswerType"]}, control
     captions = json.loads((tmp_path / "eval" / "captions" / "predictions.json").read_text())
     assert all(set(c) == {"image_id", "caption"} for c in captions) and len(captions) == 6
 
@@ -97,12 +108,68 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert all(image != other for image, other in shuffle.items())
 
 
-def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trained, tmp_path):
-    params = eval_params(trained, tmp_path / "eval", vqa_mode="direct", num_beams=1)
+def record_student_generation(monkeypatch) -> list[dict]:
+    """Every Student.generate call of an evaluation, in order: its features (None: no image), prompts, the
+    student, and the encoder inputs BART generated from."""
+    calls: list[dict] = []
+    generate, generate_texts = Student.generate, student_module.generate_texts
+
+    def recording_generate(self, image_features, prompts, *args):
+        calls.append({"student": self, "features": image_features, "prompts": list(prompts)})
+        return generate(self, image_features, prompts, *args)
+
+    def recording_generate_texts(bart, tokenizer, encoder_inputs, *args):
+        calls[-1]["encoder"] = encoder_inputs
+        return generate_texts(bart, tokenizer, encoder_inputs, *args)
+
+    monkeypatch.setattr(Student, "generate", recording_generate)
+    monkeypatch.setattr(student_module, "generate_texts", recording_generate_texts)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["direct", "describe"])
+def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trained, tmp_path, monkeypatch,
+                                                                             random_teacher, mode):
+    """direct (the paper's zero-shot VQA): the student answers [its image's prefix ; the question prompt].
+    describe: the student only ever sees the describe prompt; no question reaches it with an image."""
+    world, root = trained[0], trained[3]
+    params = eval_params(trained, tmp_path / "eval", vqa_mode=mode, num_beams=1)
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
+    calls = record_student_generation(monkeypatch)
     metrics = run.evaluate(params)
-    assert metrics["vqa"]["mode"] == "direct"
+    assert metrics["vqa"]["mode"] == mode
     assert set(metrics["vqa"]["controls"]) == {"blank", "shuffled", "text_only", "prior"}
+
+    questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
+    question_prompts = [fill_prompt(params.vqa_prompt, question=q["question"]) for q in questions]
+    assert calls and all(call["features"] is not None for call in calls)  # text_only never runs the student
+    prompts = [prompt for call in calls for prompt in call["prompts"]]
+    if mode == "describe":
+        assert set(prompts) == {fill_prompt(params.describe_prompt)}
+        assert not any(q["question"] in prompt for q in questions for prompt in prompts)
+        return
+    # The image, blank and shuffled conditions, in that order, each every question once.
+    assert prompts == question_prompts * 3
+    image_ids = sorted({q["image_id"] for q in questions})
+    features, _ = image_features(params.benchmarks["vqa"], image_ids, load_teacher(TEST_MODEL, str(random_teacher)),
+                                 root / "cache" / "vqa", patch=False, device="cpu")
+    fed, begin = [], 0
+    for call in calls:
+        if begin < len(questions):  # the image condition: each question with its own image's features
+            fed.append(call["features"])
+        begin += len(call["prompts"])
+    assert torch.equal(torch.cat(fed), torch.stack([features[q["image_id"]] for q in questions]))
+    for call in calls:  # what BART encodes: the visual prefix W_v(features), then the prompt's tokens
+        student, encoded = call["student"], call["encoder"]
+        tokens = student.tokenizer(call["prompts"], return_tensors="pt", padding=True)
+        prefix = student.visual_prefix(call["features"])
+        assert "input_ids" not in encoded and encoded["inputs_embeds"].shape[1] == prefix.shape[1] + \
+            tokens.input_ids.shape[1]
+        torch.testing.assert_close(encoded["inputs_embeds"][:, :prefix.shape[1]], prefix, rtol=0, atol=0)
+        torch.testing.assert_close(encoded["inputs_embeds"][:, prefix.shape[1]:],
+                                   student.bart.get_encoder().embed_tokens(tokens.input_ids), rtol=0, atol=0)
+        assert torch.equal(encoded["attention_mask"][:, :prefix.shape[1]], torch.ones(prefix.shape[:2]).long())
+        assert torch.equal(encoded["attention_mask"][:, prefix.shape[1]:], tokens.attention_mask)
 
 
 def record_model_batches(monkeypatch) -> tuple[dict[str, list[torch.Tensor]], dict[str, int]]:
@@ -185,12 +252,37 @@ def test_rows_are_grouped_by_value_in_the_order_torch_unique_gives():
 
 
 def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):
-    params = eval_params(trained, tmp_path / "eval", benchmarks={})
+    """One real benchmark (the tiny world's VQA): a rerun that generated, scored or measured retention
+    again would trip a wire; a changed param generates again and writes the folder anew."""
+    params = eval_params(trained, tmp_path / "eval", vqa_mode="direct", num_beams=2)
+    params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
+    answered = []
+    answers = run._Generator.answers
+
+    def counting_answers(self, prompts, features, what):
+        answered.append(what)
+        return answers(self, prompts, features, what)
+
+    monkeypatch.setattr(run._Generator, "answers", counting_answers)
     first = run.evaluate(params)
-    monkeypatch.setattr(run, "_vqa", lambda *a: pytest.fail("re-evaluated"))
-    assert run.evaluate(params) == first
+    assert len(answered) == 4 and first["vqa"]["questions"] > 0  # image, blank, shuffled, text_only
+    predictions = tmp_path / "eval" / "vqa" / "predictions.json"
+    written = predictions.stat().st_mtime_ns
+
+    with monkeypatch.context() as tripwires:
+        for name in ("_vqa", "_captions", "_retention", "score_vqa"):
+            tripwires.setattr(run, name, lambda *a, name=name, **k: pytest.fail(f"an unchanged rerun ran {name}"))
+        tripwires.setattr(run._Generator, "answers", lambda *a: pytest.fail("an unchanged rerun generated"))
+        assert run.evaluate(params) == first
+    assert predictions.stat().st_mtime_ns == written
+
+    answered.clear()
     changed = run.evaluate(params.model_copy(update={"num_beams": 1}))
-    assert changed["retention"] == first["retention"]
+    assert len(answered) == 4  # generated again, with greedy search
+    assert predictions.stat().st_mtime_ns != written
+    manifest = json.loads((tmp_path / "eval" / run.MANIFEST).read_text())
+    assert manifest["inputs"]["params"]["num_beams"] == 1 and manifest["metrics"] == changed
+    assert changed["retention"] == first["retention"]  # the same student and text: the same losses
 
 
 def test_image_features_and_the_blank_image_are_cached_as_feature_parquet(trained, tmp_path, random_teacher):

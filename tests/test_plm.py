@@ -23,6 +23,7 @@ from vlkd.models import language_model
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.language_model import MANIFEST
 from vlkd.plm import build as plm
+from vlkd.plm import metrics as plm_metrics
 from vlkd.plm import pretrain as plm_pretrain
 from vlkd.plm.build import build_plm
 from vlkd.plm.pretrain import pretrain, train_tokenizer
@@ -190,11 +191,50 @@ def test_training_lowers_the_infilling_loss(built, corpus, tokenizer):
     assert after < 0.6 * before
     qa = metrics["qa"]
     assert qa["questions"] == min(params.qa_questions, qa["available"])
+    # The saved model asked again scores what the stage recorded (the scoring: test_text_qa_scores...).
+    again = plm_metrics.text_qa(trained, tokenizer, documents, params.qa_questions, params.seed)
     for setting in ("with_description", "blind"):
-        assert 0 <= qa[setting]["accuracy"] <= 1
+        assert qa[setting] == again[setting], setting
         assert qa[setting]["examples"][0]["prompt"].endswith("Answer: <mask>")
     assert qa["blind"]["examples"][0]["prompt"].startswith("Question: ")
     assert not qa["with_description"]["examples"][0]["prompt"].startswith("Question: ")
+
+
+def test_text_qa_scores_exact_match_with_and_without_the_description(monkeypatch):
+    """A constructed case, the accuracies worked out by hand: the model answers every question but one
+    right when it reads the description, and "Red." to every question asked blind."""
+    documents = ["a red circle on the left. Question: What color is the circle? Answer: red "
+                 "Question: Where is the circle? Answer: left",
+                 "two blue squares. Question: How many squares are there? Answer: 2 "
+                 "Question: What color are the squares? Answer: blue",
+                 "a green triangle below a black circle"]  # a caption: no questions
+    seen = {}
+    informed = {"What color is the circle?": "Red", "Where is the circle?": "right",
+                "How many squares are there?": " 2.", "What color are the squares?": "BLUE!"}
+
+    def answering(model, tokenizer, prompts, device="cpu"):
+        blind = all(prompt.startswith("Question: ") for prompt in prompts)
+        seen["blind" if blind else "with_description"] = prompts
+        questions = [prompt.split("Question: ")[1].split(" Answer:")[0] for prompt in prompts]
+        return ["Red." if blind else informed[question] for question in questions]
+
+    monkeypatch.setattr(plm_metrics, "generate_infills", answering)
+    qa = plm_metrics.text_qa(None, None, documents, sample=10)
+    assert (qa["questions"], qa["available"]) == (4, 4)
+    assert seen["with_description"] == [
+        "a red circle on the left. Question: What color is the circle? Answer: <mask>",
+        "a red circle on the left. Question: Where is the circle? Answer: <mask>",
+        "two blue squares. Question: How many squares are there? Answer: <mask>",
+        "two blue squares. Question: What color are the squares? Answer: <mask>"]
+    assert seen["blind"] == [prompt.split(". ", 1)[1] for prompt in seen["with_description"]]
+    # With the description: 3 of 4 right (case and end punctuation ignored); "where is" is the miss.
+    assert qa["with_description"]["accuracy"] == 0.75
+    assert qa["with_description"]["per_question_type"] == {"how many": 1.0, "what color": 1.0, "where is": 0.0}
+    # Blind, "Red." is right for the circle's color only.
+    assert qa["blind"]["accuracy"] == 0.25
+    assert qa["blind"]["per_question_type"] == {"how many": 0.0, "what color": 0.5, "where is": 0.0}
+    assert qa["blind"]["examples"][1] == {"prompt": "Question: Where is the circle? Answer: <mask>",
+                                          "answer": "left", "predicted": "Red."}
 
 
 def test_same_seed_same_weights(corpus, tokenizer):

@@ -164,7 +164,13 @@ def test_the_synthetic_worlds_files_score(tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads(output.read_text())
     assert metrics["questions"] == len(predictions)
-    assert 0 < metrics["overall"] <= 100 and set(metrics["perAnswerType"]) <= {"yes/no", "number", "other"}
+    # The world's canonical answer is given by at least 6 of the 10 humans (at most 4 differ), so with
+    # any one human left out at least 5 >= 3 others match it: every question scores exactly 100.
+    entries = annotations["annotations"]
+    assert all(sum(a["answer"] == e["multiple_choice_answer"] for a in e["answers"]) >= 6 for e in entries)
+    assert metrics["overall"] == 100.0
+    assert metrics["perAnswerType"] == {kind: 100.0 for kind in {e["answer_type"] for e in entries}}
+    assert metrics["perQuestionType"] == {kind: 100.0 for kind in {e["question_type"] for e in entries}}
 
 
 def without(mapping: dict, key: str) -> dict:
