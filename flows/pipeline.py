@@ -1,8 +1,9 @@
 """The pipeline as a Prefect flow: one task per DVC stage, DVC deciding what is up to date.
 
-    lock the workspace -> write overrides into params.yaml -> for each stage of dvc.yaml, in dependency
-    order: `dvc repro --single-item <stage>` (a task; its output streamed into the run's log; retried
-    after transient failures) -> `dvc push` -> artifacts: the metrics table and a link to the report
+    lock the workspace -> write overrides into params.yaml -> each stage of dvc.yaml once the stages it
+    needs are done (`pipeline.concurrent_stages` at a time): `dvc repro --single-item <stage>` (a task; its
+    output streamed into the run's log; retried after transient failures) -> `dvc push` -> artifacts: the
+    metrics table and a link to the report
 
 A stage that fails leaves the stages before it as they were recorded in dvc.lock, and its own last
 good outputs are put back from DVC's cache. Nothing of a run is pushed or promoted unless every stage
@@ -21,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
 from vlkd.config import PARAMS_FILE, Params, load_params
@@ -112,29 +114,10 @@ def run_pipeline(root: Path, overrides: dict[str, Any], until: str | None = None
         logger.info(redact(f"params.yaml: {key} = {new!r} (was {old!r})"))
     stages = dvc.plan(root, until)
     logger.info("stages: %s", " -> ".join(stage.name for stage in stages))
-    run = run_stage.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)
-    secrets = dict(settings.secrets)
-    runs = []
-    for stage in stages:
-        snapshot = dvc.Snapshot(root, stage)
-        try:
-            runs.append(run(str(root), stage.name, secrets))
-        except BaseException:
-            try:
-                env, redact = stage_environment(secrets)
-                restored = snapshot.restore(logger.info, env=env, redact=redact)
-            except Exception as err:  # keep the stage's own error as the run's error
-                logger.error("could not put the last good outputs of %s back: %s", stage.name, err)
-                restored = []
-            done = ", ".join(item["stage"] for item in runs) or "none"
-            logger.error("stage %s failed; stages before it are recorded in dvc.lock (%s); its last good "
-                         "outputs were put back: %s", stage.name, done, ", ".join(restored) or "none")
-            raise
-        finally:
-            snapshot.discard()
+    runs = run_stages(root, stages, settings)
     if settings.push:
         push_outputs.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)(
-            str(root), secrets)
+            str(root), dict(settings.secrets))
     metrics = read_metrics(root, [name for stage in stages for name in stage.metrics])
     rows = metric_rows(metrics)
     report = Path(settings.report)
@@ -151,6 +134,52 @@ def run_pipeline(root: Path, overrides: dict[str, Any], until: str | None = None
     }
     publish(result, params)
     return result
+
+
+def run_stages(root: Path, stages: list[dvc.Stage], settings) -> list[dict[str, Any]]:
+    """Each stage as a task once the stages it needs are done, up to `settings.concurrent_stages` at a time
+    (stages that do not need each other, e.g. the teacher's branch and the language model). After a failure
+    no new stage starts; the ones running finish, and the failed stage's last good outputs are put back."""
+    logger = get_run_logger()
+    run = run_stage.with_options(retries=settings.retries, retry_delay_seconds=settings.retry_delay_seconds)
+    secrets = dict(settings.secrets)
+    pending, running, runs, failed = list(stages), {}, [], []
+    while pending or running:
+        done = {item["stage"] for item in runs}
+        ready = [stage for stage in pending if set(stage.needs) <= done]
+        for stage in ready[:max(0, settings.concurrent_stages - len(running))] if not failed else []:
+            pending.remove(stage)
+            running[stage.name] = (run.submit(str(root), stage.name, secrets), dvc.Snapshot(root, stage), stage)
+        if not running:
+            break
+        finished = next(as_completed([future for future, _, _ in running.values()]))
+        name = next(key for key, (future, _, _) in running.items() if future is finished)
+        _, snapshot, stage = running.pop(name)
+        try:
+            runs.append(finished.result())
+        except BaseException as err:
+            failed.append((stage, err))
+            _put_back(snapshot, stage, secrets, logger)
+        finally:
+            snapshot.discard()
+    order = [stage.name for stage in stages]
+    runs.sort(key=lambda item: order.index(item["stage"]))
+    if failed:
+        stage, err = failed[0]
+        done = ", ".join(item["stage"] for item in runs) or "none"
+        logger.error("stage %s failed; the stages that finished are recorded in dvc.lock (%s)", stage.name, done)
+        raise err
+    return runs
+
+
+def _put_back(snapshot: dvc.Snapshot, stage: dvc.Stage, secrets: dict[str, str], logger) -> None:
+    try:
+        env, redact = stage_environment(secrets)
+        restored = snapshot.restore(logger.info, env=env, redact=redact)
+    except Exception as err:  # keep the stage's own error as the run's error
+        logger.error("could not put the last good outputs of %s back: %s", stage.name, err)
+        restored = []
+    logger.error("stage %s failed; its last good outputs were put back: %s", stage.name, ", ".join(restored) or "none")
 
 
 def publish(result: dict[str, Any], params: Params) -> None:

@@ -400,3 +400,50 @@ def test_only_transient_stage_failures_are_retried():
     assert not crashed.permanent and not dvc_lock.permanent and "Unable to acquire lock" in dvc_lock.reason
     assert [_transient(None, None, Failed(data=err)) for err in (bad_input, crashed, dvc_lock)] == [False, True, True]
     assert _transient(None, None, Failed(data=VlkdError("bad params"))) is False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages that do not need each other run at the same time
+# ---------------------------------------------------------------------------------------------------
+# Each branch stage starts, then waits for the other branch to have started: run one after the other,
+# the first would wait out its 120 s and fail. `join` needs both.
+WAIT_FOR_OTHER = """import pathlib, sys, time
+me, other = sys.argv[1:]
+pathlib.Path(f"{me}.started").touch()
+deadline = time.time() + 120
+while not pathlib.Path(f"{other}.started").exists():
+    if time.time() > deadline:
+        sys.exit(f"{other} never started while {me} ran")
+    time.sleep(0.2)
+pathlib.Path(f"{me}.out").write_text(me)
+"""
+
+
+def branching_project(root: Path, concurrent_stages: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "wait.py").write_text(WAIT_FOR_OTHER)
+    stages = {name: {"cmd": f"{sys.executable} wait.py {name} {other}", "outs": [f"{name}.out"]}
+              for name, other in (("left", "right"), ("right", "left"))}
+    stages["join"] = {"cmd": "cat left.out right.out > joined.out", "deps": ["left.out", "right.out"],
+                      "outs": ["joined.out"], "metrics": [{"joined.json": {"cache": False}}]}
+    stages["join"]["cmd"] += " && echo '{\"joined\": 1}' > joined.json"
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump({"pipeline": {"push": False, "retries": 0, "gate": [],
+                                                                   "concurrent_stages": concurrent_stages}}))
+    (root / ".gitignore").write_text("*.started\n")
+    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
+    dvc(root, "init", "--quiet")
+    return root
+
+
+def test_stages_that_do_not_need_each_other_run_at_the_same_time(tmp_path):
+    from flows.pipeline import pipeline
+    from vlkd.orchestrate.stages import plan
+
+    root = branching_project(tmp_path / "project", concurrent_stages=2)
+    assert {stage.name: stage.needs for stage in plan(root)} == {"left": (), "right": (), "join": ("left", "right")}
+    result = pipeline(params_file=str(root / "params.yaml"))
+    assert [item["stage"] for item in result["stages"]] == ["left", "right", "join"]
+    assert (root / "joined.out").read_text() == "leftright"
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {"left", "right", "join"}  # both branches recorded, neither write lost

@@ -51,9 +51,19 @@ def quiet_transformers() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished child (DataLoader workers,
+    img2dataset's processes), in MiB; Linux reports KiB."""
+    import resource
+
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
+
+
 def _write_metrics(path: Path | None, run_log: Path | None, result: dict, started: float) -> None:
     """The stage's metrics without `this_run`, and `this_run` in the run log with the whole command's seconds."""
-    this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3)}
+    this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3),
+                **_peak_memory()}
     if "torch" in sys.modules:  # CPU results are identical only for the same number of threads
         this_run["torch_threads"] = sys.modules["torch"].get_num_threads()
     for target, record in ((path, {k: v for k, v in result.items() if k != "this_run"}), (run_log, this_run)):

@@ -322,6 +322,9 @@ class PipelineParams(_Section):
     lock_timeout: float = Field(60.0, ge=0, description="seconds a run waits for another run on the workspace")
     retries: int = Field(2, ge=0, description="extra attempts of a stage after a transient failure")
     retry_delay_seconds: float = Field(20.0, ge=0)
+    # Stages that do not need each other's outputs (the teacher's branch and the language model) run at the
+    # same time, up to this many; 1 runs them one after the other.
+    concurrent_stages: int = Field(1, ge=1)
     push: bool = True  # `dvc push` to the default DVC remote after a successful run
     report: Path = Path("data/eval/report.html")  # linked from the run's artifact
     tag_prefix: str = Field("promoted/", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",

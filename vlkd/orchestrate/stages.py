@@ -1,10 +1,12 @@
 """The pipeline's stages as DVC sees them, and running them one at a time through DVC.
 
 The stage list comes from dvc.yaml (through DVC's own index, so templating and foreach stages resolve
-as DVC resolves them) in dependency order, ties kept in file order. Each stage runs as
-`dvc repro --single-item <stage>`: DVC decides whether it is up to date (and skips it), restores it
-from its run cache, or runs its command and records the result in dvc.lock. Running the stages in
-dependency order this way does what one `dvc repro` does, one stage at a time.
+as DVC resolves them) in dependency order, ties kept in file order, each with the stages it needs. Each
+stage runs as `dvc repro --single-item <stage>`: DVC decides whether it is up to date (and skips it),
+restores it from its run cache, or runs its command and records the result in dvc.lock. Running the
+stages in dependency order this way does what one `dvc repro` does; stages that do not need each other
+may run at the same time, as DVC allows: it holds its repository lock only around starting and recording a
+stage, and `--wait-for-lock` makes a `dvc repro` that meets another's lock wait for it instead of failing.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vlkd.errors import VlkdError
@@ -41,7 +43,7 @@ class Stage:
     name: str
     cmd: str
     outs: tuple[Output, ...] = ()
-
+    needs: tuple[str, ...] = ()  # the stages whose outputs this one reads
     @property
     def metrics(self) -> list[str]:
         return [out.path for out in self.outs if out.metric]
@@ -87,7 +89,9 @@ def list_stages(root: Path) -> list[Stage]:
                 if id(stage) in position and id(dependency) in position:
                     graph.add_edge(id(dependency), id(stage))
             order = list(nx.lexicographical_topological_sort(graph, key=position.__getitem__))
-            by_id = {id(stage): _describe(stage, root) for stage in stages}
+            names = {id(stage): _address(stage, root) for stage in stages}
+            by_id = {id(stage): _describe(stage, root, tuple(sorted(map(names.get, graph.predecessors(id(stage))))))
+                     for stage in stages}
     except DvcException as err:
         raise VlkdError(f"DVC cannot read the pipeline in {root}: {err}; fix dvc.yaml") from err
     return [by_id[key] for key in order]
@@ -102,14 +106,14 @@ def _address(stage, root: Path) -> str:
     return f"{dvcfile.relative_to(root.resolve()).as_posix()}:{stage.name}"
 
 
-def _describe(stage, root: Path) -> Stage:
+def _describe(stage, root: Path, needs: tuple[str, ...]) -> Stage:
     outs = []
     for out in stage.outs:
         path = Path(out.fs_path)
         rel = path.relative_to(root.resolve()) if path.is_absolute() else path
         outs.append(Output(str(rel), bool(out.use_cache), bool(out.persist), bool(out.metric), bool(out.plot)))
     cmd = stage.cmd if isinstance(stage.cmd, str) else " && ".join(stage.cmd)
-    return Stage(_address(stage, root), cmd, tuple(outs))
+    return Stage(_address(stage, root), cmd, tuple(outs), needs)
 
 
 def plan(root: Path, until: str | None = None) -> list[Stage]:
@@ -132,7 +136,8 @@ def plan(root: Path, until: str | None = None) -> list[Stage]:
         for stage in graph.nodes:
             if _address(stage, root) in targets:
                 needed |= {_address(dependency, root) for dependency in nx.descendants(graph, stage)}
-    return [stage for stage in stages if stage.name in needed]
+    return [replace(stage, needs=tuple(name for name in stage.needs if name in needed))
+            for stage in stages if stage.name in needed]
 
 
 # DVC's log, not Repo.reproduce(): it returns ran and run-cache stages alike, and its commands print past stream().
@@ -148,7 +153,7 @@ def repro(root: Path, stage: str, on_line: Callable[[str], None], env: Mapping[s
         if not line.lstrip().startswith(DVC_HINTS):
             on_line(line)
 
-    done = stream([*DVC, "repro", "--single-item", stage], root, forward, env=env, redact=redact)
+    done = stream([*DVC, "--wait-for-lock", "repro", "--single-item", stage], root, forward, env=env, redact=redact)
     if done.returncode != 0:
         raise failure(stage, done)
     status = "skipped"
