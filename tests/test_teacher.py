@@ -26,7 +26,7 @@ from vlkd.models.teacher import (
     load_teacher,
     resolve_teacher,
 )
-from vlkd.teacher import contrastive
+from vlkd.teacher import build, contrastive
 from vlkd.teacher.build import METRICS, build_teacher
 from vlkd.teacher.contrastive import train_contrastive
 from vlkd.teacher.retrieval import _recalls
@@ -203,6 +203,24 @@ def test_a_corrupt_image_is_counted_and_skipped_and_changed_shards_retrain(tiny_
     training = read_json(tmp_path / "teacher" / METRICS)["training"]
     assert training["bad_samples"] == {"count": 1, "keys": [key]}
     assert training["train_images"] == 29
+
+
+def test_train_shards_keep_the_teacher_when_a_refresh_adds_shards(tiny_world_shards, tmp_path, monkeypatch):
+    world, shards = tiny_world_shards
+    for tar in list_shards(shards)[:2]:  # a corpus of two shards, the third one arrives with a refresh
+        for part in tar.parent.glob(f"{tar.stem}*"):
+            shutil.copy2(part, tmp_path / part.name)
+    params = teacher_params(world, tmp_path, tmp_path / "teacher", epochs=1, train_shards=2)
+    first = build_teacher(params)
+    assert sorted(first["inputs"]["shards"]) == ["00000.tar", "00001.tar"]
+    for part in shards.glob("00002*"):
+        shutil.copy2(part, tmp_path / part.name)
+    assert len(list_shards(tmp_path)) == 3
+    monkeypatch.setattr(build, "train_contrastive", lambda *args, **kwargs: pytest.fail("retrained the teacher"))
+    assert build_teacher(params) == first  # the new shard is not a training shard
+    monkeypatch.undo()
+    everything = build_teacher(params.model_copy(update={"train_shards": None}))
+    assert sorted(everything["inputs"]["shards"]) == ["00000.tar", "00001.tar", "00002.tar"]
 
 
 def test_a_checkpoint_file_is_used_as_it_is(tiny_world_shards, trained, tmp_path):

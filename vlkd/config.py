@@ -92,6 +92,10 @@ class TeacherParams(_Section):
     # null: train the embedded model (`vlkd-tiny-resnet`) contrastively on `shards`.
     pretrained: str | None = "openai"
     shards: Path = Path("data/shards")
+    # The embedded model trains on the first `train_shards` complete shards of `shards` (in name order;
+    # null: all). A refresh adds shards after them, so the teacher stays as it was, as a pretrained CLIP
+    # would, and a refresh embeds only its new shards.
+    train_shards: int | None = Field(None, ge=1)
     # Held-out images with COCO-format captions for the teacher's zero-shot retrieval check.
     eval_images: Path = Path("data/benchmarks/coco/val2014")
     eval_captions: Path = Path("data/benchmarks/coco/annotations/captions_karpathy_test.json")

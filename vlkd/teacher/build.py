@@ -67,7 +67,7 @@ def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
             raise VlkdError(f"teacher.pretrained is null, which trains the embedded model {EMBEDDED_MODEL!r}, but "
                             f"teacher.model is {params.model!r}; set teacher.model: {EMBEDDED_MODEL} or give a "
                             "pretrained tag or checkpoint file")
-        inputs = shard_inputs(Path(params.shards))
+        inputs = shard_inputs(Path(params.shards), params.train_shards)
         shards = [Path(params.shards) / name for name in inputs]
         _, metrics["training"] = train_contrastive(params, building, device, shards=shards)
         setup = training_setup(params.image_size)
@@ -112,9 +112,10 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def shard_inputs(folder: Path) -> dict[str, str]:
-    """The complete shards to train on: tar path -> sha256, so refreshed shards retrain the teacher."""
-    tars = list_shards(folder)
+def shard_inputs(folder: Path, first: int | None = None) -> dict[str, str]:
+    """The complete shards to train on (the `first` of them in name order, or all): tar name -> sha256, so
+    a changed training shard retrains the teacher and a shard added after them does not."""
+    tars = list_shards(folder)[:first]
     if not tars:
         raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
     return {tar.name: sha256_file(tar) for tar in tars}
@@ -131,7 +132,7 @@ def _up_to_date(output: Path, params: TeacherParams) -> dict | None:
         if params.pretrained is None:
             if manifest["training_setup"] != training_setup(params.image_size):
                 return None
-            if manifest["inputs"]["shards"] != shard_inputs(Path(params.shards)):
+            if manifest["inputs"]["shards"] != shard_inputs(Path(params.shards), params.train_shards):
                 return None
             checkpoint = output / manifest["pretrained"]
             if not checkpoint.is_file() or sha256_file(checkpoint) != manifest["weights_sha256"]:
