@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -31,9 +32,13 @@ from vlkd.orchestrate.lock import WorkspaceLock
 from vlkd.orchestrate.metrics import markdown_table, read_metrics, text_table
 from vlkd.orchestrate.params import find_project, parse_assignments, preview
 from vlkd.orchestrate.promote import (
+    clear_folder,
     dirty_tracked,
+    git,
     last_promoted,
+    locked_outputs,
     metrics_at,
+    place_output_at,
     promote,
     require_repo,
     restore_command_at,
@@ -90,11 +95,13 @@ def refresh(url_list: str | None = None, params_file: str = PARAMS_FILE, overrid
     require_repo(root)
     params = preview(root, overrides)
     with WorkspaceLock(root, timeout=params.pipeline.lock_timeout, owner=_owner()):
+        last = last_promoted(root, params.pipeline.tag_prefix)
+        if last is not None:
+            continue_from(root, last.tag, params)
         result = run_pipeline(root, overrides, until)
         params = load_params(root / PARAMS_FILE)
         settings = params.pipeline
         files = sorted({relative_name(spec.file, root) for spec in settings.gate})
-        last = last_promoted(root, settings.tag_prefix)
         before = metrics_at(root, last.tag, files) if last else None
         after = read_metrics(root, files)
         report = compare(before, after, settings.gate, root, last.tag if last else None)
@@ -125,6 +132,34 @@ def refresh(url_list: str | None = None, params_file: str = PARAMS_FILE, overrid
                       restore=restore_command_at(root, current, paths) if current else None)
         publish_gate(report, result)
     return result
+
+
+def continue_from(root: Path, tag: str, params) -> None:
+    """Put the student `tag` promoted into `distill.init`, so that distillation continues from it on the
+    rows it has not seen (plus a replayed sample of the rest) instead of starting over; DVC sees the
+    folder as a dependency of distill. `distill.init: null` keeps every refresh a fresh start."""
+    logger = get_run_logger()
+    if params.distill.init is None:
+        logger.info("distill.init is null: distillation starts a fresh student")
+        return
+    output = _recorded(root, tag, "distill", "output") or relative_name(params.distill.output, root)
+    init = relative_name(params.distill.init, root)
+    if output not in locked_outputs(root, tag):
+        clear_folder(params.distill.init)
+        logger.info("%s promoted no student (%s): distill.init %s is emptied, a fresh student", tag, output, init)
+        return
+    place_output_at(root, tag, output, params.distill.init)
+    logger.info("distill.init %s: the student %s promoted (%s), to continue from", init, tag, output)
+
+
+def _recorded(root: Path, ref: str, section: str, key: str) -> str | None:
+    """A path the params.yaml committed at `ref` gave (relative to the project), if it gave one."""
+    done = git(root, "show", f"{ref}:{PARAMS_FILE}", check=False)
+    try:
+        value = (yaml.safe_load(done.stdout) or {}).get(section, {}).get(key) if done.returncode == 0 else None
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def publish_gate(report: GateReport, result: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from vlkd.data.feature_writer import extract_features
 from vlkd.distill import train
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.retention import RetentionBatches
+from vlkd.distill.rows import continuation_rows
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
 from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
@@ -390,6 +391,35 @@ def test_retention_batches_are_the_language_models_own_infilling_examples(setup,
             assert "<mask>" in source
 
 
+def test_retention_batches_hold_documents_of_similar_length_and_draw_every_document_alike(setup, tmp_path,
+                                                                                         monkeypatch):
+    from vlkd.distill import retention
+
+    corpus = tmp_path / "corpus.txt"
+    short, long = "a red circle", " ".join(["a blue star on the left and a red circle at the top"] * 4)
+    corpus.write_text("\n".join(f"{i} {short if i % 2 else long}" for i in range(200)) + "\n")
+    tokenizer = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).tokenizer
+
+    def draw(band_batches: int) -> tuple[float, Counter]:
+        monkeypatch.setattr(retention, "BAND_BATCHES", band_batches)
+        batches = RetentionBatches(corpus, tokenizer, setup[1], mask_ratio=0.3, poisson_lambda=3.0, max_length=64)
+        rng, padded, drawn = np.random.default_rng(0), [], Counter()
+        for _ in range(500):
+            batch = batches.batch(4, rng)
+            padded.append(1 - batch["attention_mask"].float().mean().item())
+            drawn.update(int(tokenizer.decode(labels[labels != -100][1:]).split()[0]) for labels in batch["labels"])
+        return float(np.mean(padded)), drawn
+
+    banded, drawn = draw(retention.BAND_BATCHES)
+    whole, _ = draw(10**6)  # a band as long as the corpus: documents drawn from all of it
+    assert banded < 0.5 * whole, (banded, whole)  # half the documents are 4x longer than the others
+    assert len(drawn) == 200  # 10 draws each on average
+    # The band wraps around the length order, so its ends are drawn as often as its middle: the 20 shortest
+    # documents (odd numbers from 1) and the 20 longest (even numbers up to 198).
+    shortest, longest = range(1, 40, 2), range(160, 200, 2)
+    assert min(np.mean([drawn[i] for i in shortest]), np.mean([drawn[i] for i in longest])) > 0.6 * 10
+
+
 def _plm_built_on(plm: Path, folder: Path, corpus: Path | None) -> Path:
     """A copy of the tiny language model whose manifest records `corpus` as `vlkd plm` does."""
     copy = shutil.copytree(plm, folder)
@@ -412,3 +442,60 @@ def test_distillation_with_text_retention_reads_the_language_models_corpus(setup
         file.write("a new document\n")
     with pytest.raises(VlkdError, match="has changed since; run `vlkd plm` again"):
         train.distill(params(setup, tmp_path / "changed", plm=plm, retention_weight=1.0))
+
+
+# -- continuing from a student: the rows it has not seen, plus a replayed sample ---------------------------
+def test_continuation_takes_the_unseen_rows_and_a_seeded_sample_of_the_seen_ones():
+    files = {"a.parquet": 10, "b.parquet": 10, "c.parquet": 5}
+    seen = {"a.parquet": 10, "b.parquet": 6}  # b grew by 4 rows, c is new
+    chosen = continuation_rows(files, seen, replay=1.0, seed=0)
+    assert (chosen.new, chosen.replayed) == (9, 9)
+    np.testing.assert_array_equal(chosen.rows["c.parquet"], np.arange(5))
+    new_of_b = chosen.rows["b.parquet"][chosen.rows["b.parquet"] >= 6]
+    np.testing.assert_array_equal(new_of_b, [6, 7, 8, 9])
+    old = [(name, i) for name, rows in chosen.rows.items() for i in rows if i < seen.get(name, 0)]
+    assert len(old) == len(set(old)) == 9  # drawn without replacement, from seen rows only
+    again = continuation_rows(files, seen, replay=1.0, seed=0)
+    assert all(np.array_equal(again.rows[name], rows) for name, rows in chosen.rows.items())
+    assert continuation_rows(files, seen, replay=0.0, seed=0).replayed == 0
+    assert continuation_rows(files, seen, replay=10.0, seed=0).replayed == 16  # every seen row, once
+    assert continuation_rows(files, files, replay=1.0, seed=0).total == 0
+
+
+def test_a_student_continues_on_the_rows_it_has_not_seen(setup, tmp_path):
+    features, _, _ = setup
+    first = tmp_path / "first-features"
+    first.mkdir()
+    shutil.copy(sorted(features.glob("*.parquet"))[0], first)  # the corpus before the refresh: 10 rows
+    train.distill(params(setup, tmp_path / "v1", features=first, epochs=1, batch_size=5))
+    seen = json.loads((tmp_path / "v1" / "student" / "feature-rows.json").read_text())
+    assert seen == {"files": {sorted(features.glob("*.parquet"))[0].name: 10}}
+
+    metrics = train.distill(params(setup, tmp_path / "v2", init=tmp_path / "v1" / "student", epochs=2,
+                                   batch_size=5, replay=0.5))
+    assert metrics["trained_rows"] == {"new": 20, "replayed": 10}  # 2 new files, half as many old rows
+    assert metrics["steps"] == 2 * 30 // 5  # in proportion to the new rows, not to the corpus
+    seen = json.loads((tmp_path / "v2" / "student" / "feature-rows.json").read_text())
+    assert seen["files"] == {path.name: 10 for path in features.glob("*.parquet")}
+    assert Student.from_pretrained(tmp_path / "v2" / "student").config.teacher == FeatureStore(features).teacher
+
+
+def test_a_student_that_has_seen_every_row_is_written_unchanged(setup, tmp_path):
+    train.distill(params(setup, tmp_path / "v1", epochs=1, batch_size=10))
+    metrics = train.distill(params(setup, tmp_path / "v2", init=tmp_path / "v1" / "student"))
+    assert metrics["steps"] == 0 and metrics["trained_rows"] == {"new": 0, "replayed": 0}
+    before = load_file(str(tmp_path / "v1" / "student" / "model.safetensors"))
+    after = load_file(str(tmp_path / "v2" / "student" / "model.safetensors"))
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, atol=0, rtol=0)
+
+
+def test_an_init_folder_with_only_a_readme_starts_fresh_and_anything_else_is_refused(setup, tmp_path):
+    promoted = tmp_path / "promoted"
+    promoted.mkdir()
+    (promoted / "README.md").write_text("the refresh flow puts the promoted student here\n")
+    metrics = train.distill(params(setup, tmp_path, init=promoted, epochs=1, batch_size=10))
+    assert metrics["trained_rows"] == {"all": 30} and metrics["init"] is None
+    (promoted / "notes.txt").write_text("not a student")
+    with pytest.raises(VlkdError, match="has no vlkd-student.json"):
+        train.distill(params(setup, tmp_path / "again", init=promoted))

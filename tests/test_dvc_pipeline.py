@@ -22,7 +22,7 @@ import yaml
 PROJECT = Path(__file__).resolve().parents[1]
 TARGET = "features"
 UPSTREAM = ["synth", "download", "teacher", "features"]  # TARGET and what it depends on, in order
-SKIP = ("data/", "metrics/", "dvc.lock", ".ci/", "dvclive/")
+SKIP = ("metrics/", "dvc.lock", ".ci/", "dvclive/")  # data/: only git's files (READMEs) are listed
 
 # Every stage at a size that runs in seconds on 2 CPU cores (sections a stage does not have yet are
 # left out by tiny_params).

@@ -201,6 +201,27 @@ def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(promo
     assert "Promoted" in artifact(f"{GATE_ARTIFACT}-summary", state).data
 
 
+def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_rows(fresh, tmp_path):
+    from flows.refresh import refresh
+
+    project = workspace(fresh, tmp_path)
+    first = refresh(params_file=str(project / "params.yaml"), until="distill")  # nothing promoted: a full run
+    assert first["promoted"] == "promoted/v1"
+    assert read(project, "metrics/distill.json")["trained_rows"] == {"all": 40}
+    v1 = (project / "data" / "student" / "model.safetensors").read_bytes()
+
+    result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60, "distill.replay": 0.5},
+                     until="distill")
+    assert result["promoted"] == "promoted/v2"
+    assert (project / "data" / "promoted" / "model.safetensors").read_bytes() == v1  # v1's student, from DVC
+    assert (project / "data" / "promoted" / "README.md").is_file()
+    distilled = read(project, "metrics/distill.json")
+    assert distilled["trained_rows"] == {"new": 20, "replayed": 10} and distilled["init"] == "data/promoted"
+    assert distilled["steps"] == 30 // 8  # one epoch over the new and replayed rows, batch 8
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert "data/promoted" in {dep["path"] for dep in lock["stages"]["distill"]["deps"]}
+
+
 def test_gate_rejects_a_worse_model_and_the_promoted_one_can_be_restored(promoted, tmp_path):
     import pyarrow.parquet as pq
 

@@ -183,8 +183,11 @@ class DistillParams(_Section):
     plm: Path = Path("data/plm")
     output: Path = Path("data/student")
     # Start from this student instead of a fresh one (e.g. the promoted model, when retraining on a
-    # refreshed corpus); its teacher must be the one that made `features`.
+    # refreshed corpus); its teacher must be the one that made `features`. A folder holding nothing but a
+    # README: a fresh student. A student that records the rows it has seen trains on the unseen ones
+    # plus `replay` seen rows per unseen one (distill/rows.py).
     init: Path | None = None
+    replay: float = Field(1.0, ge=0, description="continuing from init: seen rows replayed per unseen row")
     checkpoints: Path = Path("data/checkpoints/distill")  # kept outside `output`: DVC deletes outs before a run
     plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens

@@ -18,19 +18,30 @@ import torch
 from vlkd.config import PlmParams
 from vlkd.data.text import collate, encode_documents, make_example, read_documents
 
+# A batch is drawn from a band of this many batches' worth of documents of neighbouring length: a batch
+# of documents drawn from the whole corpus is padded to its longest (on the world's text 2.4x the mean
+# length), and this pass is most of a distillation step's tokens.
+BAND_BATCHES = 8
+
 
 class RetentionBatches:
-    """Random batches of noised documents of the corpus: BART encoder inputs and labels."""
+    """Random batches of noised documents of the corpus, of similar length: BART encoder inputs and labels."""
 
     def __init__(self, corpus: Path, tokenizer, plm_folder: Path, mask_ratio: float, poisson_lambda: float,
                  max_length: int):
         self.tokenizer = tokenizer
         self.documents = encode_documents(tokenizer, read_documents(corpus, "plm.corpus"), max_length)
+        self.by_length = np.argsort([len(document.tokens) for document in self.documents], kind="stable")
         self.noise = PlmParams(mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
                                answer_mask_share=pretrained_answer_mask_share(plm_folder))
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        picks = rng.integers(len(self.documents), size=size)
+        """`size` documents from a band of neighbouring lengths that starts anywhere in the length order and
+        wraps around its end, so that every document is equally likely to be drawn."""
+        count = len(self.documents)
+        band = min(count, size * BAND_BATCHES)
+        offsets = rng.choice(band, size=size, replace=size > band)
+        picks = self.by_length[(rng.integers(count) + offsets) % count]
         examples = [make_example(self.documents[i], self.tokenizer, self.noise, rng)[:2] for i in picks]
         return collate(examples, self.tokenizer.pad_token_id)
 

@@ -29,6 +29,7 @@ from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.retention import RetentionBatches
+from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_rows_seen, rows_seen_record
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, remove_path, sha256_file, tmp_path_for, write_json_atomic
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
@@ -100,10 +101,15 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         raise VlkdError("distill.ttdm_weight, itcl_weight and icti_weight are all 0; set at least one above 0")
     store = FeatureStore(params.features)
     columns = _needed_columns(params, store)
+    init = _init_folder(params.init)
     torch.manual_seed(params.seed)  # the new projections' initial weights: the same on every rank and run
-    student = _build_student(params, store).to(ranks.device)
+    student = _build_student(params, store, init).to(ranks.device)
     student.train()
-    batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size)
+    selection = _row_selection(params, store, init)
+    if selection is not None and selection.new == 0:
+        return _nothing_new(student, params, store, init, ranks)
+    batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size,
+                             rows=None if selection is None else selection.rows)
     retention = _retention_batches(params, student)
     steps_per_epoch = batches.steps_per_epoch // params.grad_accum
     if steps_per_epoch == 0:
@@ -119,14 +125,14 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         objective = torch.compile(objective)
     optimization = Optimization(student, params.lr, params.weight_decay, params.warmup_steps, total_steps,
                                 params.schedule, params.max_grad_norm)
-    fingerprint = _run_fingerprint(params, store, student)
+    fingerprint = _run_fingerprint(params, store, student, init, selection)
     checkpoint = params.checkpoints / fingerprint[:16] / CHECKPOINT
     start_step = _resume(checkpoint, student, optimization, ranks)
     live = _open_live(params.plots, start_step) if ranks.is_main else None
     precision = _precision(params, ranks.device)
 
     logger.info("distilling %s rows into the student for %d steps (%d per epoch) on %d rank(s), %s",
-                store.num_rows, total_steps, steps_per_epoch, ranks.world_size, ranks.device)
+                _rows_text(store, selection), total_steps, steps_per_epoch, ranks.world_size, ranks.device)
     started, recent, epochs, data = time.perf_counter(), {}, EpochMeans(), None
     with progress(total_steps, "distill", start_step, enabled=ranks.is_main) as bar:
         for step in range(start_step, total_steps):
@@ -149,11 +155,12 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     elapsed = time.perf_counter() - started
     metrics = {
         "steps": total_steps, "epochs": params.epochs, "feature_rows": store.num_rows, "ranks": ranks.world_size,
+        "trained_rows": _trained_rows(store, selection), "init": None if init is None else str(params.init),
         "final": {name: round(value, 5) for name, value in recent.items() if name in (*LOSSES, "loss")},
         "trainable_parameters": trainable(student.parameters()),
     }
     if ranks.is_main:
-        _save_student(student, params, metrics)
+        _save_student(student, params, metrics, rows_seen_record(_file_rows(store), _seen(init)))
         if live is not None:
             live.end()
         remove_path(checkpoint.parent)
@@ -173,10 +180,10 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
 def _train_step(objective, student: Student, data, retention: RetentionBatches | None, params: DistillParams,
                 ranks: Ranks, step: int, precision: str) -> dict[str, float]:
     """One optimizer step's forward and backward passes over `grad_accum` micro-batches (forward under
-    autocast, backward outside it, as torch recommends)."""
+    autocast, backward outside it, as torch recommends); the losses, averaged over the micro-batches."""
     torch.manual_seed(_step_seed(params.seed, ranks.rank, step))
     noise = np.random.default_rng([params.seed, ranks.rank, step])
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     for micro in range(params.grad_accum):
         inputs = _model_inputs(next(data), student, params, noise, ranks.device)
         if retention is not None:
@@ -189,8 +196,10 @@ def _train_step(objective, student: Student, data, retention: RetentionBatches |
         with sync:
             (losses["loss"] / params.grad_accum).backward()
         for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + value.item() / params.grad_accum
-    return totals
+            totals[name] = totals.get(name, 0.0) + value.detach() / params.grad_accum
+    # One host sync per optimizer step, not one per loss and micro-batch: on a GPU each .item() waits for
+    # the queued kernels.
+    return dict(zip(totals, torch.stack(list(totals.values())).float().tolist(), strict=True))
 
 
 def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: np.random.Generator,
@@ -265,12 +274,12 @@ def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
     return sorted(needed)
 
 
-def _build_student(params: DistillParams, store: FeatureStore) -> Student:
-    if params.init is not None:
-        student = Student.from_pretrained(params.init)
+def _build_student(params: DistillParams, store: FeatureStore, init: Path | None) -> Student:
+    if init is not None:
+        student = Student.from_pretrained(init)
         check_teacher(student.config.teacher, store.teacher, where=str(store.files[0].parent))
         if student.config.prefix != params.prefix:
-            raise VlkdError(f"the student in {params.init} has a {student.config.prefix} prefix, not "
+            raise VlkdError(f"the student in {init} has a {student.config.prefix} prefix, not "
                             f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
         return student
     visual_width = store.embed_dim
@@ -284,6 +293,70 @@ def _build_student(params: DistillParams, store: FeatureStore) -> Student:
     return student
 
 
+def _init_folder(init: Path | None) -> Path | None:
+    """The student to continue from. A folder with nothing in it but a README (the pipeline's
+    data/promoted before a refresh has put the promoted student there) means a fresh student."""
+    if init is None:
+        return None
+    if not init.is_dir():
+        raise VlkdError(f"distill.init {init} is not a folder; point it at a student folder (one `vlkd distill` "
+                        "wrote) or set it to null for a fresh student")
+    if (init / STUDENT_CONFIG).is_file():
+        return init
+    if all(path.name == "README.md" for path in init.iterdir()):
+        logger.info("distill.init %s holds no student: a fresh student from the language model", init)
+        return None
+    raise VlkdError(f"distill.init {init} has no {STUDENT_CONFIG}; point it at a student folder or empty it "
+                    "for a fresh student")
+
+
+def _row_selection(params: DistillParams, store: FeatureStore, init: Path | None) -> RowSelection | None:
+    """None: every row. Continuing from a student that records what it has seen: its unseen rows and a
+    replayed sample of the rest, so the steps grow with the new rows, not with the corpus."""
+    seen = _seen(init)
+    if seen is None:
+        return None
+    selection = continuation_rows(_file_rows(store), seen, params.replay, params.seed)
+    logger.info("continuing from %s: %d new feature rows and %d replayed of the %d it has seen", init,
+                selection.new, selection.replayed, sum(seen.values()))
+    return selection
+
+
+def _seen(init: Path | None) -> dict[str, int] | None:
+    return None if init is None else read_rows_seen(init)
+
+
+def _file_rows(store: FeatureStore) -> dict[str, int]:
+    return {path.name: pq.ParquetFile(path).metadata.num_rows for path in store.files}
+
+
+def _trained_rows(store: FeatureStore, selection: RowSelection | None) -> dict:
+    if selection is None:
+        return {"all": store.num_rows}
+    return {"new": selection.new, "replayed": selection.replayed}
+
+
+def _rows_text(store: FeatureStore, selection: RowSelection | None) -> str:
+    if selection is None:
+        return f"{store.num_rows}"
+    return f"{selection.total} ({selection.new} new, {selection.replayed} replayed) of {store.num_rows}"
+
+
+def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, init: Path, ranks: Ranks) -> dict:
+    """Every row was seen by the init student: it is the result, written unchanged (with its record)."""
+    logger.info("every feature row in %s was seen by the student in %s: nothing to distil, it is written as it is",
+                params.features, init)
+    metrics = {"steps": 0, "epochs": 0, "feature_rows": store.num_rows, "ranks": ranks.world_size,
+               "trained_rows": {"new": 0, "replayed": 0}, "init": str(params.init), "final": {},
+               "trainable_parameters": trainable(student.parameters())}
+    if ranks.is_main:
+        _save_student(student, params, metrics, rows_seen_record(_file_rows(store), _seen(init)))
+    if ranks.world_size > 1:
+        dist.barrier()
+    metrics["this_run"] = {"resumed_from_step": 0, "training_seconds": 0.0, "epoch_means": [], "samples_per_s": 0.0}
+    return metrics
+
+
 def _plm_manifest(folder: Path) -> dict:
     manifest = folder / PLM_MANIFEST
     if manifest.is_file():
@@ -293,13 +366,14 @@ def _plm_manifest(folder: Path) -> dict:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def _run_fingerprint(params: DistillParams, store: FeatureStore, student: Student) -> str:
+def _run_fingerprint(params: DistillParams, store: FeatureStore, student: Student, init: Path | None,
+                     selection: RowSelection | None) -> str:
     """What a checkpoint must share with this run to be resumed."""
     record = {
         "params": {k: v for k, v in params.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT},
-        "features": {path.name: pq.ParquetFile(path).metadata.num_rows for path in store.files},
-        "teacher": store.teacher, "plm": student.config.plm,
-        "init": sha256_file(params.init / "projections.safetensors") if params.init else None,
+        "features": _file_rows(store), "teacher": store.teacher, "plm": student.config.plm,
+        "init": sha256_file(init / "projections.safetensors") if init else None,
+        "rows": None if selection is None else {name: len(rows) for name, rows in selection.rows.items()},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
@@ -324,10 +398,11 @@ def _resume(path: Path, student: Student, optimization: Optimization, ranks: Ran
     return state["step"]
 
 
-def _save_student(student: Student, params: DistillParams, metrics: dict) -> None:
+def _save_student(student: Student, params: DistillParams, metrics: dict, rows_seen: dict) -> None:
     with building_folder(params.output, STUDENT_CONFIG, "student", "distill.output") as building:
         student.save_pretrained(building)
         write_json_atomic(building / "distill-metrics.json", {k: v for k, v in metrics.items() if k != "this_run"})
+        write_json_atomic(building / ROWS_SEEN, rows_seen)
     logger.info("student written to %s", params.output)
 
 

@@ -12,7 +12,10 @@ the record.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +130,7 @@ def files_at(root: Path, ref: str, paths: Iterable[str]) -> list[str]:
     return [p for p in paths if p in held or any(name.startswith(p.rstrip("/") + "/") for name in held)]
 
 
-def locked_stages(root: Path, ref: str) -> list[str]:
-    """The stages the dvc.lock at `ref` records."""
+def _lock_at(root: Path, ref: str) -> dict:
     import yaml
 
     done = git(root, "show", f"{ref}:dvc.lock", check=False)
@@ -136,7 +138,18 @@ def locked_stages(root: Path, ref: str) -> list[str]:
         lock = yaml.safe_load(done.stdout) if done.returncode == 0 else None
     except yaml.YAMLError:
         lock = None
-    return list((lock or {}).get("stages") or {})
+    return lock if isinstance(lock, dict) else {}
+
+
+def locked_stages(root: Path, ref: str) -> list[str]:
+    """The stages the dvc.lock at `ref` records."""
+    return list(_lock_at(root, ref).get("stages") or {})
+
+
+def locked_outputs(root: Path, ref: str) -> set[str]:
+    """The output paths the dvc.lock at `ref` records (as dvc.yaml names them)."""
+    stages = (_lock_at(root, ref).get("stages") or {}).values()
+    return {out["path"] for stage in stages for out in stage.get("outs") or [] if "path" in out}
 
 
 def restore_command(tag: str, paths: Iterable[str] = ("dvc.lock", "params.yaml"),
@@ -151,3 +164,29 @@ def restore_command_at(root: Path, tag: str, paths: Iterable[str]) -> str:
     may have grown since; the lock names the promoted outputs)."""
     paths = [p for p in paths if p != "dvc.yaml"]
     return restore_command(tag, files_at(root, tag, paths), locked_stages(root, tag))
+
+
+def place_output_at(root: Path, ref: str, output: str, folder: Path, keep: Iterable[str] = ("README.md",)) -> None:
+    """Fill `folder` with the DVC output `output` as the commit `ref` recorded it (`dvc get . <output>
+    --rev <ref>`, from the cache or the default remote), replacing what it held except the files `keep`."""
+    keep = set(keep)
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        fetched = Path(scratch) / "out"
+        done = subprocess.run([sys.executable, "-m", "dvc", "get", ".", output, "--rev", ref, "-o", str(fetched)],
+                              cwd=root, capture_output=True, text=True)
+        if done.returncode != 0:
+            errors = [line for line in (done.stderr + done.stdout).splitlines() if line.startswith("ERROR")]
+            reason = errors[-1].removeprefix("ERROR:").strip() if errors else f"exit status {done.returncode}"
+            raise VlkdError(f"cannot fetch {output} as {ref} recorded it ({reason}); `dvc pull` its data, or "
+                            f"empty {folder} (keeping README.md) to start fresh")
+        clear_folder(folder, keep)
+        for path in fetched.iterdir():
+            shutil.move(str(path), folder / path.name)
+
+
+def clear_folder(folder: Path, keep: Iterable[str] = ("README.md",)) -> None:
+    """Remove everything in `folder` (created if missing) but the files named in `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in folder.iterdir():
+        if path.name not in set(keep):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
