@@ -499,3 +499,12 @@ def test_an_init_folder_with_only_a_readme_starts_fresh_and_anything_else_is_ref
     (promoted / "notes.txt").write_text("not a student")
     with pytest.raises(VlkdError, match="has no vlkd-student.json"):
         train.distill(params(setup, tmp_path / "again", init=promoted))
+
+
+def test_warmup_takes_at_most_a_tenth_of_a_short_run(setup, tmp_path):
+    train.distill(params(setup, tmp_path, epochs=4, batch_size=6, warmup_steps=100, lr=1e-3))  # 20 steps
+    rates = [float(line.split("\t")[1]) for line in
+             (tmp_path / "plots" / "plots" / "metrics" / "train" / "lr.tsv").read_text().splitlines()[1:]]
+    assert len(rates) == 20
+    assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # 2 warmup steps, then the peak, then the decay
+    assert rates[-1] < 0.1 * max(rates)

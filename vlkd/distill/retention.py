@@ -9,7 +9,6 @@ infilling loss rose from 0.36 to 0.52 (1.25 after 4x longer distillation). The e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from vlkd.config import PlmParams
 from vlkd.data.text import collate, encode_documents, make_example, read_documents
+from vlkd.models.language_model import MANIFEST, read_manifest
 
 # A batch is drawn from a band of this many batches' worth of documents of neighbouring length: a batch
 # of documents drawn from the whole corpus is padded to its longest (on the world's text 2.4x the mean
@@ -48,7 +48,6 @@ class RetentionBatches:
 
 def pretrained_answer_mask_share(plm_folder: Path) -> float:
     """The embedded language model's `answer_mask_share`; 0 (random spans only) for any other BART."""
-    manifest = Path(plm_folder) / "vlkd-plm.json"
-    if not manifest.is_file():
+    if not (Path(plm_folder) / MANIFEST).is_file():
         return 0.0
-    return float(json.loads(manifest.read_text()).get("params", {}).get("answer_mask_share", 0.0))
+    return float(read_manifest(plm_folder).get("params", {}).get("answer_mask_share", 0.0))

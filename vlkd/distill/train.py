@@ -33,7 +33,7 @@ from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_r
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, remove_path, sha256_file, tmp_path_for, write_json_atomic
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
-from vlkd.models.language_model import language_model_text
+from vlkd.models.language_model import language_model_text, read_manifest
 from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
 from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig
 from vlkd.models.teacher import check_teacher
@@ -123,7 +123,10 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         objective = DistributedDataParallel(objective, find_unused_parameters=unused)
     if params.compile:
         objective = torch.compile(objective)
-    optimization = Optimization(student, params.lr, params.weight_decay, params.warmup_steps, total_steps,
+    # At most a tenth of the steps warm up: a continuation on a refresh's new rows is a short run, and a
+    # warmup as long as the run would end it at its peak learning rate, undecayed.
+    warmup = min(params.warmup_steps, total_steps // 10)
+    optimization = Optimization(student, params.lr, params.weight_decay, warmup, total_steps,
                                 params.schedule, params.max_grad_norm)
     fingerprint = _run_fingerprint(params, store, student, init, selection)
     checkpoint = params.checkpoints / fingerprint[:16] / CHECKPOINT
@@ -277,7 +280,11 @@ def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
 def _build_student(params: DistillParams, store: FeatureStore, init: Path | None) -> Student:
     if init is not None:
         student = Student.from_pretrained(init)
-        check_teacher(student.config.teacher, store.teacher, where=str(store.files[0].parent))
+        try:
+            check_teacher(student.config.teacher, store.teacher, where=str(store.files[0].parent))
+        except VlkdError as err:  # after a change of teacher, the usual way out is a new student
+            raise VlkdError(f"{err}; or, for a new student of this teacher, empty distill.init {init} (keep its "
+                            "README.md) or set distill.init: null") from err
         if student.config.prefix != params.prefix:
             raise VlkdError(f"the student in {init} has a {student.config.prefix} prefix, not "
                             f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
@@ -358,11 +365,12 @@ def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, i
 
 
 def _plm_manifest(folder: Path) -> dict:
-    manifest = folder / PLM_MANIFEST
-    if manifest.is_file():
-        record = json.loads(manifest.read_text())
-        return {key: record[key] for key in ("name", "source", "sha256") if key in record}
-    return {"source": str(folder)}
+    """What the student records of its language model: the manifest's identity, or the folder of a BART
+    that was not made by `vlkd plm`."""
+    if not (folder / PLM_MANIFEST).is_file():
+        return {"source": str(folder)}
+    record = read_manifest(folder)
+    return {key: record[key] for key in ("name", "source", "sha256") if key in record}
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
