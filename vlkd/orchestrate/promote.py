@@ -169,7 +169,6 @@ def restore_command_at(root: Path, tag: str, paths: Iterable[str]) -> str:
 def place_output_at(root: Path, ref: str, output: str, folder: Path, keep: Iterable[str] = ("README.md",)) -> None:
     """Fill `folder` with the DVC output `output` as the commit `ref` recorded it (`dvc get . <output>
     --rev <ref>`, from the cache or the default remote), replacing what it held except the files `keep`."""
-    keep = set(keep)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         fetched = Path(scratch) / "out"
         done = subprocess.run([sys.executable, "-m", "dvc", "get", ".", output, "--rev", ref, "-o", str(fetched)],
@@ -187,6 +186,7 @@ def place_output_at(root: Path, ref: str, output: str, folder: Path, keep: Itera
 def clear_folder(folder: Path, keep: Iterable[str] = ("README.md",)) -> None:
     """Remove everything in `folder` (created if missing) but the files named in `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
+    keep = set(keep)
     for path in folder.iterdir():
-        if path.name not in set(keep):
+        if path.name not in keep:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
