@@ -11,15 +11,12 @@ recorded for the file".
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from vlkd.errors import VlkdError
-
-logger = logging.getLogger(__name__)
 
 ROWS_SEEN = "feature-rows.json"
 
@@ -61,11 +58,9 @@ def rows_seen_record(file_rows: dict[str, int], seen_before: dict[str, int] | No
 def continuation_rows(file_rows: dict[str, int], seen: dict[str, int], replay: float, seed: int) -> RowSelection:
     """The rows past those `seen` in each file, and round(replay x new) of the seen ones drawn uniformly
     (without replacement, seeded) across files."""
-    if replay < 0:
-        raise VlkdError(f"distill.replay {replay} is negative; give the old rows replayed per new row (0: none)")
-    new = {name: np.arange(min(seen.get(name, 0), rows), rows) for name, rows in file_rows.items()}
-    new_count = sum(len(indices) for indices in new.values())
     old_sizes = {name: min(seen.get(name, 0), rows) for name, rows in file_rows.items()}
+    new = {name: np.arange(old_sizes[name], rows) for name, rows in file_rows.items()}
+    new_count = sum(len(indices) for indices in new.values())
     old_count = sum(old_sizes.values())
     replayed = min(round(replay * new_count), old_count)
     picks = np.sort(np.random.default_rng([seed, new_count]).choice(old_count, size=replayed, replace=False))

@@ -102,12 +102,13 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     store = FeatureStore(params.features)
     columns = _needed_columns(params, store)
     init = _init_folder(params.init)
+    file_rows, seen = _file_rows(store), None if init is None else read_rows_seen(init)
     torch.manual_seed(params.seed)  # the new projections' initial weights: the same on every rank and run
     student = _build_student(params, store, init).to(ranks.device)
     student.train()
-    selection = _row_selection(params, store, init)
+    selection = _row_selection(params, file_rows, seen, init)
     if selection is not None and selection.new == 0:
-        return _nothing_new(student, params, store, init, ranks)
+        return _nothing_new(student, params, store, init, rows_seen_record(file_rows, seen), ranks)
     batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size,
                              rows=None if selection is None else selection.rows)
     retention = _retention_batches(params, student)
@@ -128,7 +129,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     warmup = min(params.warmup_steps, total_steps // 10)
     optimization = Optimization(student, params.lr, params.weight_decay, warmup, total_steps,
                                 params.schedule, params.max_grad_norm)
-    fingerprint = _run_fingerprint(params, store, student, init, selection)
+    fingerprint = _run_fingerprint(params, store, file_rows, student, init, selection)
     checkpoint = params.checkpoints / fingerprint[:16] / CHECKPOINT
     start_step = _resume(checkpoint, student, optimization, ranks)
     live = _open_live(params.plots, start_step) if ranks.is_main else None
@@ -163,7 +164,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         "trainable_parameters": trainable(student.parameters()),
     }
     if ranks.is_main:
-        _save_student(student, params, metrics, rows_seen_record(_file_rows(store), _seen(init)))
+        _save_student(student, params, metrics, rows_seen_record(file_rows, seen))
         if live is not None:
             live.end()
         remove_path(checkpoint.parent)
@@ -317,20 +318,16 @@ def _init_folder(init: Path | None) -> Path | None:
                     "for a fresh student")
 
 
-def _row_selection(params: DistillParams, store: FeatureStore, init: Path | None) -> RowSelection | None:
+def _row_selection(params: DistillParams, file_rows: dict[str, int], seen: dict[str, int] | None,
+                   init: Path | None) -> RowSelection | None:
     """None: every row. Continuing from a student that records what it has seen: its unseen rows and a
     replayed sample of the rest, so the steps grow with the new rows, not with the corpus."""
-    seen = _seen(init)
     if seen is None:
         return None
-    selection = continuation_rows(_file_rows(store), seen, params.replay, params.seed)
+    selection = continuation_rows(file_rows, seen, params.replay, params.seed)
     logger.info("continuing from %s: %d new feature rows and %d replayed of the %d it has seen", init,
                 selection.new, selection.replayed, sum(seen.values()))
     return selection
-
-
-def _seen(init: Path | None) -> dict[str, int] | None:
-    return None if init is None else read_rows_seen(init)
 
 
 def _file_rows(store: FeatureStore) -> dict[str, int]:
@@ -349,7 +346,8 @@ def _rows_text(store: FeatureStore, selection: RowSelection | None) -> str:
     return f"{selection.total} ({selection.new} new, {selection.replayed} replayed) of {store.num_rows}"
 
 
-def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, init: Path, ranks: Ranks) -> dict:
+def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, init: Path, rows_seen: dict,
+                 ranks: Ranks) -> dict:
     """Every row was seen by the init student: it is the result, written unchanged (with its record)."""
     logger.info("every feature row in %s was seen by the student in %s: nothing to distil, it is written as it is",
                 params.features, init)
@@ -357,7 +355,7 @@ def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, i
                "trained_rows": {"new": 0, "replayed": 0}, "init": str(params.init), "final": {},
                "trainable_parameters": trainable(student.parameters())}
     if ranks.is_main:
-        _save_student(student, params, metrics, rows_seen_record(_file_rows(store), _seen(init)))
+        _save_student(student, params, metrics, rows_seen)
     if ranks.world_size > 1:
         dist.barrier()
     metrics["this_run"] = {"resumed_from_step": 0, "training_seconds": 0.0, "epoch_means": [], "samples_per_s": 0.0}
@@ -374,12 +372,12 @@ def _plm_manifest(folder: Path) -> dict:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def _run_fingerprint(params: DistillParams, store: FeatureStore, student: Student, init: Path | None,
-                     selection: RowSelection | None) -> str:
+def _run_fingerprint(params: DistillParams, store: FeatureStore, file_rows: dict[str, int], student: Student,
+                     init: Path | None, selection: RowSelection | None) -> str:
     """What a checkpoint must share with this run to be resumed."""
     record = {
         "params": {k: v for k, v in params.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT},
-        "features": _file_rows(store), "teacher": store.teacher, "plm": student.config.plm,
+        "features": file_rows, "teacher": store.teacher, "plm": student.config.plm,
         "init": sha256_file(init / "projections.safetensors") if init else None,
         "rows": None if selection is None else {name: len(rows) for name, rows in selection.rows.items()},
     }
