@@ -35,8 +35,8 @@ import pyarrow.parquet as pq
 import torch
 
 from vlkd.config import load_params
+from vlkd.data.vqa_metric import read_json, score_vqa
 from vlkd.evaluate.images import image_features
-from vlkd.evaluate.vqa_metric import read_json, score_vqa
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher, resolve_teacher

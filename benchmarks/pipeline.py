@@ -38,6 +38,8 @@ TINY = {
     "plm.vocab_size": 300, "plm.d_model": 32, "plm.layers": 1, "plm.heads": 2, "plm.ffn_dim": 64,
     "plm.max_length": 32, "plm.epochs": 1, "plm.batch_size": 16, "plm.warmup_steps": 1, "plm.qa_questions": 10,
     "distill.epochs": 1, "distill.batch_size": 8, "distill.warmup_steps": 1, "evaluate.batch_size": 8,
+    "vlm.hidden": 32, "vlm.layers": 1, "vlm.heads": 2, "vlm.ffn_dim": 64, "vlm.epochs": 1,
+    "finetune.fractions": [1.0], "finetune.seeds": [0], "finetune.ablations": [], "finetune.epochs": 1,
 }
 
 

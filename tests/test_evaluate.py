@@ -15,10 +15,10 @@ from vlkd.cli import main
 from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams, FeaturesParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.data.feature_writer import extract_features
+from vlkd.data.vqa_metric import score_vqa
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
 from vlkd.evaluate.images import BLANK_KEY, image_features
-from vlkd.evaluate.vqa_metric import score_vqa
 from vlkd.io import sha256_file
 from vlkd.models import student as student_module
 from vlkd.models.infill import fill_prompt

@@ -17,7 +17,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 # serves the embedded world's folder while it fetches a world's list).
 ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
          "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
-         "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"]}
+         "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"],
+         "vlm": ["vlkd/vlm/build.py"], "finetune": ["vlkd/finetune/run.py"]}
 # Not dependencies: the typed params (DVC sees every value through params.yaml, checked below) and the
 # error type.
 NOT_DEPS = {"vlkd/config.py", "vlkd/errors.py"}

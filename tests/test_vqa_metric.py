@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from vlkd.cli import main
 from vlkd.config import SynthParams
+from vlkd.data.vqa_metric import process_punctuation, question_accuracy, question_type_prior, score_vqa
 from vlkd.errors import VlkdError
-from vlkd.evaluate.vqa_metric import process_punctuation, question_accuracy, question_type_prior, score_vqa
 from vlkd.world.synth import generate_world
 
 

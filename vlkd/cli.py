@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from vlkd.config import Params, load_params, with_overrides
+from vlkd.config import VARIANTS, Params, load_params, with_overrides
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
 
@@ -295,6 +295,68 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
     click.echo(f"report: {stage.output / 'report.html'}")
 
 
+@main.command()
+@click.option("--output", type=click.Path(path_type=Path), help="Vision-language model folder [vlm.output].")
+@click.option("--model", help="Hub name or folder of a ViLT checkpoint, e.g. dandelin/vilt-b32-mlm; without one the "
+              "embedded ViLT is pretrained on the shards [vlm.model].")
+@click.option("--epochs", type=int, help="[vlm.epochs]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[vlm.device]")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def vlm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
+    """Make the vision-language model CLIP-TD fine-tunes: a ViLT checkpoint, or pretrain the embedded one."""
+    started = time.perf_counter()
+    from vlkd.vlm.build import build_vlm
+
+    quiet_transformers()
+    stage = with_overrides(params.vlm, **flags)
+    manifest = build_vlm(stage)
+    _write_metrics(metrics_file, run_log, manifest["metrics"], started)
+    heldout = manifest["metrics"].get("heldout", {})
+    scores = (f", held-out ITM accuracy {heldout['itm_accuracy']:.3f}, masked words {heldout['mlm_accuracy']:.3f}"
+              if "itm_accuracy" in heldout else "")
+    click.echo(f"vision-language model {manifest['name']} ({manifest['parameters']} parameters) in "
+               f"{stage.output}{scores}")
+
+
+@main.command()
+@click.option("--vlm", type=click.Path(path_type=Path), help="Vision-language model folder [finetune.vlm].")
+@click.option("--teacher", type=click.Path(path_type=Path), help="Teacher folder [finetune.teacher].")
+@click.option("--output", type=click.Path(path_type=Path), help="Fine-tuned models and results [finetune.output].")
+@click.option("--fraction", "fractions", type=float, multiple=True, help="Training fraction(s) in (0, 1] "
+              "[finetune.fractions].")
+@click.option("--seed", "seeds", type=int, multiple=True, help="Seed(s) [finetune.seeds].")
+@click.option("--variant", "variants", type=click.Choice(list(VARIANTS)), multiple=True,
+              help="Variant(s) [finetune.variants].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[finetune.device]")
+@click.option("--replace-other-teachers", is_flag=True, help="Recompute cached targets made by another teacher "
+              "instead of stopping (the DVC stage does: a changed teacher changes every target).")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def finetune(params: Params, metrics_file: Path | None, run_log: Path | None, replace_other_teachers: bool,
+             fractions: tuple[float, ...], seeds: tuple[int, ...], variants: tuple[str, ...], **flags) -> None:
+    """CLIP-TD: fine-tune the vision-language model on each task with targeted distillation of the teacher,
+    over the low-shot protocol (fractions x seeds x variants, and the ablations)."""
+    started = time.perf_counter()
+    from vlkd.finetune.run import finetune as run_finetune
+
+    quiet_transformers()
+    given = {"fractions": list(fractions) or None, "seeds": list(seeds) or None, "variants": list(variants) or None}
+    stage = with_overrides(params.finetune, **flags, **given)
+    metrics = run_finetune(stage, replace_other_teachers)
+    _write_metrics(metrics_file, run_log, metrics, started)
+    for task, table in metrics.items():
+        for split in ("test", "shifted"):
+            if split not in table:
+                continue
+            for variant, cells in table[split].items():
+                shown = ", ".join(f"{f}: {c['mean']:.2f}" for f, c in cells.items())
+                click.echo(f"{task} {split} {variant}: {shown}")
+    click.echo(f"report: {stage.output / 'report.html'}")
+
+
 @main.command("vqa-score")
 @click.option("--questions", type=click.Path(path_type=Path), required=True, help="VQA questions JSON.")
 @click.option("--annotations", type=click.Path(path_type=Path), required=True, help="VQA annotations JSON.")
@@ -307,7 +369,7 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
 @_reports_errors
 def vqa_score(questions: Path, annotations: Path, predictions: Path, output: Path, normalize: str) -> None:
     """The official VQA accuracy of a results file: overall, per answer type, per question type."""
-    from vlkd.evaluate.vqa_metric import score_vqa_files
+    from vlkd.data.vqa_metric import score_vqa_files
 
     result = score_vqa_files(questions, annotations, predictions, output, normalize)
     click.echo(f"VQA accuracy {result['overall']:.2f} over {result['questions']} questions "

@@ -39,6 +39,7 @@ class SynthParams(_Section):
     shifted_images: int = Field(100, ge=1, description="domain-shifted held-out images")
     image_size: int = Field(96, ge=32, le=1024, description="side of the generated PNGs, in pixels")
     captions_per_image: int = Field(3, ge=1)
+    task_images: int = Field(600, ge=1, description="training images with fine-tuning task files (VQA, SNLI-VE)")
     text_scenes: int = Field(20000, ge=10, description="scenes described in words for the language model")
     # Fixed so the URL list (a DVC-tracked input) is identical from run to run; change it only if the
     # port is taken on your machine.
@@ -347,6 +348,114 @@ class PipelineParams(_Section):
     secrets: dict[str, str] = {}
 
 
+class VlmParams(_Section):
+    """The vision-language model CLIP-TD fine-tunes: a ViLT checkpoint, or the embedded one pretrained on the
+    shards with ViLT's own objectives (image-text matching and masked language modelling)."""
+
+    output: Path = Path("data/vlm")
+    # A hub name or folder of a ViLT checkpoint (loaded with `from_pretrained`); null: pretrain the embedded one.
+    model: str | None = "dandelin/vilt-b32-mlm"
+    shards: Path = Path("data/shards")
+    # The embedded model pretrains on the first `train_shards` complete shards (null: all), so a refresh's new
+    # shards leave it as it is.
+    train_shards: int | None = Field(None, ge=1)
+    vocab_size: int = Field(1000, ge=100, description="WordPiece tokenizer trained on the shards' captions")
+    image_size: int = Field(64, ge=32, multiple_of=32, description="images resized to this side")
+    patch_size: int = Field(8, ge=1)
+    hidden: int = Field(128, ge=16)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    ffn_dim: int = Field(512, ge=16)
+    max_length: int = Field(40, ge=8, description="text tokens, [CLS] and [SEP] included")
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    heldout_share: float = Field(0.02, ge=0, lt=1, description="pairs kept out of training for the metrics")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TaskSplit(_Section):
+    """One split of a fine-tuning task in its published format: VQAv2 questions + annotations, or SNLI-VE jsonl."""
+
+    images: Path
+    image_pattern: str = COCO_IMAGE  # vqa: a file name of image_id; ve: of Flickr30K_ID (e.g. "{image_id}.jpg")
+    questions: Path | None = None  # vqa
+    annotations: Path | None = None  # vqa
+    file: Path | None = None  # ve: snli_ve_*.jsonl
+
+
+class TaskSpec(_Section):
+    task: Literal["vqa", "ve"]
+    train: TaskSplit
+    test: TaskSplit  # in-domain
+    shifted: TaskSplit | None = None  # domain-shifted
+
+    @model_validator(mode="after")
+    def _files_of_the_format(self) -> TaskSpec:
+        for name in ("train", "test", "shifted"):
+            split = getattr(self, name)
+            if split is None:
+                continue
+            if self.task == "vqa" and (split.questions is None or split.annotations is None):
+                raise ValueError(f"a vqa task's {name} split needs `questions` and `annotations` (VQAv2 files)")
+            if self.task == "ve" and split.file is None:
+                raise ValueError(f"a ve task's {name} split needs `file` (an SNLI-VE jsonl file)")
+        return self
+
+
+VARIANTS = ("none", "naive", "clip-td", "select-only", "weight-only")
+
+
+class FinetuneParams(_Section):
+    """CLIP-TD: task fine-tuning of the vision-language model with targeted distillation of the frozen teacher,
+    over the low-shot protocol (fractions x seeds x variants)."""
+
+    vlm: Path = Path("data/vlm")
+    teacher: Path = Path("data/teacher")
+    output: Path = Path("data/finetune")
+    cache: Path = Path("data/cache/finetune")  # the teacher's targets for each task's training split (Parquet)
+    checkpoints: Path = Path("data/checkpoints/finetune")
+    data: Path = Path("data/benchmarks")  # the folder DVC watches for the tasks' files
+    tasks: dict[str, TaskSpec] = {}
+    fractions: list[float] = [0.01, 0.05, 0.1, 0.25, 1.0]
+    seeds: list[int] = [0, 1, 2]
+    variants: list[Literal[VARIANTS]] = ["none", "naive", "clip-td"]
+    ablations: list[Literal[VARIANTS]] = ["select-only", "weight-only"]
+    ablation_fractions: list[float] = [0.05, 1.0]
+    distill_weight: float = Field(1.0, ge=0, description="lambda")
+    text_tokens: int = Field(3, ge=1, description="k: words distilled per instance")
+    image_tokens: int = Field(2, ge=1, description="k: image cells distilled per instance")
+    temperature: float = Field(0.01, gt=0, description="of the softmax over candidates that gives the weight")
+    distance: Literal["l1", "mse", "cosine"] = "l1"
+    vqa_candidate: str = "{question} {answer}"  # the text CLIP scores against the image for each answer
+    answer_vocabulary: int = Field(3129, ge=2, description="most frequent training answers (VQAv2: 3129)")
+    epochs: int = Field(10, ge=1)
+    min_steps: int = Field(30, ge=1, description="at least this many steps, however small the subset")
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(128, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_share: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(200, ge=1)
+    save_fraction: float = 1.0  # the models of this fraction (first seed) are saved, one per variant
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("fractions", "ablation_fractions")
+    @classmethod
+    def _fractions_in_range(cls, fractions: list[float]) -> list[float]:
+        for fraction in fractions:
+            if not 0 < fraction <= 1:
+                raise ValueError(f"a training fraction must lie in (0, 1], not {fraction}")
+        return fractions
+
+
+
 class Params(_Section):
     synth: SynthParams = SynthParams()
     download: DownloadParams = DownloadParams()
@@ -355,6 +464,8 @@ class Params(_Section):
     plm: PlmParams = PlmParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    vlm: VlmParams = VlmParams()
+    finetune: FinetuneParams = FinetuneParams()
     pipeline: PipelineParams = PipelineParams()
 
 
@@ -418,6 +529,14 @@ def watched_files(params: Params) -> dict[str, tuple[Path, Path, str]]:
             path = getattr(spec, field)
             if path is not None:
                 watched[f"evaluate.benchmarks.{name}.{field}"] = (path, params.evaluate.data, "evaluate.data")
+    for name, spec in params.finetune.tasks.items():
+        for split_name in ("train", "test", "shifted"):
+            split = getattr(spec, split_name)
+            for field in ("images", "questions", "annotations", "file"):
+                path = None if split is None else getattr(split, field)
+                if path is not None:
+                    watched[f"finetune.tasks.{name}.{split_name}.{field}"] = (path, params.finetune.data,
+                                                                             "finetune.data")
     return watched
 
 

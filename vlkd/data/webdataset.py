@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from braceexpand import braceexpand
+from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
 from vlkd.errors import VlkdError
+from vlkd.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,43 @@ def _captions(meta: bytes | None, caption: str) -> tuple[str, ...]:
     if not isinstance(listed, list):
         return (caption,)
     return tuple(dict.fromkeys([caption, *(text for text in listed if isinstance(text, str) and text)]))
+
+
+def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[tuple[str, ...]], list[str]]:
+    """(keys, encoded images, each image's captions, bad keys) of every shard; a sample whose image is
+    missing or does not decode is a bad sample: counted, logged and left out."""
+    keys, images, captions, bad = [], [], [], []
+    for tar in shards:
+        for sample in iter_shard(tar):
+            problem = decode_problem(sample.image)
+            if problem:
+                log.warning("skipping sample %s in %s: %s", sample.key, tar.name, problem)
+                bad.append(sample.key)
+                continue
+            keys.append(sample.key)
+            images.append(sample.image)
+            captions.append(sample.captions)
+    return keys, images, captions, bad
+
+
+def decode_problem(data: bytes | None) -> str | None:
+    if data is None:
+        return "no image in the shard"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        return f"image does not decode ({type(err).__name__}: {str(err)[:100]})"
+    return None
+
+
+def shard_inputs(folder: Path, first: int | None = None) -> dict[str, str]:
+    """The complete shards to train on (the `first` of them in name order, or all): tar name -> sha256, so
+    a changed training shard retrains the teacher and a shard added after them does not."""
+    tars = list_shards(folder)[:first]
+    if not tars:
+        raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
+    return {tar.name: sha256_file(tar) for tar in tars}
 
 
 # Fixed tar member metadata: what a reproducible archive needs (as `tar --mtime=@0 --owner=0 --group=0`).

@@ -25,8 +25,8 @@ from pycocoevalcap.spice import get_stanford_models as spice_models
 from pycocoevalcap.tokenizer import ptbtokenizer
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
+from vlkd.data.vqa_metric import read_json, records_under, require_keys, require_none
 from vlkd.errors import VlkdError
-from vlkd.evaluate.vqa_metric import read_json, records_under, require_keys, require_none
 from vlkd.io import write_json_atomic
 
 log = logging.getLogger(__name__)

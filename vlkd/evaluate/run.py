@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from vlkd.config import BenchmarkSpec, EvaluateParams
 from vlkd.data.text import read_documents
+from vlkd.data.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
-from vlkd.evaluate.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.io import building_folder, project_relative, sha256_file, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.language_model import infilling_loss, language_model_text

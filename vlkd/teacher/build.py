@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from vlkd.config import TeacherParams
-from vlkd.data.webdataset import list_shards
+from vlkd.data.webdataset import shard_inputs
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, params_record, sha256_file, without_output, write_json_atomic
 from vlkd.models.teacher import (
@@ -110,15 +110,6 @@ def _log_retrieval(output: Path, retrieval: dict) -> None:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def shard_inputs(folder: Path, first: int | None = None) -> dict[str, str]:
-    """The complete shards to train on (the `first` of them in name order, or all): tar name -> sha256, so
-    a changed training shard retrains the teacher and a shard added after them does not."""
-    tars = list_shards(folder)[:first]
-    if not tars:
-        raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
-    return {tar.name: sha256_file(tar) for tar in tars}
 
 
 def _up_to_date(output: Path, params: TeacherParams) -> dict | None:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlkd.config import TeacherParams
-from vlkd.data.webdataset import iter_shard, list_shards
+from vlkd.data.webdataset import list_shards, read_pairs
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
 from vlkd.models.teacher import EMBEDDED_CONFIG, EMBEDDED_MODEL, save_checkpoint
@@ -71,34 +71,6 @@ class _Pairs(Dataset):
         choice = int(torch.randint(int(self.counts[index]), ()))
         with Image.open(io.BytesIO(self.images[index])) as image:
             return self.transform(image.convert("RGB")), self.tokens[int(self.first[index]) + choice]
-
-
-def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[tuple[str, ...]], list[str]]:
-    """(keys, encoded images, each image's captions, bad keys) of every shard; a sample whose image is
-    missing or does not decode is a bad sample: counted, logged and left out."""
-    keys, images, captions, bad = [], [], [], []
-    for tar in shards:
-        for sample in iter_shard(tar):
-            problem = _decode_problem(sample.image)
-            if problem:
-                log.warning("skipping sample %s in %s: %s", sample.key, tar.name, problem)
-                bad.append(sample.key)
-                continue
-            keys.append(sample.key)
-            images.append(sample.image)
-            captions.append(sample.captions)
-    return keys, images, captions, bad
-
-
-def _decode_problem(data: bytes | None) -> str | None:
-    if data is None:
-        return "no image in the shard"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        return f"image does not decode ({type(err).__name__}: {str(err)[:100]})"
-    return None
 
 
 def create_embedded_model(config_dir: Path, device: torch.device, model_config: dict):

@@ -12,6 +12,7 @@ Layout under the output folder (see `generate_world`):
     images/{train,eval,shifted}/    NNNNNN.png, RGB, image_size x image_size
     scenes/{train,eval,shifted}.jsonl   one JSON object per image (SCENE_FIELDS), line i = image i
     vqa/, captions/                 eval split: VQA questions/annotations and COCO captions
+    train/vqa/, ve/, shifted/ve/    the fine-tuning tasks' files (vlkd/world/tasks.py)
     shifted/vqa/, shifted/captions/ the same for the domain-shifted split
     text/train.txt, text/heldout.txt    the language-model corpus, one document per line
 
@@ -762,10 +763,13 @@ def _manifest(
 
 
 def _build(root: Path, params: SynthParams) -> dict[str, Any]:
+    from vlkd.world.tasks import write_tasks  # tasks builds on this module's scenes and writers
+
     scenes = split_scenes(params)
     splits = {split: _write_split(root, split, scenes[split], params) for split in SPLITS}
     text = _write_text(root, params)
-    manifest = _manifest(root, params, splits, text)
+    tasks = write_tasks(root, scenes, params)
+    manifest = _manifest(root, params, splits, text) | {"tasks": tasks}
     _write_json(root / WORLD_MANIFEST, manifest)
     return manifest
 

@@ -1,0 +1,120 @@
+"""The world's fine-tuning tasks in their published formats: VQA (VQAv2 files) and visual entailment
+(SNLI-VE jsonl), each with a training split on training images, an in-domain test split on the eval
+images and a domain-shifted one on the shifted images (unseen backgrounds and colour-shape pairs).
+
+Layout under the world folder (`write_tasks`):
+
+    train/vqa/questions.json, train/vqa/annotations.json   VQA on the first `task_images` training images
+                                                           (the eval and shifted VQA files are the test splits)
+    ve/snli_ve_train.jsonl, ve/snli_ve_test.jsonl, shifted/ve/snli_ve_test.jsonl
+
+Visual entailment in the world. The premise is the image (`sentence1` is one of its captions, as SNLI-VE
+keeps the Flickr30k caption the hypothesis was written for); each hypothesis is about one object:
+- entailment: a true visible fact (it is there, its place, the number of shapes);
+- contradiction: a false visible fact (a near-miss object that is not there, the wrong place, the wrong
+  number), or an unobservable property of an object that is not there (a false presupposition, which
+  SNLI's annotators label contradiction);
+- neutral: an unobservable property (material, weight, age, owner) of an object that is there: the image
+  cannot decide it.
+So no label can be read from the hypothesis alone: the unobservable templates are neutral or
+contradiction depending on the image, and the visible ones entailment or contradiction.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vlkd.world.synth import (
+    _POSITION_PHRASES,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    _stream,
+    _vqa_files,
+    _with_article,
+    _write_json,
+    caption_scene,
+)
+
+VE_LABELS = ("entailment", "neutral", "contradiction")
+_PROPERTIES = ("is made of wood", "is made of metal", "is made of paper", "is heavy", "is very old",
+               "was painted yesterday", "belongs to a child", "is warm to the touch")
+_COUNT_WORDS = ("no", "one", "two", "three")
+
+
+def write_tasks(root: Path, scenes: dict[str, Sequence[Scene]], params) -> dict[str, Any]:
+    """Write the task files of `scenes` (split -> scenes, image i = scene i) under `root`; returns the
+    manifest entry. Each split draws from its own stream, so the rest of the world is unchanged."""
+    train = scenes["train"][: params.task_images]
+    questions, annotations = _vqa_files("train", train, _stream(params.seed, "train", "vqa-task"), params)
+    _write_json(root / "train/vqa/questions.json", questions)
+    _write_json(root / "train/vqa/annotations.json", annotations)
+    ve_files = {"train": "ve/snli_ve_train.jsonl", "eval": "ve/snli_ve_test.jsonl",
+                "shifted": "shifted/ve/snli_ve_test.jsonl"}
+    counts = {}
+    for split, relative in ve_files.items():
+        split_scenes = train if split == "train" else scenes[split]
+        rows = entailment_rows(split_scenes, _stream(params.seed, split, "ve-task"))
+        _write_jsonl(root / relative, rows)
+        counts[split] = len(rows)
+    return {
+        "vqa": {"train": {"images": "images/train", "image_count": len(train),
+                          "questions": "train/vqa/questions.json", "annotations": "train/vqa/annotations.json",
+                          "question_count": len(questions["questions"])},
+                "test": "the eval split's vqa/ files", "shifted": "the shifted split's shifted/vqa/ files"},
+        "ve": {split: {"file": relative, "images": f"images/{split}", "pairs": counts[split]}
+               for split, relative in ve_files.items()},
+    }
+
+
+def entailment_rows(scenes: Sequence[Scene], rng: random.Random) -> list[dict[str, Any]]:
+    """SNLI-VE rows: one hypothesis of each label per image."""
+    rows = []
+    for image_id, scene in enumerate(scenes):
+        premise = caption_scene(scene, rng, 1)[0]
+        for k, label in enumerate(VE_LABELS):
+            rows.append({
+                "Flickr30K_ID": str(image_id),
+                "captionID": f"{image_id}#0",
+                "pairID": f"{image_id}#0r{k}",
+                "sentence1": premise,
+                "sentence2": hypothesis(scene, label, rng),
+                "gold_label": label,
+            })
+    return rows
+
+
+def hypothesis(scene: Scene, label: str, rng: random.Random) -> str:
+    """A statement about `scene` whose relation to the image is `label`."""
+    present = [obj.pair for obj in scene.objects]
+    shown = rng.choice(scene.objects)
+    named = f"the {shown.colour} {shown.shape}"
+    if label == "neutral":
+        return f"{named} {rng.choice(_PROPERTIES)}"
+    if label == "entailment":
+        return rng.choice((
+            f"there is {_with_article(f'{shown.colour} {shown.shape}')}",
+            f"{named} is {_POSITION_PHRASES[shown.position]}",
+            f"there {'is one shape' if len(present) == 1 else 'are two shapes'}",
+        ))
+    near = [(c, shown.shape) for c in COLOURS] + [(shown.colour, s) for s in SHAPES]
+    absent = rng.choice([pair for pair in near if pair not in present])
+    elsewhere = rng.choice([p for p in POSITIONS if p != shown.position])
+    wrong_count = rng.choice([n for n in range(len(_COUNT_WORDS)) if n != len(present)])
+    return rng.choice((
+        f"there is {_with_article(f'{absent[0]} {absent[1]}')}",
+        f"{named} is {_POSITION_PHRASES[elsewhere]}",
+        f"there {'is' if wrong_count == 1 else 'are'} {_COUNT_WORDS[wrong_count]} "
+        f"shape{'' if wrong_count == 1 else 's'}",
+        f"the {absent[0]} {absent[1]} {rng.choice(_PROPERTIES)}",
+    ))
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows), encoding="utf-8")
