@@ -77,18 +77,16 @@ def test_schedule_is_seeded_and_covers_each_pass():
 
 # -- the protocol on a tiny world ----------------------------------------------------------------------------
 def _tasks(world: Path) -> dict[str, TaskSpec]:
-    images = {split: {"images": world / "images" / split, "image_pattern": PATTERN} for split in ("train", "eval",
-                                                                                                   "shifted")}
-    return {
-        "vqa": TaskSpec(task="vqa", train={**images["train"], "questions": world / "train/vqa/questions.json",
-                                           "annotations": world / "train/vqa/annotations.json"},
-                        test={**images["eval"], "questions": world / "vqa/questions.json",
-                              "annotations": world / "vqa/annotations.json"},
-                        shifted={**images["shifted"], "questions": world / "shifted/vqa/questions.json",
-                                 "annotations": world / "shifted/vqa/annotations.json"}),
-        "ve": TaskSpec(task="ve", train={**images["train"], "file": world / "ve/snli_ve_train.jsonl"},
-                       test={**images["eval"], "file": world / "ve/snli_ve_test.jsonl"}),
-    }
+    tasks = world / "tasks"
+
+    def split(name: str, **files) -> dict:
+        return {"images": tasks / "images" / name, "image_pattern": PATTERN, **files}
+
+    vqa = {name: split(name, questions=tasks / f"vqa/{name}/questions.json",
+                       annotations=tasks / f"vqa/{name}/annotations.json") for name in ("train", "test", "shifted")}
+    return {"vqa": TaskSpec(task="vqa", **vqa),
+            "ve": TaskSpec(task="ve", train=split("train", file=tasks / "ve/snli_ve_train.jsonl"),
+                           test=split("test", file=tasks / "ve/snli_ve_test.jsonl"))}
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +107,15 @@ def setup(tiny_world_shards, tmp_path_factory):
 
 def test_the_world_has_both_tasks_in_their_published_formats(tiny_world_shards):
     world, _ = tiny_world_shards
-    rows = [json.loads(line) for line in (world / "ve/snli_ve_train.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (world / "tasks/ve/snli_ve_train.jsonl").read_text().splitlines()]
     assert {"Flickr30K_ID", "sentence1", "sentence2", "gold_label"} <= set(rows[0])
     assert {row["gold_label"] for row in rows} == {"entailment", "neutral", "contradiction"}
     vqa = read_split("vqa", _tasks(world)["vqa"].train, "train")
     assert vqa.examples and all(example.image.is_file() for example in vqa.examples)
+    for split, source in (("train", "train"), ("test", "eval"), ("shifted", "shifted")):  # the tasks' own copies
+        for copy in (world / "tasks/images" / split).iterdir():
+            assert copy.read_bytes() == (world / "images" / source / copy.name).read_bytes()
+    assert (world / "tasks/vqa/test/questions.json").read_bytes() == (world / "vqa/questions.json").read_bytes()
 
 
 def test_protocol_reports_every_variant_fraction_and_split(setup):
@@ -216,14 +218,14 @@ def test_a_task_file_in_the_wrong_format_is_one_line(tiny_world_shards, tmp_path
     spec = _tasks(world)["ve"].train.model_copy(update={"file": bad})
     with pytest.raises(VlkdError, match="lacks Flickr30K_ID, sentence2 or gold_label; expected SNLI-VE jsonl"):
         read_split("ve", spec, "finetune.tasks.ve.train")
-    questions = _tasks(world)["vqa"].train.model_copy(update={"annotations": world / "ve/snli_ve_train.jsonl"})
+    questions = _tasks(world)["vqa"].train.model_copy(update={"annotations": world / "tasks/ve/snli_ve_train.jsonl"})
     with pytest.raises(VlkdError, match="is not valid JSON"):
         read_split("vqa", questions, "finetune.tasks.vqa.train")
 
 
 def test_a_row_without_a_consensus_label_is_counted_and_skipped(tiny_world_shards, tmp_path):
     world, _ = tiny_world_shards
-    rows = (world / "ve/snli_ve_train.jsonl").read_text().splitlines()
+    rows = (world / "tasks/ve/snli_ve_train.jsonl").read_text().splitlines()
     no_consensus = json.loads(rows[0]) | {"gold_label": "-"}
     (tmp_path / "ve.jsonl").write_text("\n".join([json.dumps(no_consensus), *rows[1:]]) + "\n")
     split = read_split("ve", _tasks(world)["ve"].train.model_copy(update={"file": tmp_path / "ve.jsonl"}), "t")

@@ -96,6 +96,15 @@ VARIANT = {
         "coco-captions": {"task": "caption", "images": "data/benchmarks/coco/val2014",
                           "image_pattern": "COCO_val2014_{image_id:012d}.jpg",
                           "annotations": "data/benchmarks/coco/annotations/captions_karpathy_test.json"}}},
+    # CLIP-TD on the user's VQAv2-format files (here the same small split trains and tests): the embedded ViLT
+    # pretrained on the user's shards, then the protocol at one fraction.
+    "vlm": {"model": None},
+    "finetune": {"data": "data/benchmarks", "fractions": [1.0], "seeds": [0], "variants": ["none", "clip-td"],
+                 "ablations": [], "tasks": {"vqav2": {"task": "vqa", **{split: {
+                     "images": "data/benchmarks/coco/val2014", "image_pattern": "COCO_val2014_{image_id:012d}.jpg",
+                     "questions": "data/benchmarks/vqav2/v2_OpenEnded_mscoco_val2014_questions.json",
+                     "annotations": "data/benchmarks/vqav2/v2_mscoco_val2014_annotations.json"}
+                     for split in ("train", "test")}}}},
     "pipeline": {"gate": [{"metric": "vqav2.overall"}, {"metric": "coco-captions.CIDEr"}]},
 }
 

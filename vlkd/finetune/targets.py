@@ -181,7 +181,7 @@ def _read(path: Path) -> Targets:
     word_counts = torch.tensor(table["word_count"].to_pylist())
     words = torch.zeros(count, int(word_counts.max()) if count else 0, dim)
     for row, flat in enumerate(table["words"].to_numpy(zero_copy_only=False)):
-        words[row, :word_counts[row]] = torch.from_numpy(flat).view(-1, dim)
+        words[row, :word_counts[row]] = torch.tensor(flat).view(-1, dim)
     text = torch.from_numpy(np.stack(table["text"].to_numpy(zero_copy_only=False)))
     row_of = {key: row for row, key in enumerate(table["id"].to_pylist())}
     return Targets(cells, grid, image, words, word_counts, text, torch.tensor(table["weight"].to_pylist()), row_of)

@@ -49,7 +49,10 @@ class Projections(torch.nn.Module):
 def task_model(vlm: Path, labels: list[str], seed: int):
     """The pretrained ViLT with a fresh classifier over `labels` (initialised from `seed`)."""
     from transformers import ViltForQuestionAnswering
+    from transformers.utils import logging as transformers_logging
 
+    # Its load report would list, every run, what is expected: the MLM head left out, the classifier new.
+    transformers_logging.set_verbosity_error()
     torch.manual_seed(seed)
     return ViltForQuestionAnswering.from_pretrained(
         str(vlm), num_labels=len(labels), id2label=dict(enumerate(labels)),

@@ -12,7 +12,7 @@ Layout under the output folder (see `generate_world`):
     images/{train,eval,shifted}/    NNNNNN.png, RGB, image_size x image_size
     scenes/{train,eval,shifted}.jsonl   one JSON object per image (SCENE_FIELDS), line i = image i
     vqa/, captions/                 eval split: VQA questions/annotations and COCO captions
-    train/vqa/, ve/, shifted/ve/    the fine-tuning tasks' files (vlkd/world/tasks.py)
+    tasks/                          the fine-tuning tasks, with copies of their images (vlkd/world/tasks.py)
     shifted/vqa/, shifted/captions/ the same for the domain-shifted split
     text/train.txt, text/heldout.txt    the language-model corpus, one document per line
 

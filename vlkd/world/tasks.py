@@ -2,11 +2,13 @@
 (SNLI-VE jsonl), each with a training split on training images, an in-domain test split on the eval
 images and a domain-shifted one on the shifted images (unseen backgrounds and colour-shape pairs).
 
-Layout under the world folder (`write_tasks`):
+Layout of the world's `tasks/` folder (`write_tasks`), self-contained as a released dataset is:
 
-    train/vqa/questions.json, train/vqa/annotations.json   VQA on the first `task_images` training images
-                                                           (the eval and shifted VQA files are the test splits)
-    ve/snli_ve_train.jsonl, ve/snli_ve_test.jsonl, shifted/ve/snli_ve_test.jsonl
+    images/{train,test,shifted}/NNNNNN.png     copies: the first `task_images` training images, the eval
+                                               images, the shifted images
+    vqa/{train,test,shifted}/questions.json, annotations.json   VQAv2 files; test and shifted are the
+                                               zero-shot benchmarks' questions on the same images
+    ve/snli_ve_{train,test,shifted}.jsonl      SNLI-VE rows
 
 Visual entailment in the world. The premise is the image (`sentence1` is one of its captions, as SNLI-VE
 keeps the Flickr30k caption the hypothesis was written for); each hypothesis is about one object:
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,15 @@ from vlkd.world.synth import (
     POSITIONS,
     SHAPES,
     Scene,
+    _image_name,
     _stream,
     _vqa_files,
     _with_article,
     _write_json,
     caption_scene,
 )
+
+TASKS = "tasks"
 
 VE_LABELS = ("entailment", "neutral", "contradiction")
 _PROPERTIES = ("is made of wood", "is made of metal", "is made of paper", "is heavy", "is very old",
@@ -48,28 +54,33 @@ _COUNT_WORDS = ("no", "one", "two", "three")
 
 
 def write_tasks(root: Path, scenes: dict[str, Sequence[Scene]], params) -> dict[str, Any]:
-    """Write the task files of `scenes` (split -> scenes, image i = scene i) under `root`; returns the
-    manifest entry. Each split draws from its own stream, so the rest of the world is unchanged."""
+    """Write the tasks' folder `root/tasks` (see the module's docstring) from `scenes` (split -> scenes,
+    image i = scene i) and the splits' files already under `root`; returns the manifest entry. Each task
+    draws from its own stream, so the rest of the world is unchanged, and the folder holds copies of the
+    images it uses, so a world grown by a refresh leaves it byte for byte as it was."""
+    tasks = root / TASKS
     train = scenes["train"][: params.task_images]
+    counts = {"train": len(train), "test": len(scenes["eval"]), "shifted": len(scenes["shifted"])}
+    for split, source in (("train", "train"), ("test", "eval"), ("shifted", "shifted")):
+        (tasks / "images" / split).mkdir(parents=True)
+        for image_id in range(counts[split]):
+            name = _image_name(image_id)
+            shutil.copyfile(root / "images" / source / name, tasks / "images" / split / name)
     questions, annotations = _vqa_files("train", train, _stream(params.seed, "train", "vqa-task"), params)
-    _write_json(root / "train/vqa/questions.json", questions)
-    _write_json(root / "train/vqa/annotations.json", annotations)
-    ve_files = {"train": "ve/snli_ve_train.jsonl", "eval": "ve/snli_ve_test.jsonl",
-                "shifted": "shifted/ve/snli_ve_test.jsonl"}
-    counts = {}
-    for split, relative in ve_files.items():
-        split_scenes = train if split == "train" else scenes[split]
-        rows = entailment_rows(split_scenes, _stream(params.seed, split, "ve-task"))
-        _write_jsonl(root / relative, rows)
-        counts[split] = len(rows)
-    return {
-        "vqa": {"train": {"images": "images/train", "image_count": len(train),
-                          "questions": "train/vqa/questions.json", "annotations": "train/vqa/annotations.json",
-                          "question_count": len(questions["questions"])},
-                "test": "the eval split's vqa/ files", "shifted": "the shifted split's shifted/vqa/ files"},
-        "ve": {split: {"file": relative, "images": f"images/{split}", "pairs": counts[split]}
-               for split, relative in ve_files.items()},
-    }
+    _write_json(tasks / "vqa/train/questions.json", questions)
+    _write_json(tasks / "vqa/train/annotations.json", annotations)
+    for split, prefix in (("test", ""), ("shifted", "shifted/")):  # the zero-shot benchmarks' questions
+        for kind in ("questions", "annotations"):
+            (tasks / "vqa" / split).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / f"{prefix}vqa/{kind}.json", tasks / "vqa" / split / f"{kind}.json")
+    pairs = {}
+    for split, source in (("train", "train"), ("test", "eval"), ("shifted", "shifted")):
+        split_scenes = train if split == "train" else scenes[source]
+        rows = entailment_rows(split_scenes, _stream(params.seed, source, "ve-task"))
+        _write_jsonl(tasks / f"ve/snli_ve_{split}.jsonl", rows)
+        pairs[split] = len(rows)
+    return {"folder": TASKS, "images": counts, "vqa_train_questions": len(questions["questions"]),
+            "ve_pairs": pairs}
 
 
 def entailment_rows(scenes: Sequence[Scene], rng: random.Random) -> list[dict[str, Any]]:
