@@ -132,9 +132,9 @@ def user_run(tmp_path_factory, prefect_server):
 
 def test_a_variant_file_runs_every_stage_on_the_users_corpus_without_the_world(user_run):
     root, result = user_run
-    assert [stage["stage"] for stage in result["stages"]] == ["download", "teacher", "features", "plm", "distill",
-                                                               "evaluate"]
-    assert result["ran"] == ["download", "teacher", "features", "plm", "distill", "evaluate"]
+    stages = ["download", "teacher", "features", "plm", "distill", "evaluate", "vlm", "finetune"]
+    assert [stage["stage"] for stage in result["stages"]] == stages
+    assert result["ran"] == stages
     assert not (root / "data/world").exists()
     lock = (root / "dvc.lock").read_text()
     assert "data/world" not in lock and "synth" not in yaml.safe_load(lock)["stages"]

@@ -49,6 +49,8 @@ def chart(by_variant: dict, width: int = 520, height: int = 300) -> str:
     for v in (low_y, (low_y + high_y) / 2, high_y):
         svg.append(f"<text x={margin - 6} y={y(v) + 4:.0f} font-size=11 text-anchor=end>{v:.1f}</text>")
     svg.append(f"<text x={width / 2:.0f} y={height - 8} font-size=12 text-anchor=middle>training fraction</text>")
+    svg.append(f"<text x=12 y={height / 2:.0f} font-size=12 text-anchor=middle transform='rotate(-90 12 "
+               f"{height / 2:.0f})'>score</text>")
     for legend, (variant, cells) in enumerate(by_variant.items()):
         colour = COLOURS.get(variant, "#000")
         line = sorted((float(f), cell["mean"], cell["std"]) for f, cell in cells.items())

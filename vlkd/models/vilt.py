@@ -23,17 +23,29 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
-    """A lower-casing BERT WordPiece tokenizer trained on `texts` (a corpus with few words stops below
-    `vocab_size`), as `BertTokenizerFast`, the class ViltProcessor expects."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A lower-casing BERT WordPiece tokenizer for `texts`, as `BertTokenizerFast` (the class ViltProcessor
+    expects): every character (word-initial and ##continuation) and then the most frequent whole words, up to
+    `vocab_size`. Not tokenizers' WordPieceTrainer: it breaks ties between equally frequent merges in its hash
+    map's order, which changes from process to process, so two runs on the same captions learnt different
+    pieces (and the same inputs gave other weights). Whole words with a character fallback are a WordPiece
+    vocabulary too (greedy longest match), fixed by the counts alone."""
+    import string
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
-    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wordpiece.decoder = decoders.WordPiece()
-    wordpiece.train_from_iterator(texts, trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    # ASCII letters, digits and punctuation always, so words the captions never use (a question's) are spelled
+    characters = sorted({character for word in counts for character in word}
+                        | set(string.ascii_lowercase + string.digits + string.punctuation))
+    pieces = [*SPECIAL_TOKENS, *characters, *(f"##{character}" for character in characters)]
+    frequent = [word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(word) > 1]
+    pieces += frequent[:max(0, vocab_size - len(pieces))]
+    wordpiece = Tokenizer(models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token="[UNK]"))
+    wordpiece.normalizer, wordpiece.pre_tokenizer, wordpiece.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = wordpiece.token_to_id("[CLS]"), wordpiece.token_to_id("[SEP]")
     wordpiece.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
