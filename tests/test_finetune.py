@@ -18,7 +18,7 @@ from vlkd.config import FinetuneParams, TaskSpec, VlmParams
 from vlkd.errors import VlkdError
 from vlkd.finetune import run as protocol
 from vlkd.finetune import train
-from vlkd.finetune.clip_td import distillation_loss, relevance, token_distance, top_k, ve_confidence
+from vlkd.finetune.clip_td import distillation_loss, relevance, token_distance, top_k, ve_confidence, vqa_confidence
 from vlkd.finetune.tasks import Example, read_split
 from vlkd.models.teacher import MANIFEST, SOURCE_FILE
 from vlkd.vlm.build import build_vlm
@@ -48,6 +48,35 @@ def test_ve_weight_is_the_teachers_confidence_in_the_gold_label():
     best, worst = torch.softmax(similarity / 0.1, 0), torch.softmax(-similarity / 0.1, 0)
     assert torch.allclose(weights, torch.stack([best[0], 1 - best[1] - worst[1], worst[2]]))
     assert weights[0] > 1 / 3 and weights[2] > 1 / 3  # the teacher ranks the three as their labels say
+
+
+class _Texts(list):
+    """What the word teacher's tokenizer returns: the texts, on any device."""
+
+    def to(self, device):
+        return self
+
+
+class _WordTeacher:
+    """A text tower with known embeddings: a text is the sum of its words' unit vectors."""
+
+    axes = {"red": [1.0, 0.0], "blue": [0.0, 1.0], "what": [0.0, 0.0], "colour": [0.0, 0.0]}
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[sum(self.axes[w][d] for w in text.split()) for d in range(2)] for text in texts])
+
+
+def test_vqa_weight_is_the_softmax_over_the_answers_at_the_gold_one():
+    examples = [Example(str(i), Path("x.png"), "what colour", label) for i, label in
+                enumerate(("red", "blue", "red", "green"))]  # green: outside the answer vocabulary
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    kwargs = {"labels": ["red", "blue"], "image": image, "temperature": 0.5, "device": torch.device("cpu")}
+    teacher, tokenizer = _WordTeacher(), _Texts
+    per_question = vqa_confidence(teacher, tokenizer, examples, candidate="{question} {answer}", batch_size=3, **kwargs)
+    fixed = vqa_confidence(teacher, tokenizer, examples, candidate="{answer}", batch_size=3, **kwargs)
+    agree, disagree = torch.softmax(torch.tensor([2.0, 0.0]), 0).tolist()  # cos 1 and 0, over T = 0.5
+    assert per_question.tolist() == pytest.approx([agree, disagree, disagree, 0.0])
+    assert fixed.tolist() == pytest.approx(per_question.tolist())
 
 
 def test_distillation_loss_value():

@@ -66,17 +66,23 @@ def vqa_confidence(model, tokenizer, examples, labels: list[str], candidate: str
     answer outside the vocabulary gets weight 0 (the classifier cannot predict it either). A template
     without {question} embeds each answer once."""
     index = {label: i for i, label in enumerate(labels)}
-    per_question = "{question}" in candidate
+    gold = torch.tensor([index.get(example.label, -1) for example in examples])
     weights = torch.zeros(len(examples))
-    fixed = None if per_question else _embed(model, tokenizer, [candidate.format(answer=a) for a in labels],
-                                             device, batch_size)
-    for row, example in enumerate(examples):
-        if example.label not in index:
+    if "{question}" not in candidate:
+        texts = _embed(model, tokenizer, [candidate.format(answer=a) for a in labels], device, batch_size)
+        probabilities = (image @ texts.T / temperature).softmax(1)
+        weights[gold >= 0] = probabilities[gold >= 0].gather(1, gold[gold >= 0, None])[:, 0]
+        return weights
+    # one question's candidates per row of the softmax; whole questions per text batch
+    per_batch = max(1, batch_size // len(labels))
+    for start in range(0, len(examples), per_batch):
+        rows = [r for r in range(start, min(start + per_batch, len(examples))) if gold[r] >= 0]
+        if not rows:
             continue
-        texts = fixed if fixed is not None else _embed(
-            model, tokenizer, [candidate.format(question=example.text, answer=a) for a in labels], device, batch_size)
-        logits = texts @ image[row] / temperature
-        weights[row] = logits.softmax(0)[index[example.label]]
+        texts = _embed(model, tokenizer, [candidate.format(question=examples[r].text, answer=a)
+                                          for r in rows for a in labels], device, batch_size)
+        logits = torch.einsum("qad,qd->qa", texts.view(len(rows), len(labels), -1), image[rows]) / temperature
+        weights[rows] = logits.softmax(1).gather(1, gold[rows, None])[:, 0]
     return weights
 
 

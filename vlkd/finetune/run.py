@@ -53,7 +53,7 @@ def finetune(params: FinetuneParams, replace_other_teachers: bool = False) -> di
         task = _load_task(name, spec, params, teacher, processor, device, replace_other_teachers)
         subsets[name] = fixed_subsets([e.id for e in task.train.examples], _all_fractions(params))
         results, saved[name] = _protocol(params, task, subsets[name], device, progress_dir / name)
-        metrics[name] = summarise(params, task, results)
+        metrics[name] = summarise(params, task, subsets[name], results)
     with building_folder(Path(params.output), MANIFEST, "fine-tuned models", "finetune.output") as building:
         (building / "subsets").mkdir()
         for name, models in saved.items():
@@ -147,7 +147,7 @@ def _load_saved(folder: Path):
     return ViltForQuestionAnswering.from_pretrained(str(folder))
 
 
-def summarise(params: FinetuneParams, task: TaskData, results: list[dict]) -> dict:
+def summarise(params: FinetuneParams, task: TaskData, subsets: dict[float, list[str]], results: list[dict]) -> dict:
     """{split: {variant: {fraction: {mean, std, seeds, gain_mean, gain_std}}}} and the task's sizes."""
     score = {(r["fraction"], r["variant"], r["seed"]): r["scores"] for r in results}
     table: dict = {"sizes": {"train": len(task.train.examples),
@@ -167,8 +167,7 @@ def summarise(params: FinetuneParams, task: TaskData, results: list[dict]) -> di
                 **({"gain_mean": round(statistics.fmean(gains), 2), "gain_std": round(_std(gains), 2)}
                    if gains and variant != "none" else {})}
         table[split] = by_variant
-    table["examples"] = {str(f): len(ids) for f, ids in fixed_subsets([e.id for e in task.train.examples],
-                                                                         _all_fractions(params)).items()}
+    table["examples"] = {str(f): len(ids) for f, ids in subsets.items()}
     return table
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,15 @@ class TaskData:
     targets: Targets
     tokenizer: object
     max_length: int
+    label_index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+
+    def inputs(self, batch: list[Example], device: torch.device) -> tuple[TextBatch, torch.Tensor]:
+        """The student's text and pixels for a batch of examples."""
+        text = tokenize(self.tokenizer, [e.text for e in batch], self.max_length).to(device)
+        return text, torch.stack([self.pixels[e.image] for e in batch]).to(device)
 
 
 class Projections(torch.nn.Module):
@@ -78,8 +87,7 @@ def run(params: FinetuneParams, task: TaskData, vlm: Path, subset: list[str], se
     model.train()
     for step in range(start, steps):
         batch = [examples[i] for i in batches[step]]
-        text = _to(tokenize(task.tokenizer, [e.text for e in batch], task.max_length), device)
-        pixels = torch.stack([task.pixels[e.image] for e in batch]).to(device)
+        text, pixels = task.inputs(batch, device)
         encoded = encode(model.vilt, order, text, pixels)
         task_loss = _task_loss(model.classifier(encoded.pooled), batch, task, device)
         loss, losses = task_loss, [task_loss]
@@ -113,15 +121,14 @@ def schedule(count: int, size: int, steps: int, generator: torch.Generator) -> l
 
 def _task_loss(logits: torch.Tensor, batch: list[Example], task: TaskData, device: torch.device) -> torch.Tensor:
     if task.kind == "ve":
-        target = torch.tensor([task.labels.index(e.label) for e in batch], device=device)
+        target = torch.tensor([task.label_index[e.label] for e in batch], device=device)
         return F.cross_entropy(logits, target)
     # VQA as ViLT trains it: binary cross-entropy against each answer's soft score, summed over answers
-    index = {label: i for i, label in enumerate(task.labels)}
     target = torch.zeros_like(logits)
     for row, example in enumerate(batch):
         for answer, score in example.scores.items():
-            if answer in index:
-                target[row, index[answer]] = score
+            if answer in task.label_index:
+                target[row, task.label_index[answer]] = score
     return F.binary_cross_entropy_with_logits(logits, target) * target.shape[1]
 
 
@@ -170,14 +177,13 @@ def evaluate(model, order: PatchOrder, task: TaskData, split: Split, batch_size:
     predicted = []
     for start in range(0, len(split.examples), batch_size):
         batch = split.examples[start:start + batch_size]
-        text = _to(tokenize(task.tokenizer, [e.text for e in batch], task.max_length), device)
-        pixels = torch.stack([task.pixels[e.image] for e in batch]).to(device)
+        text, pixels = task.inputs(batch, device)
         logits = model.classifier(encode(model.vilt, order, text, pixels).pooled)
         predicted += [task.labels[i] for i in logits.argmax(-1).tolist()]
     if task.kind == "vqa":
-        accuracies = {int(e.id) if e.id.isdigit() else e.id: question_accuracy(
-            split.annotations[int(e.id) if e.id.isdigit() else e.id]["answers"], answer)
-            for e, answer in zip(split.examples, predicted, strict=True)}
+        keys = [int(e.id) if e.id.isdigit() else e.id for e in split.examples]  # the annotations' question_id
+        accuracies = {key: question_accuracy(split.annotations[key]["answers"], answer)
+                      for key, answer in zip(keys, predicted, strict=True)}
         result = aggregate(split.annotations, accuracies)
         return {"score": result["overall"], "perQuestionType": result["perQuestionType"]}
     right = [e.label == answer for e, answer in zip(split.examples, predicted, strict=True)]
@@ -185,9 +191,6 @@ def evaluate(model, order: PatchOrder, task: TaskData, split: Split, batch_size:
                               / max(1, sum(e.label == label for e in split.examples)), 2) for label in task.labels}
     return {"score": round(100 * sum(right) / len(right), 2), "perLabel": per_label}
 
-
-def _to(text: TextBatch, device: torch.device) -> TextBatch:
-    return TextBatch(text.input_ids.to(device), text.attention_mask.to(device), text.word_ids.to(device), text.words)
 
 
 # -- checkpoints (a killed run resumes at its last checkpoint) ------------------------------------------

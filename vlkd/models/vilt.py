@@ -101,6 +101,10 @@ class TextBatch:
     word_ids: torch.Tensor  # [N, T]: the word each token belongs to, -1 for [CLS], [SEP] and padding
     words: list[list[str]]  # each text's words, as the tokenizer's pre-tokenizer splits them
 
+    def to(self, device: torch.device) -> TextBatch:
+        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device), self.word_ids.to(device),
+                         self.words)
+
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> TextBatch:
     """Token ids with their words: distillation's text targets are per word, since the teacher's tokenizer

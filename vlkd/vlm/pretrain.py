@@ -85,7 +85,7 @@ def pretrain(params: VlmParams, model: Pretraining, tokenizer, pixels: torch.Ten
             index = order[step * params.batch_size:(step + 1) * params.batch_size]
             text, batch_pixels, labels, matched = _batch(pixels, captions, index, generator, tokenizer, collator,
                                                          params)
-            itm, mlm, _ = model(_to(text, device), batch_pixels.to(device), labels.to(device), matched.to(device))
+            itm, mlm, _ = model(text.to(device), batch_pixels.to(device), labels.to(device), matched.to(device))
             (itm + mlm).backward()
             optimization.step()
             means.add(dict(zip(("itm", "mlm"), torch.stack([itm, mlm]).tolist(), strict=True)))
@@ -112,7 +112,7 @@ def heldout_metrics(params: VlmParams, model: Pretraining, tokenizer, pixels: to
         index = torch.arange(start, min(start + params.batch_size, len(pixels)))
         text, batch_pixels, labels, matched = _batch(pixels, captions, index, generator, tokenizer, collator, params)
         labels, matched = labels.to(device), matched.to(device)
-        encoded = encode(model.masked_lm.vilt, model.order, _to(text, device), batch_pixels.to(device))
+        encoded = encode(model.masked_lm.vilt, model.order, text.to(device), batch_pixels.to(device))
         itm_right += int((model.itm(encoded.pooled).argmax(-1) == matched.long()).sum())
         predicted = model.masked_lm.mlm_score(encoded.text).argmax(-1)
         mlm_right += int(((predicted == labels) & (labels >= 0)).sum())
@@ -121,6 +121,3 @@ def heldout_metrics(params: VlmParams, model: Pretraining, tokenizer, pixels: to
     return {"pairs": pairs, "itm_accuracy": round(itm_right / pairs, 4),
             "mlm_accuracy": round(mlm_right / max(1, mlm_count), 4), "mlm_tokens": mlm_count}
 
-
-def _to(text: TextBatch, device: torch.device) -> TextBatch:
-    return TextBatch(text.input_ids.to(device), text.attention_mask.to(device), text.word_ids.to(device), text.words)
