@@ -210,7 +210,7 @@ def run_case(spec: dict) -> dict:
     output = tmp / "eval" / f"{spec['case'].replace(' ', '-')}-{spec['scale']}x"
     params = EvaluateParams(student=Path(spec["student"]), plm=Path(spec["plm"]), teacher=Path(spec["teacher"]),
                             output=output, cache=tmp / "cache", benchmarks={"vqa": benchmark}, curves=tmp / "no-curves",
-                            vqa_mode="direct", num_beams=1, vqa_max_new_tokens=2, batch_size=spec["batch_size"],
+                            vqa_modes=["direct"], num_beams=1, vqa_max_new_tokens=2, batch_size=spec["batch_size"],
                             report_samples=2, device="cpu")
     started = time.perf_counter()
     metrics = run.evaluate(params)

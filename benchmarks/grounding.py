@@ -17,6 +17,14 @@ measured in the same run:
    by rule, as a language model that never misreads would, and that answers nothing where the
    description says nothing (a language model also guesses from priors, which the blank control
    measures). From the true scenes the reader scores 100, which checks the reader.
+4. domain shift by cause: the evaluation images' objects against the shifted images' objects of a seen
+   colour-shape pair (only the background is new) and of a held-out pair (the pair is new too), for each
+   stage that could lose them: the teacher (zero-shot: the object's true pair among its image's top pairs
+   by cos(image, "a {colour} {shape}"); and, on single-object images, linear colour and shape probes fitted
+   on the training images' stored embeddings), the student's descriptions (colour and shape named), and the
+   recorded evaluation's answers to the questions about that object (a perfect reader of the descriptions,
+   then each VQA mode the evaluation scored and describe's blank control), read from `evaluate.output`;
+   questions that name no object of the image (counts, absent pairs) in their own row.
 
 This is a diagnostic of the embedded world only (its scene records and vocabulary), not of any model.
 """
@@ -33,9 +41,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from vlkd.config import load_params
-from vlkd.data.vqa_metric import read_json, score_vqa
+from vlkd.data.vqa_metric import question_accuracy, read_json, score_vqa
 from vlkd.evaluate.images import image_features
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.student import Student
@@ -71,9 +80,23 @@ def main() -> None:
                 [[name, *read_and_score(questions, described)] for name, described in read])
     print("example descriptions (truth -> student):",
           *[f"  {scene_text(scenes[i])!r} -> {descriptions[0][i]!r}" for i in list(scenes)[:4]], sep="\n")
+    modes = params.evaluate.vqa_modes
+    print_table("4. domain shift by cause (objects of each kind; VQA on the questions about them)",
+                ["objects", "count", "probe colour", "probe shape", "teacher top pairs", "described", "questions",
+                 "reader", *[f"VQA {mode}" for mode in modes], "blank"],
+                shift_by_cause(params, world, args.images, prompt))
 
 
 def teacher_probes(features: Path, shards: Path, world: Path) -> list[list[str]]:
+    x, records = stored_embeddings(features, shards, world)
+    single = torch.tensor([len(r["objects"]) == 1 for r in records])
+    rows = [[name, *probe(x[single], [r["objects"][0][name] for r, s in zip(records, single, strict=True) if s])]
+            for name in PROBED]
+    return rows + [["objects", *probe(x, [len(r["objects"]) for r in records])]]
+
+
+def stored_embeddings(features: Path, shards: Path, world: Path) -> tuple[torch.Tensor, list[dict]]:
+    """The features stage's normalised image embeddings of the training images, with their scenes."""
     scenes = {s["image_id"]: s for s in map(json.loads, (world / "scenes" / "train.jsonl").open())}
     urls = pq.read_table(world / "urls.parquet", columns=["url"]).column("url").to_pylist()
     image_of_url = {url: int(Path(url).stem) for url in urls}
@@ -88,11 +111,18 @@ def teacher_probes(features: Path, shards: Path, world: Path) -> list[list[str]]
                                   strict=True):
             embeddings.append(embedding)
             records.append(scenes[image_of_url[key_url[key]]])
-    x = torch.nn.functional.normalize(torch.tensor(np.array(embeddings, dtype=np.float32)), dim=1)
-    single = torch.tensor([len(r["objects"]) == 1 for r in records])
-    rows = [[name, *probe(x[single], [r["objects"][0][name] for r, s in zip(records, single, strict=True) if s])]
-            for name in PROBED]
-    return rows + [["objects", *probe(x, [len(r["objects"]) for r in records])]]
+    return torch.nn.functional.normalize(torch.tensor(np.array(embeddings, dtype=np.float32)), dim=1), records
+
+
+def fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int) -> torch.nn.Linear:
+    """A logistic regression on normalised embeddings (scaled by 10, as CLIP's logit scale would)."""
+    layer = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.Adam(layer.parameters(), 1e-2)
+    for _ in range(500):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(layer(10 * x), y).backward()
+        optimizer.step()
+    return layer
 
 
 def probe(x: torch.Tensor, labels: list) -> list[str]:
@@ -100,27 +130,23 @@ def probe(x: torch.Tensor, labels: list) -> list[str]:
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(label) for label in labels])
     train = torch.arange(len(y)) < int(0.8 * len(y))
-    layer = torch.nn.Linear(x.shape[1], len(classes))
-    optimizer = torch.optim.Adam(layer.parameters(), 1e-2)
-    for _ in range(500):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(layer(10 * x[train]), y[train]).backward()
-        optimizer.step()
+    layer = fit_probe(x[train], y[train], len(classes))
     accuracy = (layer(10 * x[~train]).argmax(1) == y[~train]).float().mean().item()
     majority = Counter(y[train].tolist()).most_common(1)[0][0]
     return [f"{accuracy:.3f}", f"{(y[~train] == majority).float().mean().item():.3f}"]
 
 
-def describe(params, world: Path, count: int, prompt: str):
+def describe(params, world: Path, count: int, prompt: str, split: str = "eval"):
     """(image descriptions, blank-image descriptions) by image id, the scenes, the VQA questions."""
-    spec = next(s for s in params.evaluate.benchmarks.values() if s.task == "vqa")
-    scenes = {s["image_id"]: s for s in map(json.loads, (world / "scenes" / "eval.jsonl").open())}
+    spec = params.evaluate.benchmarks[vqa_benchmark(params, split)]
+    scenes = {s["image_id"]: s for s in map(json.loads, (world / "scenes" / f"{split}.jsonl").open())}
     image_ids = sorted(scenes)[:count]
     scenes = {i: scenes[i] for i in image_ids}
     student = Student.from_pretrained(params.evaluate.student, "cpu")
     patch = student.config.prefix == "patch"
     teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=patch)
-    features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / "grounding", patch, "cpu")
+    features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / f"grounding-{split}", patch,
+                                     "cpu")
     prompt = fill_prompt(prompt)
     described = []
     for rows in (torch.stack([features[i] for i in image_ids]), blank.expand(1, *blank.shape)):
@@ -134,6 +160,121 @@ def describe(params, world: Path, count: int, prompt: str):
                                   strict=True)))
     questions = read_json(spec.questions), read_json(spec.annotations)
     return described, scenes, questions
+
+
+def vqa_benchmark(params, split: str) -> str:
+    """The evaluation's VQA benchmark on the world's `split` images (eval or shifted)."""
+    return next(name for name, spec in params.evaluate.benchmarks.items()
+                if spec.task == "vqa" and spec.images.name == split)
+
+
+GROUPS = ("eval", "shifted, seen pair", "shifted, held-out pair", "shifted, no object named")
+
+
+def shift_by_cause(params, world: Path, count: int, prompt: str) -> list[list[str]]:
+    vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
+    held_out = {tuple(pair) for pair in vocabulary["held_out_pairs"]}
+    teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu")
+    probes = attribute_probes(*stored_embeddings(params.distill.features, params.features.shards, world))
+    rows: dict[str, Counter] = {group: Counter() for group in GROUPS}
+    for split in ("eval", "shifted"):
+        (described, _), scenes, (questions, annotations) = describe(params, world, count, prompt, split)
+        ranked, embedded = teacher_pairs(teacher, world / "images" / split, scenes, vocabulary)
+        for image_id, scene in scenes.items():
+            said = parse(described[image_id])
+            if len(scene["objects"]) == 1:  # the probes were fitted on single-object images
+                group = object_group(split, scene["objects"][0], held_out)
+                rows[group]["single"] += 1
+                for name, (layer, classes) in probes.items():
+                    guess = classes[layer(10 * embedded[image_id][None]).argmax().item()]
+                    rows[group][f"probe {name}"] += guess == scene["objects"][0][name]
+            for obj in scene["objects"]:
+                group = object_group(split, obj, held_out)
+                rows[group]["objects"] += 1
+                rows[group]["teacher"] += (obj["colour"], obj["shape"]) in ranked[image_id][:len(scene["objects"])]
+                rows[group]["described"] += any(s[:2] == (obj["colour"], obj["shape"]) for s in said)
+        answers = recorded_answers(params, vqa_benchmark(params, split))
+        humans = {a["question_id"]: a["answers"] for a in annotations["annotations"]}
+        for question in questions["questions"]:
+            if question["image_id"] not in scenes:
+                continue
+            scene = scenes[question["image_id"]]
+            obj = question_object(question["question"], scene)
+            group = object_group(split, obj, held_out) if obj else "eval" if split == "eval" else GROUPS[3]
+            read = answer(question["question"], parse(described[question["image_id"]]))
+            rows[group]["questions"] += 1
+            for column, given in [("reader", read), *((c, a[question["question_id"]]) for c, a in answers.items())]:
+                rows[group][column] += question_accuracy(humans[question["question_id"]], given)
+    columns = [f"VQA {mode}" for mode in params.evaluate.vqa_modes] + ["blank"]
+    return [[group, str(row["objects"]) if row["objects"] else "–",
+             *(f"{row[k] / row['single']:.2f} of {row['single']}" if row["single"] else "–"
+               for k in ("probe colour", "probe shape")),
+             *(f"{row[k] / row['objects']:.2f}" if row["objects"] else "–" for k in ("teacher", "described")),
+             str(row["questions"]),
+             *(f"{100 * row[k] / row['questions']:.1f}" if row["questions"] else "–" for k in ("reader", *columns))]
+            for group, row in rows.items()]
+
+
+def object_group(split: str, obj: dict, held_out: set) -> str:
+    if split == "eval":
+        return "eval"
+    return "shifted, held-out pair" if (obj["colour"], obj["shape"]) in held_out else "shifted, seen pair"
+
+
+def question_object(question: str, scene: dict) -> dict | None:
+    """The object of the scene a world question asks about (None: a count, or a pair the image lacks)."""
+    words = question.lower().rstrip("?").split()
+    matches = {"What color is the": lambda o: o["shape"] == words[-1],
+               "What shape is the": lambda o: o["colour"] == words[-2],
+               "Where is the": lambda o: (o["colour"], o["shape"]) == (words[-2], words[-1]),
+               "Is there": lambda o: (o["colour"], o["shape"]) == (words[-2], words[-1])}
+    test = next((match for start, match in matches.items() if question.startswith(start)), None)
+    return next((o for o in scene["objects"] if test(o)), None) if test else None
+
+
+def attribute_probes(x: torch.Tensor, records: list[dict]) -> dict[str, tuple[torch.nn.Linear, list[str]]]:
+    """Colour and shape probes fitted on every single-object training image's stored embedding."""
+    single = [row for row, record in enumerate(records) if len(record["objects"]) == 1]
+    probes = {}
+    for name in ("colour", "shape"):
+        labels = [records[row]["objects"][0][name] for row in single]
+        classes = sorted(set(labels))
+        probes[name] = (fit_probe(x[single], torch.tensor([classes.index(v) for v in labels]), len(classes)),
+                        classes)
+    return probes
+
+
+def teacher_pairs(teacher, images: Path, scenes: dict, vocabulary: dict):
+    """Each image's colour-shape pairs, most similar first, by the teacher's cos(image, "a {colour} {shape}"),
+    and its normalised image embedding."""
+    pairs = [(c, s) for c in vocabulary["colours"] for s in vocabulary["shapes"]]
+    with torch.no_grad():
+        texts = teacher.model.encode_text(teacher.tokenizer([f"a {c} {s}" for c, s in pairs])).float()
+        ranked, embedded = {}, {}
+        for begin in range(0, len(scenes), 64):
+            ids = list(scenes)[begin:begin + 64]
+            batch = torch.stack([teacher.preprocess(Image.open(images / scenes[i]["file_name"]).convert("RGB"))
+                                 for i in ids])
+            images_embedded = torch.nn.functional.normalize(teacher.model.encode_image(batch).float(), dim=1)
+            similarity = images_embedded @ torch.nn.functional.normalize(texts, dim=1).T
+            ranked.update({i: [pairs[k] for k in row.argsort(descending=True).tolist()]
+                           for i, row in zip(ids, similarity, strict=True)})
+            embedded.update(zip(ids, images_embedded, strict=True))
+    return ranked, embedded
+
+
+def recorded_answers(params, benchmark: str) -> dict[str, dict[int, str]]:
+    """The recorded evaluation's answers with the image, per VQA mode, and describe's (or the headline's) blank."""
+    folder = params.evaluate.output / benchmark
+    modes = params.evaluate.vqa_modes
+    where = {mode: folder if mode == modes[0] else folder / mode for mode in modes}
+    files = {f"VQA {mode}": where[mode] / "predictions.json" for mode in modes}
+    files["blank"] = where["describe" if "describe" in modes else modes[0]] / "predictions_blank.json"
+    missing = [str(path) for path in files.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"{missing[0]} does not exist: run the evaluation (dvc repro evaluate) with these params")
+    return {column: {p["question_id"]: p["answer"] for p in json.loads(path.read_text())}
+            for column, path in files.items()}
 
 
 def parse(description: str) -> list[tuple[str, str, str | None]]:

@@ -64,13 +64,13 @@ def eval_params(trained, output, **changes) -> EvaluateParams:
     base = dict(student=root / "student", plm=plm, teacher=teacher, output=output, cache=root / "cache",
                 benchmarks=benchmarks, curves=root / "curves",
                 num_beams=2, vqa_max_new_tokens=3, caption_max_new_tokens=4, batch_size=16, report_samples=3,
-                vqa_mode="describe", device="cpu")  # the world's mode (params.yaml)
+                vqa_modes=["describe"], device="cpu")  # the world's headline mode (params.yaml)
     return EvaluateParams(**{**base, **changes})
 
 
 def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(trained, tmp_path):
     world = trained[0]
-    params = eval_params(trained, tmp_path / "eval")
+    params = eval_params(trained, tmp_path / "eval", vqa_modes=["describe", "direct"])
     metrics = run.evaluate(params)
 
     questions_file = json.loads((world / "vqa" / "questions.json").read_text())
@@ -88,6 +88,17 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
         scored = score_vqa(questions_file, annotations, written)
         assert metrics["vqa"]["controls"][control] == \
             {"overall": scored["overall"], "perAnswerType": scored["perAnswerType"]}, control
+    # Every mode is scored with every control; the headline (the first) is also the top level.
+    assert list(metrics["vqa"]["modes"]) == ["describe", "direct"] and metrics["vqa"]["mode"] == "describe"
+    assert metrics["vqa"]["modes"]["describe"] == {key: metrics["vqa"][key] for key in
+                                                   ("overall", "perAnswerType", "controls")}
+    for condition in ("image", "blank", "shuffled", "text_only"):
+        suffix = "" if condition == "image" else f"_{condition}"
+        written = json.loads((tmp_path / "eval" / "vqa" / "direct" / f"predictions{suffix}.json").read_text())
+        scored = score_vqa(questions_file, annotations, written)["overall"]
+        direct = metrics["vqa"]["modes"]["direct"]
+        assert (direct["overall"] if condition == "image" else direct["controls"][condition]["overall"]) == scored
+    assert metrics["vqa"]["modes"]["direct"]["controls"]["prior"] == metrics["vqa"]["controls"]["prior"]
     captions = json.loads((tmp_path / "eval" / "captions" / "predictions.json").read_text())
     assert all(set(c) == {"image_id", "caption"} for c in captions) and len(captions) == 6
 
@@ -100,6 +111,7 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert sorted(d["image_id"] for d in described) == sorted({q["image_id"] for q in questions})
     report = (tmp_path / "eval" / "report.html").read_text()
     assert "described as:" in report
+    assert "VQA accuracy, describe" in report and "VQA accuracy, direct" in report and "direct: " in report
     assert report.count("data:image/png;base64") == 6  # 3 VQA and 3 caption samples
     assert questions[0]["question"].split()[0] in report and "<svg" in report  # questions and curves
 
@@ -133,7 +145,7 @@ def test_direct_mode_answers_with_the_image_prefix_in_front_of_the_question(trai
     """direct (the paper's zero-shot VQA): the student answers [its image's prefix ; the question prompt].
     describe: the student only ever sees the describe prompt; no question reaches it with an image."""
     world, root = trained[0], trained[3]
-    params = eval_params(trained, tmp_path / "eval", vqa_mode=mode, num_beams=1)
+    params = eval_params(trained, tmp_path / "eval", vqa_modes=[mode], num_beams=1)
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     calls = record_student_generation(monkeypatch)
     metrics = run.evaluate(params)
@@ -206,7 +218,7 @@ def test_features_are_held_once_per_image_and_each_batch_is_gathered_from_them(t
     take hundreds of GB with patch tokens. The student must get batches gathered from one row per image
     (and the blank image's), each batch its own tensor, with the features a per-question stack had."""
     world, root = trained[0], trained[3]
-    params = eval_params(trained, tmp_path / "eval", vqa_mode=mode, batch_size=4)
+    params = eval_params(trained, tmp_path / "eval", vqa_modes=[mode], batch_size=4)
     if mode == "describe":  # captions are generated the same way in both modes
         params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
@@ -228,10 +240,10 @@ def test_features_are_held_once_per_image_and_each_batch_is_gathered_from_them(t
                 "shuffled": [features[other[q["image_id"]]] for q in questions]}
     for condition, rows in expected.items():
         if mode == "direct":
-            assert torch.equal(torch.cat(batches[f"vqa {condition}"]), torch.stack(rows)), condition
+            assert torch.equal(torch.cat(batches[f"vqa direct {condition}"]), torch.stack(rows)), condition
         else:  # each distinct image described once, in the order torch.unique gave before
             distinct = torch.unique(torch.stack(rows), dim=0)
-            assert torch.equal(torch.cat(batches[f"vqa {condition} describe"]), distinct), condition
+            assert torch.equal(torch.cat(batches[f"vqa describe {condition} describe"]), distinct), condition
     if mode == "direct":
         assert torch.equal(torch.cat(batches["captions image"]), torch.stack([features[i] for i in image_ids]))
 
@@ -254,7 +266,7 @@ def test_rows_are_grouped_by_value_in_the_order_torch_unique_gives():
 def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_path, monkeypatch):
     """One real benchmark (the tiny world's VQA): a rerun that generated, scored or measured retention
     again would trip a wire; a changed param generates again and writes the folder anew."""
-    params = eval_params(trained, tmp_path / "eval", vqa_mode="direct", num_beams=2)
+    params = eval_params(trained, tmp_path / "eval", vqa_modes=["direct"], num_beams=2)
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     answered = []
     answers = run._Generator.answers

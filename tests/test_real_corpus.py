@@ -88,7 +88,7 @@ VARIANT = {
     "plm": {"model": "data/models/bart", "text": "data/text", "corpus": None, "heldout": "data/text/heldout.txt"},
     "distill": {"prefix": "patch", "prefix_tokens": 1, "retention_weight": 0.0, "whole_caption_share": 0.0,
                 "whole_caption_keep": 0, "epochs": 1},
-    "evaluate": {"data": "data/benchmarks", "vqa_mode": "direct", "benchmarks": {
+    "evaluate": {"data": "data/benchmarks", "vqa_modes": ["direct"], "benchmarks": {
         "vqav2": {"task": "vqa", "images": "data/benchmarks/coco/val2014",
                   "image_pattern": "COCO_val2014_{image_id:012d}.jpg",
                   "questions": "data/benchmarks/vqav2/v2_OpenEnded_mscoco_val2014_questions.json",

@@ -283,9 +283,11 @@ class EvaluateParams(_Section):
     data: Path = Path("data/benchmarks")
     benchmarks: dict[str, BenchmarkSpec] = PAPER_BENCHMARKS
     curves: Path = Path("metrics/distill")  # the distillation's dvclive folder, drawn in the report
-    # direct: the VLKD paper's zero-shot VQA, [image prefix ; vqa_prompt]. describe: the student describes the
-    # image (describe_prompt) and the language model answers "<description>. <vqa_prompt>" from text.
-    vqa_mode: Literal["direct", "describe"] = "direct"
+    # How VQA is asked, each mode scored with every control; the first is the headline (the top-level numbers
+    # of a VQA benchmark's metrics, what the refresh gate reads). direct: the VLKD paper's zero-shot VQA,
+    # [image prefix ; vqa_prompt]. describe: the student describes the image (describe_prompt) and the language
+    # model answers "<description>. <vqa_prompt>" from text.
+    vqa_modes: list[Literal["direct", "describe"]] = Field(["direct", "describe"], min_length=1)
     vqa_prompt: str = "Question: {question} Answer: <mask>"
     caption_prompt: str = "A picture of <mask>"
     describe_prompt: str = "A picture of <mask>"
@@ -297,6 +299,13 @@ class EvaluateParams(_Section):
     report_samples: int = Field(24, ge=0, description="evaluation images shown in the HTML report")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("vqa_modes")
+    @classmethod
+    def _modes_once(cls, modes: list[str]) -> list[str]:
+        if len(set(modes)) != len(modes):
+            raise ValueError(f"names a mode twice ({modes}); list each of direct and describe at most once")
+        return modes
 
 
 class GateMetric(_Section):

@@ -31,9 +31,9 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
              "<h1>vlkd: zero-shot evaluation</h1>",
              f"<p class=small>student {html.escape(str(params.student))}, language model "
              f"{html.escape(str(params.plm))}; prompts <code>{html.escape(params.vqa_prompt)}</code> and "
-             f"<code>{html.escape(params.caption_prompt)}</code> (VQA mode {params.vqa_mode}, describing with "
-             f"<code>{html.escape(params.describe_prompt)}</code>), {params.num_beams} beams, VQA normalisation "
-             f"{params.normalize}</p>",
+             f"<code>{html.escape(params.caption_prompt)}</code> (VQA modes {', '.join(params.vqa_modes)}, "
+             f"describing with <code>{html.escape(params.describe_prompt)}</code>), {params.num_beams} beams, "
+             f"VQA normalisation {params.normalize}</p>",
              _summary_table(metrics, params), _retention(metrics.get("retention", {}))]
     for name, spec in params.benchmarks.items():
         cards = _vqa_cards(samples[name]) if spec.task == "vqa" else _caption_cards(samples[name])
@@ -46,25 +46,36 @@ def _summary_table(metrics: dict, params: EvaluateParams) -> str:
     rows = []
     for name, spec in params.benchmarks.items():
         result = metrics[name]
-        controls = result["controls"]
         if spec.task == "vqa":
-            rows.append(_row(name, "VQA accuracy", {"image": result["overall"],
-                                                    **{c: control["overall"] for c, control in controls.items()}}))
-            for kind, value in result["perAnswerType"].items():
-                rows.append(_row("", f"  {kind}", {"image": value, **{c: control["perAnswerType"].get(kind, "")
-                                                                      for c, control in controls.items()}}))
+            for position, (mode, scores) in enumerate(result["modes"].items()):
+                rows += _vqa_rows(name if position == 0 else "", mode, scores)
         else:
             rows.append(_row(name, "CIDEr", {"image": result["CIDEr"],
-                                             **{c: control["CIDEr"] for c, control in controls.items()}}))
+                                             **{c: control["CIDEr"] for c, control in result["controls"].items()}}))
             for key in ("Bleu_4", "METEOR", "ROUGE_L", "SPICE"):
                 if key in result:
                     rows.append(_row("", key, {"image": result[key]}))
     header = "".join(f"<th>{c.replace('_', ' ')}</th>" for c in CONDITIONS)
+    first = params.vqa_modes[0]
     return (f"<h2>Metrics</h2><table><tr><th class=l>benchmark</th><th class=l>metric</th>{header}</tr>"
             + "".join(rows) + "</table><p class=small>image: the student with each image; blank: one grey image "
             "for all; shuffled: another image of the split; text only: the language model before distillation; "
-            "prior: no model, each question gets its question type's most frequent human answer."
-            "</p>")
+            "prior: no model, each question gets its question type's most frequent human answer. VQA "
+            f"modes: direct is the VLKD paper's inference (the student answers the question from the image); "
+            f"describe is caption-then-read (the student describes the image, the language model before "
+            f"distillation answers from the description). A benchmark's headline numbers are {first}'s.</p>")
+
+
+def _vqa_rows(name: str, mode: str, scores: dict) -> list[str]:
+    """One VQA mode's rows: its accuracy with the image and under each control, overall and per answer type."""
+    controls = scores["controls"]
+    label = f"VQA accuracy, {mode}" + (" (the paper's)" if mode == "direct" else "")
+    rows = [_row(name, label, {"image": scores["overall"],
+                               **{c: control["overall"] for c, control in controls.items()}})]
+    for kind, value in scores["perAnswerType"].items():
+        rows.append(_row("", f"  {kind}", {"image": value, **{c: control["perAnswerType"].get(kind, "")
+                                                              for c, control in controls.items()}}))
+    return rows
 
 
 def _row(name: str, metric: str, by_condition: dict) -> str:
@@ -91,9 +102,11 @@ def _vqa_cards(samples: list[dict]) -> str:
             css = "good" if image["score"] >= 99.99 else "bad" if image["score"] == 0 else ""
             # most frequent first, ties in the annotators' order (a set's order changes from run to run)
             humans = ", ".join(sorted(dict.fromkeys(q["humans"]), key=q["humans"].count, reverse=True))
+            others = "".join(f"{html.escape(mode)}: {html.escape(other['answer']) or '∅'} ({other['score']:.0f}); "
+                             for mode, other in q.get("modes", {}).items())
             lines.append(f"<div><b>{html.escape(q['question'])}</b><br><span class={css}>"
                          f"{html.escape(image['answer']) or '∅'} ({image['score']:.0f})</span>"
-                         f" <span class=small>blank: {html.escape(blank.get('answer', '')) or '∅'}; humans: "
+                         f" <span class=small>{others}blank: {html.escape(blank.get('answer', '')) or '∅'}; humans: "
                          f"{html.escape(humans)}</span></div>")
         described = (f"<div class=small>described as: <i>{html.escape(sample['description'])}</i></div>"
                      if sample.get("description") is not None else "")

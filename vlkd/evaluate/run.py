@@ -9,12 +9,17 @@ captions), the same prompts are answered under several conditions, in one run:
   text_only   the language model before distillation, no image (what text alone gets right)
   prior       no model: each question gets its question type's most frequent human answer (VQA)
 
+VQA is asked in each of `vqa_modes` under every condition: `direct` (the paper's: the student answers
+[image prefix ; question prompt]) and `describe` (the student describes the image, the language model
+before distillation answers from the description). The first mode is the benchmark's headline.
+
 Answers are what the model writes in place of the prompt's `<mask>` (`extract_infill`), scored with the
 official VQA accuracy and pycocoevalcap. Text retention: BART's infilling loss on held-out text, before
 (the language model) and after (the student) distillation, with identical noise.
 
-Outputs in `output`: `<benchmark>/predictions*.json` in the official result formats, `metrics.json`,
-`report.html` and `evaluate.json` (inputs and params); a rerun with the same inputs is skipped.
+Outputs in `output`: `<benchmark>/predictions*.json` in the official result formats (another VQA mode's
+in `<benchmark>/<mode>/`), `metrics.json`, `report.html` and `evaluate.json` (inputs and params); a rerun
+with the same inputs is skipped.
 """
 
 from __future__ import annotations
@@ -132,39 +137,81 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     usable = [record for record in records if record["image_id"] in row_of]
     prompts = [fill_prompt(params.vqa_prompt, question=record["question"]) for record in usable]
     conditions = _vqa_conditions(table, row_of, usable, _derangement(image_ids, params.seed))
+    prior = question_type_prior(annotations, str(spec.annotations))
+    prior_result = score_vqa(questions, annotations, prior, params.normalize)
+    runs = {}
+    for mode in params.vqa_modes:
+        run = _vqa_mode(mode, name, spec, questions, annotations, records, usable, prompts, conditions, student,
+                        plm, params)
+        run.predictions["prior"], run.results["prior"] = prior, prior_result
+        # The headline mode's files where the official formats are expected; other modes' in a subfolder.
+        _write_vqa_files(folder if mode == params.vqa_modes[0] else folder / mode, run)
+        runs[mode] = run
+    headline = runs[params.vqa_modes[0]]
+    metrics = {**_mode_metrics(headline.results, per_question_type=True), "mode": params.vqa_modes[0],
+               "questions": len(records), "images_not_decoded": len(image_ids) - len(row_of),
+               "modes": {mode: _mode_metrics(run.results) for mode, run in runs.items()}}
+    samples = _vqa_samples(spec, records, annotations, headline.predictions, headline.results, params)
+    others = {mode: run.answers() for mode, run in runs.items() if run is not headline}
+    for sample in samples:
+        sample["description"] = headline.descriptions.get("image", {}).get(sample["image_id"])
+        for question in sample["questions"]:
+            question["modes"] = {mode: answers[question["question_id"]] for mode, answers in others.items()}
+    return metrics, samples
+
+
+@dataclass
+class _ModeRun:
+    """One VQA mode's outcome: scores and official predictions per condition, describe mode's descriptions."""
+
+    results: dict
+    predictions: dict
+    descriptions: dict
+
+    def answers(self) -> dict[int, dict]:
+        """{question_id: {"answer", "score"}} with the image."""
+        scores = self.results["image"]["perQuestion"]
+        return {p["question_id"]: {"answer": p["answer"], "score": scores[p["question_id"]]}
+                for p in self.predictions["image"]}
+
+
+def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annotations: dict, records: list[dict],
+              usable: list[dict], prompts: list[str], conditions: dict, student: Student, plm: tuple,
+              params: EvaluateParams) -> _ModeRun:
+    """One way of asking (direct or describe) under every condition."""
     generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
     results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
-        if params.vqa_mode == "describe":
+        what = f"{name} {mode} {condition}"
+        if mode == "describe":
             answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, student,
-                                                                  plm, params, f"{name} {condition}")
+                                                                  plm, params, what)
         else:
-            answers = generator.answers(prompts, condition_features, f"{name} {condition}")
+            answers = generator.answers(prompts, condition_features, what)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
         # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
         predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
                                   for r in records]
         results[condition] = score_vqa(questions, annotations, predictions[condition], params.normalize,
                                        sources={"questions": str(spec.questions), "annotations": str(spec.annotations),
-                                                "predictions": f"{name} {condition} predictions"})
-        log.info("%s %s: VQA accuracy %.2f", name, condition, results[condition]["overall"])
-    predictions["prior"] = question_type_prior(annotations, str(spec.annotations))
-    results["prior"] = score_vqa(questions, annotations, predictions["prior"], params.normalize)
-    _write_predictions(folder, predictions)
-    for condition, by_image in descriptions.items():  # describe mode: what each answer was based on
+                                                "predictions": f"{what} predictions"})
+        log.info("%s: VQA accuracy %.2f", what, results[condition]["overall"])
+    return _ModeRun(results, predictions, descriptions)
+
+
+def _mode_metrics(results: dict, per_question_type: bool = False) -> dict:
+    """One mode's scores with the image and under each control."""
+    keys = ("overall", "perAnswerType", "perQuestionType") if per_question_type else ("overall", "perAnswerType")
+    return {**{key: results["image"][key] for key in keys},
+            "controls": {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
+                         for c in VQA_CONTROLS}}
+
+
+def _write_vqa_files(folder: Path, run: _ModeRun) -> None:
+    _write_predictions(folder, run.predictions)
+    for condition, by_image in run.descriptions.items():  # describe mode: what each answer was based on
         (folder / f"descriptions_{condition}.json").write_text(
             json.dumps([{"image_id": i, "description": d} for i, d in by_image.items()]) + "\n")
-    main = results["image"]
-    metrics = {key: main[key] for key in ("overall", "perAnswerType", "perQuestionType")}
-    metrics["questions"] = len(records)
-    metrics["mode"] = params.vqa_mode
-    metrics["images_not_decoded"] = len(image_ids) - len(row_of)
-    metrics["controls"] = {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
-                           for c in VQA_CONTROLS}
-    samples = _vqa_samples(spec, records, annotations, predictions, results, params)
-    for sample in samples:
-        sample["description"] = descriptions.get("image", {}).get(sample["image_id"])
-    return metrics, samples
 
 
 def _vqa_conditions(table: torch.Tensor, row_of: dict[int, int], usable: list[dict],
@@ -184,7 +231,7 @@ def _vqa_conditions(table: torch.Tensor, row_of: dict[int, int], usable: list[di
 
 def _described_answers(records: list[dict], prompts: list[str], features: _FeatureRows | None, student: Student,
                        plm: tuple, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
-    """`vqa_mode: describe`: the model under test describes each image (the caption prompt, with that
+    """VQA mode `describe`: the model under test describes each image (the caption prompt, with that
     condition's features, or the language model alone for text_only), and the language model before
     distillation answers "<description>. <vqa prompt>" from text, as it was pretrained to."""
     first_row: dict[int, int] = {}
@@ -316,7 +363,8 @@ def _vqa_samples(spec, records, annotations, predictions, results, params) -> li
         by_image.setdefault(record["image_id"], []).append(record)
     chosen = _sample(sorted(by_image), params.report_samples, params.seed)
     return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
-             "questions": [{"question": r["question"], "humans": humans.get(r["question_id"], []),
+             "questions": [{"question_id": r["question_id"], "question": r["question"],
+                            "humans": humans.get(r["question_id"], []),
                             **{c: {"answer": answers[c][r["question_id"]],
                                    "score": results[c]["perQuestion"][r["question_id"]]} for c in answers}}
                            for r in by_image[image_id]]}
