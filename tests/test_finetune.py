@@ -21,6 +21,7 @@ from vlkd.finetune import train
 from vlkd.finetune.clip_td import distillation_loss, relevance, token_distance, top_k, ve_confidence, vqa_confidence
 from vlkd.finetune.tasks import Example, read_split
 from vlkd.models.teacher import MANIFEST, SOURCE_FILE
+from vlkd.training import Optimization
 from vlkd.vlm.build import build_vlm
 
 PATTERN = "{image_id:06d}.png"
@@ -228,6 +229,34 @@ def test_fine_tuning_lowers_the_task_loss(setup):
     first = train.run(params.model_copy(update={"min_steps": 1, "lr": 1e-9}), task, params.vlm, ids, 0, "clip-td",
                       torch.device("cpu"), params.checkpoints / "y.pt")[1]
     assert result["losses"]["task"] < first["losses"]["task"]
+
+
+def test_the_classifier_learns_at_its_multiple_of_the_learning_rate(setup, monkeypatch):
+    """ViLT's recipe: the classifier, new at every run, at head_lr_multiplier x lr; the pretrained body and the
+    projection heads at lr."""
+    params, _ = setup
+    built = []
+
+    def recording(*args, **kwargs):
+        built.append(Optimization(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(train, "Optimization", recording)
+    teacher = protocol.load_teacher(*protocol.resolve_teacher(params.teacher), image_tokens=True)
+    task = protocol._load_task("ve", params.tasks["ve"], params, teacher, protocol.load_processor(params.vlm),
+                               torch.device("cpu"), False)
+    model, _ = train.run(params.model_copy(update={"min_steps": 1, "epochs": 1}), task, params.vlm,
+                         [e.id for e in task.train.examples][:4], 0, "clip-td", torch.device("cpu"),
+                         params.checkpoints / "lr.pt")
+    classifier = {id(p) for p in model.classifier.parameters()}
+    groups = built[0].optimizer.param_groups
+    assert classifier <= {id(p) for g in groups for p in g["params"]}
+    for group in groups:
+        ids = {id(p) for p in group["params"]}
+        assert not ids & classifier or ids <= classifier  # a group is all classifier or none of it
+        factor = params.head_lr_multiplier if ids & classifier else 1.0
+        assert group["initial_lr"] == pytest.approx(params.lr * factor)
+    assert params.head_lr_multiplier == 10
 
 
 # -- bad inputs: one line each ---------------------------------------------------------------------------

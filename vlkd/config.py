@@ -448,6 +448,8 @@ class FinetuneParams(_Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: int = Field(128, ge=1)
     lr: float = Field(5e-4, gt=0)
+    # The task classifier, new at every run, learns at lr x this (ViLT fine-tunes its heads at 10x)
+    head_lr_multiplier: float = Field(10.0, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_share: float = Field(0.1, ge=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)

@@ -52,30 +52,40 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 lr_multipliers: dict[str, float] | None = None) -> list[dict]:
     """AdamW parameter groups as CLIP and BART are trained: no decay on gains, biases, the temperature and
-    embeddings (BART's `shared` token embedding included), decay on the other matrices; frozen ones left out."""
-    decay, no_decay = [], []
+    embeddings (BART's `shared` token embedding included), decay on the other matrices; frozen ones left out.
+    `lr_multipliers` ({parameter-name prefix: factor}, with `lr`) gives the parameters under a prefix the
+    learning rate lr x factor, as ViLT trains its task heads at 10x the rate of the pretrained body."""
+    multipliers = lr_multipliers or {}
+    groups: dict[tuple[float, bool], list] = {(1.0, True): [], (1.0, False): []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         exempt = param.ndim < 2 or "embed" in name or "shared" in name or "logit_scale" in name
-        (no_decay if exempt else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        factor = next((f for prefix, f in multipliers.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((factor, exempt), []).append(param)
+    return [{"params": params, "weight_decay": 0.0 if exempt else weight_decay,
+             **({"lr": lr * factor} if factor != 1.0 else {})}
+            for (factor, exempt), params in groups.items() if params or factor == 1.0]
 
 
 class Optimization:
     """AdamW over `decay_groups(model)` with transformers' warmup schedule (`schedule`: cosine or linear decay
-    to 0 at `total_steps`) and gradient-norm clipping; `step()` is one optimizer step."""
+    to 0 at `total_steps`) and gradient-norm clipping; `step()` is one optimizer step. `lr_multipliers` as in
+    `decay_groups`; the schedule scales every group's rate alike."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
                  schedule: str = "cosine", max_grad_norm: float | None = None,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_multipliers: dict[str, float] | None = None):
         from transformers import get_scheduler  # imported here: transformers is slow to import
 
         self.parameters = [param for param in model.parameters() if param.requires_grad]
         self.max_grad_norm = max_grad_norm
-        self.optimizer = torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.optimizer = torch.optim.AdamW(decay_groups(model, weight_decay, lr, lr_multipliers), lr=lr, betas=betas,
+                                           eps=eps)
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup_steps,
                                        num_training_steps=total_steps)
 

@@ -80,7 +80,8 @@ def run(params: FinetuneParams, task: TaskData, vlm: Path, subset: list[str], se
     steps = max(params.min_steps, math.ceil(params.epochs * len(examples) / params.batch_size))
     trained = torch.nn.ModuleDict({"model": model, "heads": heads})
     optimization = Optimization(trained, params.lr, params.weight_decay, round(params.warmup_share * steps), steps,
-                                max_grad_norm=params.max_grad_norm)
+                                max_grad_norm=params.max_grad_norm,
+                                lr_multipliers={"model.classifier.": params.head_lr_multiplier})
     batches = schedule(len(examples), params.batch_size, steps, torch.Generator().manual_seed(seed))
     start = _resume(checkpoint, trained, optimization)
     means = EpochMeans()
