@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from vlkd.config import load_params
 from vlkd.data.vqa_metric import question_accuracy, read_json, score_vqa
 from vlkd.evaluate.images import image_features
+from vlkd.evaluate.run import mode_folder
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher, resolve_teacher
@@ -66,10 +66,12 @@ def main() -> None:
     torch.manual_seed(0)
     params = load_params(args.params)
     world = params.synth.output
+    stored = stored_embeddings(params.distill.features, params.features.shards, world)
     print_table("1. teacher: linear probes on stored image embeddings", ["attribute", "probe", "majority"],
-                teacher_probes(params.distill.features, params.features.shards, world))
+                teacher_probes(*stored))
     prompt = args.prompt or params.evaluate.describe_prompt
-    descriptions, scenes, questions = describe(params, world, args.images, prompt)
+    evaluation = describe(params, world, args.images, prompt)
+    descriptions, scenes, questions = evaluation
     scores = [description_scores(described, scenes) for described in descriptions]
     print_table("2. student descriptions of evaluation images", ["named right", "image", "blank image"],
                 [[name, f"{image:.2f}", f"{blank:.2f}"]
@@ -84,11 +86,10 @@ def main() -> None:
     print_table("4. domain shift by cause (objects of each kind; VQA on the questions about them)",
                 ["objects", "count", "probe colour", "probe shape", "teacher top pairs", "described", "questions",
                  "reader", *[f"VQA {mode}" for mode in modes], "blank"],
-                shift_by_cause(params, world, args.images, prompt))
+                shift_by_cause(params, world, args.images, prompt, stored, evaluation))
 
 
-def teacher_probes(features: Path, shards: Path, world: Path) -> list[list[str]]:
-    x, records = stored_embeddings(features, shards, world)
+def teacher_probes(x: torch.Tensor, records: list[dict]) -> list[list[str]]:
     single = torch.tensor([len(r["objects"]) == 1 for r in records])
     rows = [[name, *probe(x[single], [r["objects"][0][name] for r, s in zip(records, single, strict=True) if s])]
             for name in PROBED]
@@ -171,15 +172,17 @@ def vqa_benchmark(params, split: str) -> str:
 GROUPS = ("eval", "shifted, seen pair", "shifted, held-out pair", "shifted, no object named")
 
 
-def shift_by_cause(params, world: Path, count: int, prompt: str) -> list[list[str]]:
+def shift_by_cause(params, world: Path, count: int, prompt: str, stored: tuple, evaluation: tuple) -> list[list[str]]:
+    """Section 4's rows; `stored` and `evaluation` are sections 1's and 2's inputs, not computed again."""
     vocabulary = json.loads((world / "world.json").read_text())["vocabulary"]
     held_out = {tuple(pair) for pair in vocabulary["held_out_pairs"]}
     teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu")
-    probes = attribute_probes(*stored_embeddings(params.distill.features, params.features.shards, world))
+    probes = attribute_probes(*stored)
     rows: dict[str, Counter] = {group: Counter() for group in GROUPS}
     for split in ("eval", "shifted"):
-        (described, _), scenes, (questions, annotations) = describe(params, world, count, prompt, split)
-        ranked, embedded = teacher_pairs(teacher, world / "images" / split, scenes, vocabulary)
+        run = evaluation if split == "eval" else describe(params, world, count, prompt, split)
+        (described, _), scenes, (questions, annotations) = run
+        ranked, embedded = teacher_pairs(params, split, teacher, scenes, vocabulary)
         for image_id, scene in scenes.items():
             said = parse(described[image_id])
             if len(scene["objects"]) == 1:  # the probes were fitted on single-object images
@@ -244,30 +247,26 @@ def attribute_probes(x: torch.Tensor, records: list[dict]) -> dict[str, tuple[to
     return probes
 
 
-def teacher_pairs(teacher, images: Path, scenes: dict, vocabulary: dict):
+def teacher_pairs(params, split: str, teacher, scenes: dict, vocabulary: dict):
     """Each image's colour-shape pairs, most similar first, by the teacher's cos(image, "a {colour} {shape}"),
-    and its normalised image embedding."""
+    and its image embedding as the features stage computes it (what the probes were fitted on)."""
+    spec = params.evaluate.benchmarks[vqa_benchmark(params, split)]
+    embedded, _ = image_features(spec, list(scenes), teacher, params.evaluate.cache / f"grounding-{split}-pooled",
+                                 False, "cpu")
+    embedded = {image_id: embedding.float() for image_id, embedding in embedded.items()}
     pairs = [(c, s) for c in vocabulary["colours"] for s in vocabulary["shapes"]]
     with torch.no_grad():
         texts = teacher.model.encode_text(teacher.tokenizer([f"a {c} {s}" for c, s in pairs])).float()
-        ranked, embedded = {}, {}
-        for begin in range(0, len(scenes), 64):
-            ids = list(scenes)[begin:begin + 64]
-            batch = torch.stack([teacher.preprocess(Image.open(images / scenes[i]["file_name"]).convert("RGB"))
-                                 for i in ids])
-            images_embedded = torch.nn.functional.normalize(teacher.model.encode_image(batch).float(), dim=1)
-            similarity = images_embedded @ torch.nn.functional.normalize(texts, dim=1).T
-            ranked.update({i: [pairs[k] for k in row.argsort(descending=True).tolist()]
-                           for i, row in zip(ids, similarity, strict=True)})
-            embedded.update(zip(ids, images_embedded, strict=True))
+    similarity = torch.stack([embedded[i] for i in scenes]) @ torch.nn.functional.normalize(texts, dim=1).T
+    ranked = {i: [pairs[k] for k in row.argsort(descending=True).tolist()]
+              for i, row in zip(scenes, similarity, strict=True)}
     return ranked, embedded
 
 
 def recorded_answers(params, benchmark: str) -> dict[str, dict[int, str]]:
     """The recorded evaluation's answers with the image, per VQA mode, and describe's (or the headline's) blank."""
-    folder = params.evaluate.output / benchmark
     modes = params.evaluate.vqa_modes
-    where = {mode: folder if mode == modes[0] else folder / mode for mode in modes}
+    where = {mode: mode_folder(params.evaluate.output / benchmark, mode, modes) for mode in modes}
     files = {f"VQA {mode}": where[mode] / "predictions.json" for mode in modes}
     files["blank"] = where["describe" if "describe" in modes else modes[0]] / "predictions_blank.json"
     missing = [str(path) for path in files.values() if not path.is_file()]

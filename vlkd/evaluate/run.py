@@ -144,8 +144,7 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         run = _vqa_mode(mode, name, spec, questions, annotations, records, usable, prompts, conditions, student,
                         plm, params)
         run.predictions["prior"], run.results["prior"] = prior, prior_result
-        # The headline mode's files where the official formats are expected; other modes' in a subfolder.
-        _write_vqa_files(folder if mode == params.vqa_modes[0] else folder / mode, run)
+        _write_vqa_files(mode_folder(folder, mode, params.vqa_modes), run)
         runs[mode] = run
     headline = runs[params.vqa_modes[0]]
     metrics = {**_mode_metrics(headline.results, per_question_type=True), "mode": params.vqa_modes[0],
@@ -158,6 +157,12 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         for question in sample["questions"]:
             question["modes"] = {mode: answers[question["question_id"]] for mode, answers in others.items()}
     return metrics, samples
+
+
+def mode_folder(benchmark_folder: Path, mode: str, modes: list[str]) -> Path:
+    """Where a VQA mode's predictions are written: the headline (first) mode's in the benchmark's folder,
+    where the official formats are expected; another mode's in a subfolder named after it."""
+    return benchmark_folder if mode == modes[0] else benchmark_folder / mode
 
 
 @dataclass
