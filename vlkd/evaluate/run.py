@@ -100,23 +100,40 @@ class _FeatureRows:
 
 
 class _Generator:
-    """Batched beam search over prompts for one model and condition, answers cut out of the outputs."""
+    """Batched beam search over prompts for one model and one benchmark's feature table, answers cut out of
+    the outputs. Each distinct input (table row and prompt, or the prompt alone without an image) is
+    generated once per generator and a repeat gets its answer: under the blank control every question has
+    the same image and under text only none, and question templates repeat (the embedded world's 991
+    questions are 103 distinct ones; VQAv2's "What color is the ...?" likewise), so a control costs its
+    distinct questions, and the shuffled control reuses what the image condition generated."""
 
     def __init__(self, student: Student, plm: tuple, params: EvaluateParams, max_new_tokens: int):
         self.student, self.plm, self.params, self.max_new_tokens = student, plm, params, max_new_tokens
+        self._answers: dict[tuple[int | None, str], str] = {}
+        self._table: torch.Tensor | None = None
 
     def answers(self, prompts: list[str], features: _FeatureRows | None, what: str) -> list[str]:
         """`features` None: the language model alone, no image."""
-        size, out = self.params.batch_size, []
-        for begin in tqdm(range(0, len(prompts), size), desc=what, unit="batch", disable=None, leave=False):
-            batch = prompts[begin:begin + size]
+        rows: list[int | None] = [None] * len(prompts) if features is None else features.rows.tolist()
+        if features is not None:
+            if self._table is not None and features.table is not self._table:
+                raise ValueError("a _Generator answers from one feature table; make another for another table")
+            self._table = features.table
+        inputs = list(zip(rows, prompts, strict=True))
+        todo = list(dict.fromkeys(key for key in inputs if key not in self._answers))
+        size = self.params.batch_size
+        for begin in tqdm(range(0, len(todo), size), desc=what, unit="batch", disable=None, leave=False):
+            batch = todo[begin:begin + size]
+            texts_in = [prompt for _, prompt in batch]
             if features is None:
-                texts = self._text_only(batch)
+                texts = self._text_only(texts_in)
             else:
-                texts = self.student.generate(features.batch(begin, size), batch, self.params.num_beams,
+                image_rows = _FeatureRows(features.table, _long([row for row, _ in batch]))
+                texts = self.student.generate(image_rows.batch(0, size), texts_in, self.params.num_beams,
                                               self.max_new_tokens)
-            out.extend(extract_infill(prompt, text) for prompt, text in zip(batch, texts, strict=True))
-        return out
+            for key, text in zip(batch, texts, strict=True):
+                self._answers[key] = extract_infill(key[1], text)
+        return [self._answers[key] for key in inputs]
 
     def _text_only(self, prompts: list[str]) -> list[str]:
         bart, tokenizer = self.plm
@@ -184,13 +201,14 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
               usable: list[dict], prompts: list[str], conditions: dict, student: Student, plm: tuple,
               params: EvaluateParams) -> _ModeRun:
     """One way of asking (direct or describe) under every condition."""
-    generator = _Generator(student, plm, params, params.vqa_max_new_tokens)
+    generator = _Generator(student, plm, params, params.vqa_max_new_tokens)  # direct; describe: the answers
+    describer = _Generator(student, plm, params, params.caption_max_new_tokens)
     results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
         what = f"{name} {mode} {condition}"
         if mode == "describe":
-            answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, student,
-                                                                  plm, params, what)
+            answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, describer,
+                                                                  generator, params, what)
         else:
             answers = generator.answers(prompts, condition_features, what)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
@@ -234,8 +252,8 @@ def _vqa_conditions(table: torch.Tensor, row_of: dict[int, int], usable: list[di
     }
 
 
-def _described_answers(records: list[dict], prompts: list[str], features: _FeatureRows | None, student: Student,
-                       plm: tuple, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
+def _described_answers(records: list[dict], prompts: list[str], features: _FeatureRows | None, describer: _Generator,
+                       answerer: _Generator, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
     """VQA mode `describe`: the model under test describes each image (the caption prompt, with that
     condition's features, or the language model alone for text_only), and the language model before
     distillation answers "<description>. <vqa prompt>" from text, as it was pretrained to."""
@@ -243,7 +261,6 @@ def _described_answers(records: list[dict], prompts: list[str], features: _Featu
     for row, record in enumerate(records):
         first_row.setdefault(record["image_id"], row)
     image_ids = list(first_row)
-    describer = _Generator(student, plm, params, params.caption_max_new_tokens)
     prompt = fill_prompt(params.describe_prompt)
     if features is None:  # text_only: one prompt, no image, so one description for every image
         descriptions = describer.answers([prompt], None, f"{what} describe") * len(image_ids)
@@ -257,7 +274,6 @@ def _described_answers(records: list[dict], prompts: list[str], features: _Featu
     by_image = dict(zip(image_ids, descriptions, strict=True))
     contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
                 zip(records, prompts, strict=True)]
-    answerer = _Generator(student, plm, params, params.vqa_max_new_tokens)
     return answerer.answers(contexts, None, f"{what} answer"), by_image
 
 

@@ -106,6 +106,10 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     generator = seed_everything(params.seed)
     model_config = embedded_config(params.image_size)
     model, transform, _ = create_embedded_model(folder, device, model_config)
+    # The ResNet's convolutions in channels-last layout, the one oneDNN's (and cuDNN's) fastest kernels
+    # take: a training step 17% shorter on 2 CPU cores (docs/experiments.md, "Ten minutes"). Only the
+    # memory layout changes, for the training steps only.
+    model = model.to(memory_format=torch.channels_last)
     pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
@@ -123,7 +127,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     with progress(total, "teacher") as bar:
         for epoch in range(params.epochs):
             for batch_images, batch_tokens in loader:
-                batch_images = batch_images.to(device, non_blocking=True)
+                batch_images = batch_images.to(device, non_blocking=True, memory_format=torch.channels_last)
                 batch_tokens = batch_tokens.to(device, non_blocking=True)
                 with autocast(device, precision):
                     out = model(batch_images, batch_tokens)
@@ -140,7 +144,8 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
             log.info("epoch %d/%d: mean contrastive loss %.4f, temperature 1/%.1f", epoch + 1, params.epochs,
                      epochs.end_epoch()["loss"], model.logit_scale.exp().item())
     epoch_losses = epochs.of("loss")
-    model.eval()
+    # Back to the layout every loaded teacher has, so this model embeds exactly as the saved checkpoint does.
+    model = model.to(memory_format=torch.contiguous_format).eval()
     seconds = time.perf_counter() - started
     if save:
         save_checkpoint(model, EMBEDDED_MODEL, model_config, folder)
