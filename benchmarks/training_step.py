@@ -9,8 +9,8 @@ runs the real models at the sizes params.yaml gives them, on random inputs of th
 
   teacher  the embedded open_clip ResNet CLIP (`teacher.image_size`, `teacher.batch_size`, captions of
            its context length) with open_clip's ClipLoss;
-  plm      the embedded BART (`plm.*` sizes, vocabulary `plm.vocab_size`) on `plm.batch_size` documents of
-           `plm.max_length` / 2 tokens with labels, BART's infilling loss.
+  plm      the embedded BART as the plm stage creates it (`vlkd.plm.pretrain.create_model`, vocabulary
+           `plm.vocab_size`) on `plm.batch_size` documents of `plm.max_length` / 2 tokens, BART's loss.
 
 The optimizer is `vlkd.training.decay_groups` with the loops' betas, clipping as the loops clip. Every
 variant starts from the same weights and inputs and runs in this one process, one after the other, after
@@ -58,16 +58,25 @@ def teacher_case(params, folder: Path):
     return model, loss, (0.9, 0.98), None
 
 
+class _Vocabulary:
+    """What `vlkd.plm.pretrain.create_model` reads of a tokenizer: its size and BART's special ids (the
+    pretrained one's layout), so the benchmark builds the stage's own model without training a tokenizer."""
+
+    pad_token_id, bos_token_id, eos_token_id = 1, 0, 2
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def plm_case(params, folder: Path):
-    from transformers import BartConfig, BartForConditionalGeneration
+    from vlkd.plm.pretrain import create_model
 
     p = params.plm
-    config = BartConfig(vocab_size=p.vocab_size, d_model=p.d_model, encoder_layers=p.layers, decoder_layers=p.layers,
-                        encoder_attention_heads=p.heads, decoder_attention_heads=p.heads, encoder_ffn_dim=p.ffn_dim,
-                        decoder_ffn_dim=p.ffn_dim, max_position_embeddings=p.max_positions, dropout=p.dropout)
-    model = BartForConditionalGeneration(config)
-    length = p.max_length // 2
-    ids = torch.randint(4, p.vocab_size, (p.batch_size, length))
+    model = create_model(p, _Vocabulary(p.vocab_size))
+    ids = torch.randint(4, p.vocab_size, (p.batch_size, p.max_length // 2))
 
     def loss(model, channels_last: bool):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss

@@ -90,13 +90,10 @@ class _FeatureRows:
     """One condition's image features for a list of prompts, without a copy per prompt: `table` holds each
     image's features once ([images + 1, ...], the blank image last) and prompt i uses row `rows[i]` of it.
     VQAv2 has ~5 questions per image, so a tensor per question would be ~5x the images' features for each
-    condition (hundreds of GB with patch tokens); batches are gathered from the table one at a time."""
+    condition (hundreds of GB with patch tokens); `_Generator` gathers each batch from the table."""
 
     table: torch.Tensor
     rows: torch.Tensor  # LongTensor [prompts]
-
-    def batch(self, begin: int, size: int) -> torch.Tensor:
-        return self.table[self.rows[begin:begin + size]]
 
 
 class _Generator:
@@ -128,9 +125,8 @@ class _Generator:
             if features is None:
                 texts = self._text_only(texts_in)
             else:
-                image_rows = _FeatureRows(features.table, _long([row for row, _ in batch]))
-                texts = self.student.generate(image_rows.batch(0, size), texts_in, self.params.num_beams,
-                                              self.max_new_tokens)
+                texts = self.student.generate(features.table[_long([row for row, _ in batch])], texts_in,
+                                              self.params.num_beams, self.max_new_tokens)
             for key, text in zip(batch, texts, strict=True):
                 self._answers[key] = extract_infill(key[1], text)
         return [self._answers[key] for key in inputs]
@@ -201,16 +197,16 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
               usable: list[dict], prompts: list[str], conditions: dict, student: Student, plm: tuple,
               params: EvaluateParams) -> _ModeRun:
     """One way of asking (direct or describe) under every condition."""
-    generator = _Generator(student, plm, params, params.vqa_max_new_tokens)  # direct; describe: the answers
+    answerer = _Generator(student, plm, params, params.vqa_max_new_tokens)  # direct, and describe's answers
     describer = _Generator(student, plm, params, params.caption_max_new_tokens)
     results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
         what = f"{name} {mode} {condition}"
         if mode == "describe":
             answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, describer,
-                                                                  generator, params, what)
+                                                                  answerer, params, what)
         else:
-            answers = generator.answers(prompts, condition_features, what)
+            answers = answerer.answers(prompts, condition_features, what)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
         # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
         predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
