@@ -508,3 +508,97 @@ def test_warmup_takes_at_most_a_tenth_of_a_short_run(setup, tmp_path):
     assert len(rates) == 20
     assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])  # 2 warmup steps, then the peak, then the decay
     assert rates[-1] < 0.1 * max(rates)
+
+
+# -- caption reading: the image prefix read as the language model reads the caption -------------------------
+def _reading(setup, tmp_path, corpus_text: str, prompt: str = "Question: {question} Answer: <mask>"):
+    from vlkd.distill.reading import CaptionReading
+    from vlkd.models.student import load_language_model
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_text)
+    reader, tokenizer = load_language_model(setup[1], "distill.plm")
+    return CaptionReading(corpus, tokenizer, reader, prompt, 64, torch.device("cpu"))
+
+
+def test_caption_reading_asks_the_corpus_questions_and_takes_the_language_models_reading_of_the_caption(
+        setup, tmp_path):
+    reading = _reading(setup, tmp_path, "a red circle. Question: What color is the circle? Answer: red\n"
+                                        "a blue star on the left\n")
+    assert reading.questions == ["What color is the circle?"]
+    tokenizer, reader = reading.tokenizer, reading.reader
+    start, eos = reader.config.decoder_start_token_id, tokenizer.eos_token_id
+
+    def language_model(caption: str, answer: list[int]) -> torch.Tensor:
+        """The language model itself, reading the caption before the prompt: the next token's log-probabilities."""
+        described = f"{caption.rstrip('.')}. Question: What color is the circle? Answer:"
+        text = tokenizer([described + " <mask>"], return_tensors="pt")
+        head = tokenizer([described])["input_ids"][0][:-1]
+        with torch.no_grad():
+            logits = reader(input_ids=text.input_ids, attention_mask=text.attention_mask,
+                            decoder_input_ids=torch.tensor([[start, *head, *answer]])).logits
+        return logits[0, -1].log_softmax(-1)
+
+    captions = ["a red circle at the top.", "a green square"]
+    batch = reading.batch([[caption] for caption in captions], np.random.default_rng(0))
+    for row, caption in enumerate(captions):
+        encoder = tokenizer.decode(batch["input_ids"][row][batch["attention_mask"][row] == 1])
+        # The image stands where the caption stands for the language model.
+        assert encoder == "<s>Question: What color is the circle? Answer: <mask></s>"
+        copied = batch["copy_labels"][row]
+        assert tokenizer.decode(copied[copied != -100]) == "<s>Question: What color is the circle? Answer:"
+        # The slots follow the language model's greedy answer up to its end: each slot's target is its reading
+        # with the answer so far, and the student's decoder is fed that answer.
+        answer, slots = [], int(batch["answer_mask"][row].sum())
+        for slot in range(slots):
+            expected = language_model(caption, answer)
+            torch.testing.assert_close(batch["target"][row, slot], expected, atol=1e-5, rtol=1e-4)
+            answer.append(int(expected.argmax()))
+        assert answer[-1] == eos or slots == 4
+        position = batch["answer_position"][row, :slots]
+        decoder = batch["decoder_input_ids"][row][:int(position[-1]) + 1]
+        assert tokenizer.decode(decoder[:int(position[0]) + 1]) == "</s><s>Question: What color is the circle? Answer:"
+        assert decoder[int(position[0]) + 1:].tolist() == answer[:-1]
+        assert (copied[int(position[0]):] == -100).all()
+    assert not torch.allclose(batch["target"][0, 0], batch["target"][1, 0])  # each caption is read
+    # An image with both captions: the product of the two readings (their mean log-probability, renormalised).
+    both = reading.batch([captions], np.random.default_rng(0))["target"][0, 0]
+    torch.testing.assert_close(both, batch["target"][:, 0].mean(0).log_softmax(-1), atol=1e-5, rtol=1e-4)
+
+
+def test_caption_reading_needs_questions_in_the_corpus_and_a_prompt_that_ends_with_the_answer(setup, tmp_path):
+    with pytest.raises(VlkdError, match="has none; set distill.reading_weight: 0"):
+        _reading(setup, tmp_path, "a blue star on the left\n")
+    with pytest.raises(VlkdError, match="must end with <mask>"):
+        _reading(setup, tmp_path, "a. Question: Why? Answer: so\n", prompt="Q: {question} A: <mask> thanks")
+
+
+def test_reading_loss_is_the_copy_cross_entropy_plus_the_answers_kl():
+    from vlkd.models.losses import reading_loss
+
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, -100, -100, -100], [3, 4, 5, -100, -100]])
+    position = torch.tensor([[2, 3], [3, 0]])  # the second row's answer has one slot
+    mask = torch.tensor([[True, True], [True, False]])
+    target = torch.randn(2, 2, 7).log_softmax(-1)
+    copy = F.cross_entropy(logits.reshape(-1, 7), labels.reshape(-1), ignore_index=-100)
+
+    def kl(row: int, slot: int) -> torch.Tensor:
+        answer = logits[row, position[row, slot]].log_softmax(-1)
+        return (target[row, slot].exp() * (target[row, slot] - answer)).sum()
+
+    expected = copy + (kl(0, 0) + kl(0, 1) + kl(1, 0)) / 2  # summed over an answer's slots, mean over rows
+    torch.testing.assert_close(reading_loss(logits, labels, position, mask, target), expected)
+    same = logits.clone()
+    same[0, 2], same[0, 3], same[1, 3] = target[0, 0], target[0, 1], target[1, 0]  # the language model's answer
+    torch.testing.assert_close(reading_loss(same, labels, position, mask, target), copy)
+
+
+def test_distillation_with_caption_reading_lowers_it(setup, tmp_path, tiny_world_shards):
+    corpus = shutil.copy(tiny_world_shards[0] / "text" / "train.txt", tmp_path / "train.txt")
+    plm = _plm_built_on(setup[1], tmp_path / "plm", corpus)
+    metrics = train.distill(params(setup, tmp_path, plm=plm, epochs=6, batch_size=10, ttdm_weight=0.0,
+                                   itcl_weight=0.0, icti_weight=1.0, reading_weight=1.0))
+    means = [epoch["reading"] for epoch in metrics["this_run"]["epoch_means"]]
+    assert set(metrics["final"]) == {"icti", "reading", "loss"}
+    assert means[-1] < 0.9 * means[0], means

@@ -64,7 +64,7 @@ def eval_params(trained, output, **changes) -> EvaluateParams:
     base = dict(student=root / "student", plm=plm, teacher=teacher, output=output, cache=root / "cache",
                 benchmarks=benchmarks, curves=root / "curves",
                 num_beams=2, vqa_max_new_tokens=3, caption_max_new_tokens=4, batch_size=16, report_samples=3,
-                vqa_modes=["describe"], device="cpu")  # the world's headline mode (params.yaml)
+                vqa_modes=["describe"], device="cpu")
     return EvaluateParams(**{**base, **changes})
 
 

@@ -86,7 +86,8 @@ VARIANT = {
     # evaluation must embed its images with the same grid, or the student's teacher check refuses them.
     "features": {"image_tokens": True, "token_grid": 2},
     "plm": {"model": "data/models/bart", "text": "data/text", "corpus": None, "heldout": "data/text/heldout.txt"},
-    "distill": {"prefix": "patch", "prefix_tokens": 1, "retention_weight": 0.0, "whole_caption_share": 0.0,
+    "distill": {"prefix": "patch", "prefix_tokens": 1, "retention_weight": 0.0, "reading_weight": 0.0,
+                "whole_caption_share": 0.0,
                 "whole_caption_keep": 0, "epochs": 1},
     "evaluate": {"data": "data/benchmarks", "vqa_modes": ["direct"], "benchmarks": {
         "vqav2": {"task": "vqa", "images": "data/benchmarks/coco/val2014",

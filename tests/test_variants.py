@@ -38,7 +38,9 @@ def test_the_shipped_variant_is_the_papers_setting_and_replaces_the_worlds_bench
     assert (params.teacher.model, params.teacher.pretrained, params.plm.model) == ("ViT-L-14", "openai",
                                                                                      "facebook/bart-large")
     assert params.evaluate.vqa_modes == ["direct", "describe"]  # the paper's inference is the headline
-    assert (params.distill.prefix, params.distill.retention_weight) == ("pooled", 0.0)
+    distill = params.distill
+    assert (distill.prefix, distill.retention_weight, distill.reading_weight) == ("pooled", 0.0, 0.0)
+    assert params.evaluate.caption_prompt == "A picture of <mask>"
     assert params.evaluate.benchmarks["vqav2"].image_pattern.format(image_id=42) == "COCO_val2014_000000000042.jpg"
 
 

@@ -199,6 +199,10 @@ class DistillParams(_Section):
     # Text retention (not in the paper): the language model's infilling on its own corpus (plm.corpus,
     # found through the language model's folder), no image.
     retention_weight: float = Field(0.0, ge=0)
+    # Caption reading (not in the paper, distill/reading.py): with the image prefix in front of a question of
+    # plm.corpus, the student answers as the frozen language model does with the image's caption in front.
+    reading_weight: float = Field(0.0, ge=0)
+    reading_prompt: str = "Question: {question} Answer: <mask>"  # the zero-shot VQA prompt (evaluate.vqa_prompt)
     ttdm_distance: Literal["mse", "cosine"] = "mse"
     itcl_temperature: float = Field(0.01, gt=0, description="CLIP's temperature; the starting value if learnable")
     itcl_learnable_temperature: bool = False

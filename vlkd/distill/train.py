@@ -28,20 +28,21 @@ from torch.nn.parallel import DistributedDataParallel
 from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.distill.data import FeatureBatches
+from vlkd.distill.reading import CaptionReading
 from vlkd.distill.retention import RetentionBatches
 from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_rows_seen, rows_seen_record
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, remove_path, sha256_file, tmp_path_for, write_json_atomic
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
 from vlkd.models.language_model import language_model_text, read_manifest
-from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
-from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig
+from vlkd.models.losses import ItclLoss, noisy_batch, reading_loss, ttdm_loss
+from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig, load_language_model
 from vlkd.models.teacher import check_teacher
 from vlkd.training import EpochMeans, Optimization, autocast, progress, resolve_device, resolve_precision, trainable
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ttdm", "itcl", "icti", "retention")
+LOSSES = ("ttdm", "itcl", "icti", "retention", "reading")
 CHECKPOINT = "last.pt"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
@@ -69,7 +70,8 @@ def distill(params: DistillParams) -> dict:
 
 
 class VlkdObjective(nn.Module):
-    """The weighted sum of TTDM, ITCL and ICTI for one batch; the module DDP wraps."""
+    """The weighted sum of TTDM, ITCL and ICTI (and retention and caption reading, when on) for one batch;
+    the module DDP wraps."""
 
     def __init__(self, student: Student, params: DistillParams, ranks: Ranks):
         super().__init__()
@@ -77,7 +79,7 @@ class VlkdObjective(nn.Module):
         self.itcl = ItclLoss(ranks.rank, ranks.world_size)
 
     def forward(self, text_ids, text_mask, noisy_ids, noisy_mask, labels, prefix_features, image_embedding,
-                text_embedding, retention=None) -> dict[str, torch.Tensor]:
+                text_embedding, retention=None, reading=None) -> dict[str, torch.Tensor]:
         p, losses = self.params, {}
         if p.ttdm_weight or p.itcl_weight:
             student_text = self.student.text_embedding(text_ids, text_mask)
@@ -90,8 +92,13 @@ class VlkdObjective(nn.Module):
         if retention is not None:
             losses["retention"] = self.student.infilling_loss(retention["input_ids"], retention["attention_mask"],
                                                               retention["labels"], None)
+        if reading is not None:
+            logits = self.student.decoder_logits(reading["input_ids"], reading["attention_mask"],
+                                                 reading["decoder_input_ids"], prefix_features)
+            losses["reading"] = reading_loss(logits, reading["copy_labels"], reading["answer_position"],
+                                             reading["answer_mask"], reading["target"])
         weights = {"ttdm": p.ttdm_weight, "itcl": p.itcl_weight, "icti": p.icti_weight,
-                   "retention": p.retention_weight}
+                   "retention": p.retention_weight, "reading": p.reading_weight}
         losses["loss"] = sum(weights[name] * value for name, value in losses.items())
         return losses
 
@@ -112,6 +119,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size,
                              rows=None if selection is None else selection.rows)
     retention = _retention_batches(params, student)
+    reading = _caption_reading(params, student, ranks.device)
     steps_per_epoch = batches.steps_per_epoch // params.grad_accum
     if steps_per_epoch == 0:
         raise VlkdError(f"{batches.steps_per_epoch} batches per epoch make no optimizer step of "
@@ -143,7 +151,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if data is None or in_epoch == 0:
                 data = batches.epoch(epoch, skip=in_epoch * params.grad_accum)
-            recent = _train_step(objective, student, data, retention, params, ranks, step, precision)
+            recent = _train_step(objective, student, data, retention, reading, params, ranks, step, precision)
             _check_finite(recent, step, checkpoint, ranks)
             recent["lr"] = optimization.step()
             if live is not None:
@@ -181,18 +189,22 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     return metrics
 
 
-def _train_step(objective, student: Student, data, retention: RetentionBatches | None, params: DistillParams,
-                ranks: Ranks, step: int, precision: str) -> dict[str, float]:
+def _train_step(objective, student: Student, data, retention: RetentionBatches | None,
+                reading: CaptionReading | None, params: DistillParams, ranks: Ranks, step: int,
+                precision: str) -> dict[str, float]:
     """One optimizer step's forward and backward passes over `grad_accum` micro-batches (forward under
     autocast, backward outside it, as torch recommends); the losses, averaged over the micro-batches."""
     torch.manual_seed(_step_seed(params.seed, ranks.rank, step))
     noise = np.random.default_rng([params.seed, ranks.rank, step])
     totals: dict[str, torch.Tensor] = {}
     for micro in range(params.grad_accum):
-        inputs = _model_inputs(next(data), student, params, noise, ranks.device)
+        batch = next(data)
+        inputs = _model_inputs(batch, student, params, noise, ranks.device)
         if retention is not None:
             inputs["retention"] = {name: tensor.to(ranks.device, non_blocking=True)
                                    for name, tensor in retention.batch(params.batch_size, noise).items()}
+        if reading is not None:  # drawn last: the other terms' noise is the same with or without it
+            inputs["reading"] = reading.batch(_image_captions(batch), noise)
         last = micro == params.grad_accum - 1
         sync = objective.no_sync() if isinstance(objective, DistributedDataParallel) and not last else nullcontext()
         with sync, autocast(ranks.device, precision):
@@ -226,12 +238,13 @@ def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: n
 def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
     """ICTI reconstructs one of each image's captions, drawn anew each step where the features list several;
     TTDM and ITCL stay on `caption`, the one whose teacher embedding is stored."""
+    return [options[noise.integers(len(options))] for options in _image_captions(batch)]
+
+
+def _image_captions(batch: dict) -> list[list[str]]:
+    """Every caption of each image: the listed ones where the features list several, else the stored one."""
     listed = batch.get("captions") or [None] * len(batch["caption"])
-    chosen = []
-    for caption, options in zip(batch["caption"], listed, strict=True):
-        options = options or [caption]
-        chosen.append(options[noise.integers(len(options))])
-    return chosen
+    return [options or [caption] for caption, options in zip(batch["caption"], listed, strict=True)]
 
 
 def _unpadded(encoded) -> list[list[int]]:
@@ -259,6 +272,14 @@ def _retention_batches(params: DistillParams, student: Student) -> RetentionBatc
                             params.max_length)
 
 
+def _caption_reading(params: DistillParams, student: Student, device: torch.device) -> CaptionReading | None:
+    if not params.reading_weight:
+        return None
+    corpus = language_model_text(params.plm, "corpus", f"distill.reading_weight {params.reading_weight}")
+    reader, _ = load_language_model(params.plm, "distill.plm")  # the language model as it was, frozen
+    return CaptionReading(corpus, student.tokenizer, reader, params.reading_prompt, params.max_length, device)
+
+
 # -- building the student --------------------------------------------------------------------------------
 def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
     names = set(pq.read_schema(store.files[0]).names)
@@ -268,7 +289,7 @@ def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
             raise VlkdError(f"{store.files[0]} has no text_embedding column, which TTDM needs; re-extract the "
                             "features or set distill.ttdm_weight: 0")
         needed.add("text_embedding")
-    if params.icti_weight and "captions" in names:
+    if (params.icti_weight or params.reading_weight) and "captions" in names:
         needed.add("captions")
     if params.prefix == "patch":
         if "image_tokens" not in names:

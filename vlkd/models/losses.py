@@ -5,6 +5,9 @@ store (frozen); only the student's side carries gradients.
   ITCL  symmetric InfoNCE between CLIP's image embedding v_i and the student's text embedding of caption j,
         in-batch negatives (across all ranks under DDP): open_clip's own ClipLoss.
   ICTI  BART's denoising loss with the image prefix in front of the masked caption (Student.infilling_loss).
+
+And one term not in the paper (distill/reading.py): caption reading, the student with the image prefix
+against the language model with the caption, at the answer of a question.
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ def ttdm_loss(student_text: torch.Tensor, teacher_text: torch.Tensor, distance: 
     if distance == "cosine":
         return (1 - F.cosine_similarity(student_text, teacher_text, dim=-1)).mean()
     raise ValueError(f"unknown TTDM distance {distance!r}; use mse or cosine")
+
+
+def reading_loss(logits: torch.Tensor, copy_labels: torch.Tensor, answer_position: torch.Tensor,
+                 answer_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Caption reading: the cross-entropy of rewriting the prompt (`copy_labels`, -100 elsewhere) plus the
+    KL(target || student) of the answer, summed over its slots (`answer_position` [rows, slots] where
+    `answer_mask`), `target` [rows, slots, vocabulary] being the language model's log-probabilities there
+    when it reads the caption instead of the image. Both terms are means over rows."""
+    copy = F.cross_entropy(logits.flatten(0, 1).float(), copy_labels.flatten(), ignore_index=-100)
+    rows = torch.arange(logits.shape[0], device=logits.device).unsqueeze(1)
+    answer = logits[rows, answer_position].float().log_softmax(-1)
+    kl = (target.exp() * (target - answer)).sum(-1)
+    return copy + (kl * answer_mask).sum() / logits.shape[0]
 
 
 class ItclLoss(torch.nn.Module):

@@ -100,6 +100,12 @@ class Student(nn.Module):
         embeds, mask = self.encoder_inputs(input_ids, attention_mask, image_features)
         return self.bart(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
+    def decoder_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, decoder_input_ids: torch.Tensor,
+                       image_features: torch.Tensor) -> torch.Tensor:
+        """The decoder's logits, teacher-forced on `decoder_input_ids`, with the image prefix in front of the text."""
+        embeds, mask = self.encoder_inputs(input_ids, attention_mask, image_features)
+        return self.bart(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits
+
     # -- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor | None, prompts: list[str], num_beams: int = 5,

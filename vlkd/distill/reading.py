@@ -1,0 +1,136 @@
+"""Caption reading (not in the paper): the student reads an image as its language model reads the image's caption.
+
+The paper's zero-shot VQA puts the image prefix where a text language model would have a description:
+`[image prefix ; "Question: q Answer: <mask>"]`. Nothing in TTDM, ITCL or ICTI ever shows the encoder a
+prefix followed by a question, so the prefix is trained to fill in captions, not to be read as one; on the
+embedded world the student then answers below the question-type prior (docs/experiments.md, "Direct mode").
+This term aligns the prefix with the text it stands for, at the place the inference uses it:
+
+  teacher  the frozen language model (the one distillation started from) reading
+           `"<caption>. Question: q Answer: <mask>"` for each of the image's captions: its greedy answer
+           up to its end of text, and its distribution at each of those tokens, the captions' readings
+           combined as a product;
+  student  `[image prefix ; "Question: q Answer: <mask>"]`, teacher-forced on the prompt it rewrites and
+           on that answer: KL(teacher || student) at each of the answer's tokens and at its end, plus the
+           cross-entropy of rewriting the prompt itself (the language model's own habit, which the prefix
+           must not displace).
+
+The questions are the ones in the language model's own text corpus (`plm.corpus`), paired with training
+images at random, and the answers are the language model's own reading of the caption: no question-answer
+pair about a training image is ever given, the zero-shot rule of VQA evaluation. The term needs a corpus
+with questions in the prompt's form; a corpus without any is one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import BartForConditionalGeneration
+
+from vlkd.data.text import qa_pairs, read_documents
+from vlkd.errors import VlkdError
+from vlkd.models.infill import MASK, fill_prompt
+
+ANSWER_TOKENS = 4  # the language model's answer is followed this far (VQA answers are a word or a few)
+
+
+class CaptionReading:
+    """Questions of the language model's corpus, and per batch of captions the two sides of the term."""
+
+    def __init__(self, corpus: Path, tokenizer, language_model: BartForConditionalGeneration, prompt: str,
+                 max_length: int, device: torch.device):
+        questions = sorted({question for document in read_documents(corpus, "plm.corpus")
+                            for question, *_ in qa_pairs(document)[1]})
+        if not questions:
+            raise VlkdError(f"distill.reading_weight needs questions in the language model's corpus {corpus} "
+                            "(\"... Question: q Answer: a\"), and it has none; set distill.reading_weight: 0")
+        fill_prompt(prompt, question=questions[0])  # a bad template is one line before training starts
+        if not prompt.rstrip().endswith(MASK):
+            raise VlkdError(f"distill.reading_prompt {prompt!r} must end with {MASK}: the answer is read at the "
+                            "token after the prompt's text")
+        self.questions, self.prompt, self.tokenizer, self.max_length = questions, prompt, tokenizer, max_length
+        self.reader = language_model.to(device).eval().requires_grad_(False)
+        self.device = device
+
+    def batch(self, captions: list[list[str]], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """The student's encoder text, decoder inputs, copy labels and answer slots, and the teacher's
+        log-probabilities at each slot, for one question drawn per image; `captions` holds each image's
+        captions (one or several)."""
+        drawn = rng.integers(len(self.questions), size=len(captions))
+        prompts = [fill_prompt(self.prompt, question=self.questions[i]) for i in drawn]
+        heads = [prompt.split(MASK)[0].rstrip() for prompt in prompts]  # what the decoder writes before the answer
+        answer, targets = self._reading(captions, prompts, heads)
+        student = answer_slot_inputs(self.tokenizer, prompts, heads, self.reader.config.decoder_start_token_id,
+                                     self.max_length, [tokens[:-1] for tokens in answer])
+        student["target"] = targets
+        return {name: tensor.to(self.device, non_blocking=True) for name, tensor in student.items()}
+
+    @torch.no_grad()
+    def _reading(self, captions: list[list[str]], prompts: list[str],
+                 heads: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+        """The language model's greedy answer after each image's captions, up to its end-of-text (at most
+        ANSWER_TOKENS tokens), and its log-probabilities at each of those slots [images, slots, vocabulary].
+        An image's captions are combined as a product of experts (the mean log-probability, renormalised):
+        where one caption states what is asked ("... at the top") and another does not ("two shapes: ..."),
+        the answer is the one they agree on, led by the caption that knows, not an average that the
+        uninformed captions flatten."""
+        image = [row for row, listed in enumerate(captions) for _ in listed]
+        described = [caption.strip().rstrip(".") + ". " for listed in captions for caption in listed]
+        index = torch.tensor(image, device=self.device)
+        counts = torch.bincount(index, minlength=len(captions)).unsqueeze(1)
+        eos = self.tokenizer.eos_token_id
+        # The teacher's text is a caption (at most max_length tokens, as ICTI reads it) and the prompt, within
+        # the positions the language model has, the answer's included.
+        limit = min(2 * self.max_length, self.reader.config.max_position_embeddings - ANSWER_TOKENS - 1)
+        answers: list[list[int]] = [[] for _ in captions]
+        slots, encoded = [], None
+        for _ in range(ANSWER_TOKENS):
+            teacher = answer_slot_inputs(
+                self.tokenizer, [d + prompts[i] for d, i in zip(described, image, strict=True)],
+                [d + heads[i] for d, i in zip(described, image, strict=True)],
+                self.reader.config.decoder_start_token_id, limit, [answers[i] for i in image])
+            output = self.reader(input_ids=teacher["input_ids"].to(self.device), encoder_outputs=encoded,
+                                 attention_mask=teacher["attention_mask"].to(self.device),
+                                 decoder_input_ids=teacher["decoder_input_ids"].to(self.device))
+            # The encoder's text is the same at every slot: it is encoded once. (The decoder is run whole
+            # again: its rows end at different positions, which a key-value cache does not allow.)
+            logits, encoded = output.logits, (output.encoder_last_hidden_state,)
+            last = teacher["answer_mask"].sum(1) - 1  # each row's newest slot
+            position = teacher["answer_position"][torch.arange(len(image)), last].to(self.device)
+            each = logits[torch.arange(len(image), device=self.device), position].float().log_softmax(-1)
+            summed = torch.zeros(len(captions), each.shape[1], device=self.device).index_add_(0, index, each)
+            slot = (summed / counts).log_softmax(-1)
+            slots.append(slot)
+            finished = True
+            for row, token in enumerate(slot.argmax(-1).tolist()):
+                if not answers[row] or answers[row][-1] != eos:
+                    answers[row].append(token)
+                finished = finished and answers[row][-1] == eos
+            if finished:
+                break
+        return answers, torch.stack(slots, 1)
+
+
+def answer_slot_inputs(tokenizer, encoder_texts: list[str], decoder_texts: list[str], decoder_start: int,
+                       max_length: int, answers: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Encoder ids of the texts; decoder inputs `[start, <s>, head..., answer...]` with the head as copy
+    labels (-100 elsewhere); `answer_position` [rows, slots]: where the decoder predicts each answer token
+    and the token after the given ones (the last slot), `answer_mask` which slots a row has."""
+    answers = answers or [[] for _ in encoder_texts]
+    encoder = tokenizer(encoder_texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    heads = [ids[:-1] for ids in tokenizer(decoder_texts, truncation=True, max_length=max_length)["input_ids"]]
+    width = max(len(ids) + len(answer) for ids, answer in zip(heads, answers, strict=True)) + 1
+    slots = max(len(answer) for answer in answers) + 1
+    decoder = torch.full((len(heads), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(heads), width), -100, dtype=torch.long)
+    position = torch.zeros((len(heads), slots), dtype=torch.long)
+    mask = torch.zeros((len(heads), slots), dtype=torch.bool)
+    for row, (ids, answer) in enumerate(zip(heads, answers, strict=True)):
+        decoder[row, :len(ids) + len(answer) + 1] = torch.tensor([decoder_start, *ids, *answer])
+        labels[row, :len(ids)] = torch.tensor(ids)
+        position[row, :len(answer) + 1] = torch.arange(len(ids), len(ids) + len(answer) + 1)
+        mask[row, :len(answer) + 1] = True
+    return {"input_ids": encoder.input_ids, "attention_mask": encoder.attention_mask, "decoder_input_ids": decoder,
+            "copy_labels": labels, "answer_position": position, "answer_mask": mask}
