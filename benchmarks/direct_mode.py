@@ -70,14 +70,15 @@ def main() -> None:
     readings = {"plm, true scene": read(bart, tokenizer, [d + p for d, p in zip(described, prompts, strict=True)],
                                         [d + h for d, h in zip(described, heads, strict=True)]),
                 "plm, no text": read(bart, tokenizer, prompts, heads)}
-    written = []
+    written, embedded = [], {}
     for folder in args.student or [params.evaluate.student]:
         student = Student.from_pretrained(folder, "cpu")
         patch = student.config.prefix == "patch"
-        teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=patch)
-        image_ids = sorted({q["image_id"] for q in questions})
-        features, blank = image_features(spec, image_ids, teacher, params.evaluate.cache / f"direct-{args.split}",
-                                         patch, "cpu")
+        if patch not in embedded:  # the evaluation images, embedded once for every student of that prefix
+            teacher = load_teacher(*resolve_teacher(params.evaluate.teacher), device="cpu", image_tokens=patch)
+            embedded[patch] = image_features(spec, sorted({q["image_id"] for q in questions}), teacher,
+                                             params.evaluate.cache / f"direct-{args.split}", patch, "cpu")
+        features, blank = embedded[patch]
         name = "student" if not args.student or len(args.student) == 1 else f"student {folder}"
         for condition, prefix in (("image", torch.stack([features[q["image_id"]] for q in questions])),
                                   ("blank", blank.expand(len(questions), *blank.shape))):
