@@ -39,7 +39,7 @@ def make_shards(workdir: Path, images: int) -> Path:
     from vlkd.world.synth import generate_world
 
     generate_world(workdir / "world", SynthParams(images=images, eval_images=2, shifted_images=1, text_scenes=10,
-                                                  image_size=96, port=free_port()))
+                                                  pretrain_images=0, image_size=96, port=free_port()))
     with world_server(workdir / "world" / "urls.parquet"):
         download(workdir / "world" / "urls.parquet", workdir / "shards",
                  DownloadParams(image_size=256, shard_size=500, processes=2))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(PROJECT))  # flows/ is a folder of the project, not an in
 
 TINY = {
     "synth.images": 200, "synth.eval_images": 8, "synth.shifted_images": 4, "synth.text_scenes": 200,
+    "synth.pretrain_images": 200,
     "synth.image_size": 48, "download.shard_size": 20, "download.processes": 1, "teacher.epochs": 1,
     "teacher.batch_size": 16, "teacher.warmup_steps": 1, "features.batch_size": 32, "features.num_workers": 0,
     "plm.vocab_size": 300, "plm.d_model": 32, "plm.layers": 1, "plm.heads": 2, "plm.ffn_dim": 64,

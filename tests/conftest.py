@@ -150,7 +150,7 @@ def tiny_world_shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     generate_world(root / "world", SynthParams(images=30, eval_images=6, shifted_images=2, text_scenes=20,
-                                               image_size=48, port=free_port()))
+                                               pretrain_images=0, image_size=48, port=free_port()))
     with world_server(root / "world" / "urls.parquet"):
         download(root / "world" / "urls.parquet", root / "shards",
                  DownloadParams(processes=1, shard_size=10, image_size=32, captions_col="captions"))

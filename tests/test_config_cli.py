@@ -67,7 +67,8 @@ def test_flags_override_params_and_are_validated():
 
 def test_synth_flags_override_params_yaml(tmp_path, monkeypatch):
     (tmp_path / "params.yaml").write_text(
-        "synth:\n  images: 50\n  eval_images: 3\n  shifted_images: 2\n  text_scenes: 20\n  image_size: 32\n")
+        "synth:\n  images: 50\n  eval_images: 3\n  shifted_images: 2\n  text_scenes: 20\n  pretrain_images: 0\n"
+        "  image_size: 32\n")
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["synth", "--images", "4", "--seed", "3", "--output", "w"])
     assert result.exit_code == 0, result.output

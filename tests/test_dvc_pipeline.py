@@ -27,7 +27,8 @@ SKIP = ("metrics/", "dvc.lock", ".ci/", "dvclive/")  # data/: only git's files (
 # Every stage at a size that runs in seconds on 2 CPU cores (sections a stage does not have yet are
 # left out by tiny_params).
 TINY = {
-    "synth": {"images": 40, "eval_images": 8, "shifted_images": 4, "text_scenes": 50, "image_size": 48},
+    "synth": {"images": 40, "eval_images": 8, "shifted_images": 4, "text_scenes": 50, "pretrain_images": 40,
+              "image_size": 48},
     "download": {"shard_size": 20, "processes": 1, "threads": 4},
     "teacher": {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
     "features": {"batch_size": 32, "num_workers": 0, "device": "cpu"},

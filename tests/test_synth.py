@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from vlkd.config import SynthParams
+from vlkd.data.webdataset import list_shards, read_pairs
 from vlkd.errors import VlkdError
 from vlkd.world import synth
 from vlkd.world.synth import (
@@ -31,7 +34,8 @@ from vlkd.world.synth import (
     generate_world,
 )
 
-TINY = SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50, image_size=64)
+TINY = SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50, pretrain_images=12,
+                   image_size=64)
 EVAL_SPLITS = {"eval": "", "shifted": "shifted/"}
 
 
@@ -176,6 +180,32 @@ def test_held_out_pairs_and_shifted_backgrounds_only_in_the_shifted_split(world:
     for scene in big["train"] + big["eval"]:
         assert not {obj.pair for obj in scene.objects} & held_out
         assert scene.background in BACKGROUNDS
+
+
+def test_pretraining_pairs_are_shards_of_every_background_and_pair(world: Path) -> None:
+    """The teacher's own pairs: webdataset shards that the teacher's reader takes as a downloaded corpus,
+    each image drawn from its scene with that scene's captions, over every background and every pair."""
+    manifest = _load(world, WORLD_MANIFEST)["pretrain"]
+    assert manifest == {"shards": "pretrain", "count": 12, "shard_size": synth.PRETRAIN_SHARD_SIZE, "shard_count": 1}
+    keys, images, captions, bad = read_pairs(list_shards(world / "pretrain"))
+    assert bad == [] and keys == [f"{i:09d}" for i in range(12)]
+    scenes = synth.sample_scenes(TINY.seed, "pretrain", 12)
+    rng = synth._stream(TINY.seed, "pretrain", "words")
+    for image, texts, scene in zip(images, captions, scenes, strict=True):
+        assert list(texts) == synth.caption_scene(scene, rng, TINY.captions_per_image)
+        decoded = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=float)
+        drawn = np.asarray(synth.draw_scene(scene, TINY.image_size), dtype=float)
+        assert np.abs(decoded - drawn).mean() < 8  # the scene's image through JPEG (noise: 3 grey levels)
+    many = synth.sample_scenes(TINY.seed, "pretrain", 2000)
+    assert {scene.background for scene in many} == set(BACKGROUNDS + SHIFTED_BACKGROUNDS)
+    assert {obj.pair for scene in many for obj in scene.objects} >= {tuple(pair) for pair in HELD_OUT_PAIRS}
+
+
+def test_growing_the_corpus_leaves_the_pretraining_shards_as_they_were(world: Path, tmp_path: Path) -> None:
+    generate_world(tmp_path / "grown", TINY.model_copy(update={"images": TINY.images + 5}))
+    assert (tmp_path / "grown/pretrain/00000.tar").read_bytes() == (world / "pretrain/00000.tar").read_bytes()
+    generate_world(tmp_path / "none", TINY.model_copy(update={"pretrain_images": 0}))
+    assert not (tmp_path / "none/pretrain").exists()
 
 
 def test_two_object_scenes_use_two_positions_and_two_looks() -> None:

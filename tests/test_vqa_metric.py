@@ -152,7 +152,8 @@ def test_cli_writes_the_official_summary(tmp_path):
 
 def test_the_synthetic_worlds_files_score(tmp_path):
     world = tmp_path / "world"
-    generate_world(world, SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50, image_size=64))
+    generate_world(world, SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50,
+                                      pretrain_images=12, image_size=64))
     annotations = json.loads((world / "vqa" / "annotations.json").read_text())
     predictions = [{"question_id": entry["question_id"], "answer": entry["multiple_choice_answer"]}
                    for entry in annotations["annotations"]]

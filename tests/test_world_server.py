@@ -26,8 +26,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def world(tmp_path):
-    params = SynthParams(images=24, eval_images=3, shifted_images=2, text_scenes=20, image_size=48,
-                         port=free_port())
+    params = SynthParams(images=24, eval_images=3, shifted_images=2, text_scenes=20, pretrain_images=0,
+                         image_size=48, port=free_port())
     generate_world(tmp_path / "world", params)
     return tmp_path / "world", params
 

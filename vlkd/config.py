@@ -41,6 +41,10 @@ class SynthParams(_Section):
     captions_per_image: int = Field(3, ge=1)
     task_images: int = Field(600, ge=1, description="training images with fine-tuning task files (VQA, SNLI-VE)")
     text_scenes: int = Field(20000, ge=10, description="scenes described in words for the language model")
+    # The embedded teacher's own image-text pairs (pretrain/ shards), of every background and colour-shape
+    # pair, as a web-scale CLIP has seen more than the corpus distilled on; 0: none (the teacher then
+    # trains on the downloaded corpus, teacher.shards).
+    pretrain_images: int = Field(10000, ge=0, description="the embedded teacher's pretraining images")
     # Fixed so the URL list (a DVC-tracked input) is identical from run to run; change it only if the
     # port is taken on your machine.
     port: int = Field(18473, ge=1024, le=65535)

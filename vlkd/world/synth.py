@@ -15,19 +15,25 @@ Layout under the output folder (see `generate_world`):
     tasks/                          the fine-tuning tasks, with copies of their images (vlkd/world/tasks.py)
     shifted/vqa/, shifted/captions/ the same for the domain-shifted split
     text/train.txt, text/heldout.txt    the language-model corpus, one document per line
+    pretrain/NNNNN.tar              the embedded teacher's own image-text pairs, as webdataset shards
 
 Train and eval images never contain a HELD_OUT_PAIRS colour-shape pair and use BACKGROUNDS; every
 shifted image has a SHIFTED_BACKGROUNDS background and at least one held-out pair. The text corpus
-uses every pair and every background, so the language model knows all the words.
+and the teacher's pretraining pairs use every pair and every background: the language model knows all
+the words and the teacher all the images, as a real BART and a web-scale CLIP know more than the
+corpus that is distilled on. The shifted split then asks what VLKD claims: whether the student answers
+about what only its teachers have seen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import random
+import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -41,6 +47,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from vlkd.config import SynthParams
+from vlkd.data.webdataset import add_member
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder
 
@@ -63,6 +70,8 @@ HELD_OUT_PAIRS = (("green", "triangle"), ("purple", "circle"), ("orange", "squar
 ALL_PAIRS = tuple((colour, shape) for colour in COLOURS for shape in SHAPES)
 SEEN_PAIRS = tuple(pair for pair in ALL_PAIRS if pair not in HELD_OUT_PAIRS)
 SPLITS = ("train", "eval", "shifted")
+PRETRAIN_FOLDER = "pretrain"
+PRETRAIN_SHARD_SIZE = 1000
 ANSWERS_PER_QUESTION = 10
 EVAL_CAPTIONS = 5
 SCENE_FIELDS = (
@@ -211,7 +220,8 @@ def _stream(seed: int, part: str, use: str) -> random.Random:
 
 
 def _scene_rules(part: str) -> tuple[Sequence[str], Sequence[tuple[str, str]], bool]:
-    """(backgrounds, colour-shape pairs, must show a held-out pair) for a split or the text corpus."""
+    """(backgrounds, colour-shape pairs, must show a held-out pair) for a split, the text corpus or the
+    teacher's pretraining pairs."""
     if part in ("train", "eval"):
         return BACKGROUNDS, SEEN_PAIRS, False
     if part == "shifted":
@@ -242,8 +252,8 @@ def _sample_jitter(rng: random.Random) -> tuple[float, float]:
 
 
 def scene_stream(seed: int, part: str) -> Iterator[Scene]:
-    """The endless sequence of scenes of a split ("train", "eval", "shifted") or of the text corpus
-    ("text-train", "text-heldout")."""
+    """The endless sequence of scenes of a split ("train", "eval", "shifted"), of the text corpus
+    ("text-train", "text-heldout") or of the teacher's pretraining pairs ("pretrain")."""
     rng = _stream(seed, part, "scenes")
     backgrounds, pairs, held_out = _scene_rules(part)
     while True:
@@ -720,6 +730,32 @@ def _write_text(root: Path, params: SynthParams) -> dict[str, Any]:
     return entry | {"train_documents": len(train), "heldout_documents": len(heldout)}
 
 
+def _write_pretraining(root: Path, params: SynthParams) -> dict[str, Any]:
+    """The teacher's pretraining pairs as webdataset shards, each sample as img2dataset writes one (jpg,
+    txt: its first caption, json: {"captions": [...]}), so the teacher stage reads them as it reads a
+    downloaded corpus. JPEG as the web's images are; tar members with fixed metadata, so the shards'
+    bytes depend on the params only."""
+    entry = {"shards": PRETRAIN_FOLDER, "count": params.pretrain_images, "shard_size": PRETRAIN_SHARD_SIZE}
+    if not params.pretrain_images:
+        return entry | {"shard_count": 0}
+    scenes = sample_scenes(params.seed, "pretrain", params.pretrain_images)
+    rng = _stream(params.seed, "pretrain", "words")
+    folder = root / PRETRAIN_FOLDER
+    folder.mkdir(parents=True)
+    starts = range(0, len(scenes), PRETRAIN_SHARD_SIZE)
+    for shard, start in enumerate(tqdm(starts, desc="drawing pretraining shards", unit="shard", disable=None)):
+        with tarfile.open(folder / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, min(start + PRETRAIN_SHARD_SIZE, len(scenes))):
+                captions = caption_scene(scenes[index], rng, params.captions_per_image)
+                image = io.BytesIO()
+                draw_scene(scenes[index], params.image_size).save(image, format="JPEG", quality=95)
+                key = f"{index:09d}"
+                add_member(tar, f"{key}.jpg", image.getvalue())
+                add_member(tar, f"{key}.txt", captions[0].encode())
+                add_member(tar, f"{key}.json", json.dumps({"key": key, "captions": captions}).encode())
+    return entry | {"shard_count": len(starts)}
+
+
 def _base_url(params: SynthParams) -> str:
     return f"http://127.0.0.1:{params.port}"
 
@@ -768,8 +804,9 @@ def _build(root: Path, params: SynthParams) -> dict[str, Any]:
     scenes = split_scenes(params)
     splits = {split: _write_split(root, split, scenes[split], params) for split in SPLITS}
     text = _write_text(root, params)
+    pretrain = _write_pretraining(root, params)
     tasks = write_tasks(root, scenes, params)
-    manifest = _manifest(root, params, splits, text) | {"tasks": tasks}
+    manifest = _manifest(root, params, splits, text) | {"tasks": tasks, "pretrain": pretrain}
     _write_json(root / WORLD_MANIFEST, manifest)
     return manifest
 
