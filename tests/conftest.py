@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections import Counter
@@ -12,6 +13,15 @@ import pytest
 from PIL import Image
 
 SLOW_SECONDS = 3.0
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (`make test` runs a worker per core), each worker and every stage process it
+    starts compute on one thread: two workers of two threads each on two cores would oversubscribe. Set
+    before any test imports torch, which reads it once."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
 def png_bytes(index: int, size: int = 48) -> bytes:

@@ -89,7 +89,8 @@ class DownloadParams(_Section):
 
 
 class TeacherParams(_Section):
-    """The teacher stage: an open_clip model, or the embedded one trained on the world's shards."""
+    """The teacher stage: an open_clip model, or the embedded one trained on shards (the world's own
+    pretraining pairs, or a corpus)."""
 
     output: Path = Path("data/teacher")
     model: str = "ViT-L-14"
@@ -98,8 +99,8 @@ class TeacherParams(_Section):
     pretrained: str | None = "openai"
     shards: Path = Path("data/shards")
     # The embedded model trains on the first `train_shards` complete shards of `shards` (in name order;
-    # null: all). A refresh adds shards after them, so the teacher stays as it was, as a pretrained CLIP
-    # would, and a refresh embeds only its new shards.
+    # null: all). Trained on a corpus folder, a refresh adds shards after them, so the teacher stays as it
+    # was, as a pretrained CLIP would, and a refresh embeds only its new shards.
     train_shards: int | None = Field(None, ge=1)
     # Held-out images with COCO-format captions for the teacher's zero-shot retrieval check.
     eval_images: Path = Path("data/benchmarks/coco/val2014")
