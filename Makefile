@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -c "import dataclasses, sys; assert dataclasses.__file__.startswith(sys.base_prefix), dataclasses.__file__"
 	touch $@
 
+# One pytest-xdist worker per core, each test file on one worker (its module fixtures, such as a tiny
+# project's pipeline run, are built once); tests/conftest.py gives each worker one compute thread.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

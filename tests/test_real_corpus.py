@@ -80,6 +80,7 @@ VARIANT = {
                  "column_names": ["caption", "url"], "captions_col": None, "image_size": 32, "processes": 1,
                  "threads": 4, "shard_size": 20},
     "teacher": {"model": TEST_MODEL, "pretrained": "data/models/teacher/open_clip_model.safetensors",
+                "shards": "data/shards",  # as configs/cc3m-vitl14-bartlarge.yaml: not the world's pretraining shards
                 "eval_images": "data/benchmarks/coco/val2014",
                 "eval_captions": "data/benchmarks/coco/annotations/captions_karpathy_test.json"},
     # Image tokens pooled to a 2 x 2 grid (the way to keep tokens affordable at scale), read by a patch prefix:
