@@ -140,7 +140,8 @@ def main() -> int:
 
     settings = load_params(project / "params.yaml").pipeline
     print(f"\n{platform.node()}: {os.cpu_count()} cores, torch threads as the stages set them; size {args.size}, "
-          f"{images} -> {grown} images (+{args.new_share:.0%}), until {args.until}, concurrent_stages {settings.concurrent_stages}; "
+          f"{images} -> {grown} images (+{args.new_share:.0%}), until {args.until}, "
+          f"concurrent_stages {settings.concurrent_stages}; "
           f"full run promoted: {full.get('promoted')}; refresh promoted: {again.get('promoted')} "
           f"({again.get('gate_summary')})\n")
     print(table(full_rows, refresh_rows, (full_wall, refresh_wall)))

@@ -566,6 +566,35 @@ def test_caption_reading_asks_the_corpus_questions_and_takes_the_language_models
     torch.testing.assert_close(both, batch["target"][:, 0].mean(0).log_softmax(-1), atol=1e-5, rtol=1e-4)
 
 
+def test_the_cached_decoder_reads_each_row_as_the_whole_decoder_run_again_does(setup, tmp_path):
+    from vlkd.distill.reading import _CachedDecoder, answer_slot_inputs
+
+    reading = _reading(setup, tmp_path, "a red circle. Question: What color is the circle? Answer: red\n")
+    tokenizer, reader = reading.tokenizer, reading.reader
+    texts = ["a red circle. Question: Where is it? Answer:",
+             "two shapes: a large blue star on the left and a small green square at the top. "
+             "Question: How many shapes are there? Answer:",
+             "x. Question: Is it? Answer:"]
+    start = reader.config.decoder_start_token_id
+    inputs = answer_slot_inputs(tokenizer, [text + " <mask>" for text in texts], texts, start, 256)  # no truncation
+    decoder = _CachedDecoder(reader, inputs, torch.device("cpu"))
+    assert decoder.shared > 0  # the rows share cached columns
+
+    def whole(row: int, answer: list[int]) -> torch.Tensor:
+        head = tokenizer([texts[row]])["input_ids"][0][:-1]
+        encoder = tokenizer([texts[row] + " <mask>"], return_tensors="pt")
+        with torch.no_grad():
+            return reader(input_ids=encoder.input_ids, attention_mask=encoder.attention_mask,
+                          decoder_input_ids=torch.tensor([[start, *head, *answer]])).logits[0, -1]
+
+    # Rows of different head lengths, answers of different lengths, and a subset of the rows, in any order.
+    for rows, answers in (([0, 1, 2], [[], [], []]), ([2, 0], [[5, 9, 11], [7]]), ([1], [[3, 4]])):
+        with torch.no_grad():
+            logits = decoder.next_token(answers, rows)
+        for got, row, answer in zip(logits, rows, answers, strict=True):
+            torch.testing.assert_close(got, whole(row, answer), atol=1e-4, rtol=1e-4)
+
+
 def test_caption_reading_needs_questions_in_the_corpus_and_a_prompt_that_ends_with_the_answer(setup, tmp_path):
     with pytest.raises(VlkdError, match="has none; set distill.reading_weight: 0"):
         _reading(setup, tmp_path, "a blue star on the left\n")

@@ -23,6 +23,7 @@ with questions in the prompt's form; a corpus without any is one line.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -79,38 +80,75 @@ class CaptionReading:
         image = [row for row, listed in enumerate(captions) for _ in listed]
         described = [caption.strip().rstrip(".") + ". " for listed in captions for caption in listed]
         index = torch.tensor(image, device=self.device)
-        counts = torch.bincount(index, minlength=len(captions)).unsqueeze(1)
         eos = self.tokenizer.eos_token_id
         # The teacher's text is a caption (at most max_length tokens, as ICTI reads it) and the prompt, within
         # the positions the language model has, the answer's included.
         limit = min(2 * self.max_length, self.reader.config.max_position_embeddings - ANSWER_TOKENS - 1)
+        inputs = answer_slot_inputs(
+            self.tokenizer, [d + prompts[i] for d, i in zip(described, image, strict=True)],
+            [d + heads[i] for d, i in zip(described, image, strict=True)],
+            self.reader.config.decoder_start_token_id, limit)
+        decoded = _CachedDecoder(self.reader, inputs, self.device)
         answers: list[list[int]] = [[] for _ in captions]
-        slots, encoded = [], None
+        slots = []
         for _ in range(ANSWER_TOKENS):
-            teacher = answer_slot_inputs(
-                self.tokenizer, [d + prompts[i] for d, i in zip(described, image, strict=True)],
-                [d + heads[i] for d, i in zip(described, image, strict=True)],
-                self.reader.config.decoder_start_token_id, limit, [answers[i] for i in image])
-            output = self.reader(input_ids=teacher["input_ids"].to(self.device), encoder_outputs=encoded,
-                                 attention_mask=teacher["attention_mask"].to(self.device),
-                                 decoder_input_ids=teacher["decoder_input_ids"].to(self.device))
-            # The encoder's text is the same at every slot: it is encoded once. (The decoder is run whole
-            # again: its rows end at different positions, which a key-value cache does not allow.)
-            logits, encoded = output.logits, (output.encoder_last_hidden_state,)
-            last = teacher["answer_mask"].sum(1) - 1  # each row's newest slot
-            position = teacher["answer_position"][torch.arange(len(image)), last].to(self.device)
-            each = logits[torch.arange(len(image), device=self.device), position].float().log_softmax(-1)
-            summed = torch.zeros(len(captions), each.shape[1], device=self.device).index_add_(0, index, each)
-            slot = (summed / counts).log_softmax(-1)
+            # Only the captions of images whose answer has not ended are read again; the slots of an ended
+            # answer are never used (the student's answer mask stops at its end-of-text).
+            active = [row for row, i in enumerate(image) if not answers[i] or answers[i][-1] != eos]
+            each = decoded.next_token([answers[image[row]] for row in active], active).float().log_softmax(-1)
+            rows = index[active]
+            summed = torch.zeros(len(captions), each.shape[1], device=self.device).index_add_(0, rows, each)
+            counts = torch.bincount(rows, minlength=len(captions)).unsqueeze(1)
+            slot = (summed / counts.clamp(min=1)).log_softmax(-1)  # an ended answer's row: uniform, unused
             slots.append(slot)
-            finished = True
-            for row, token in enumerate(slot.argmax(-1).tolist()):
-                if not answers[row] or answers[row][-1] != eos:
-                    answers[row].append(token)
-                finished = finished and answers[row][-1] == eos
-            if finished:
+            for row in sorted(set(rows.tolist())):
+                answers[row].append(int(slot[row].argmax()))
+            if all(answer[-1] == eos for answer in answers):
                 break
         return answers, torch.stack(slots, 1)
+
+
+class _CachedDecoder:
+    """The frozen language model's decoder teacher-forced on each row's `[start, head..., answer so far]`,
+    read at the row's newest token. Transformers' `generate` cannot do this: the rows' heads end at
+    different columns, so their answers do too, and BART's positions are columns (no per-row position ids).
+    What every row shares is the columns before its shortest head ends: those are encoded once, with the
+    encoder, and kept as a key-value cache; each answer token then runs the decoder only on the columns
+    after them. Causal attention makes this the same computation as running the whole decoder again: a
+    column never sees a later one, so the padding after a short row's tokens changes nothing in them."""
+
+    def __init__(self, reader: BartForConditionalGeneration, inputs: dict[str, torch.Tensor], device: torch.device):
+        self.reader, self.device = reader, device
+        self.tokens = inputs["decoder_input_ids"]
+        self.ends = inputs["answer_position"][:, 0] + 1  # each row's [start, head...] length
+        self.shared = int(self.ends.min()) - 1  # cached columns: every row has one token after them
+        self.attention = inputs["attention_mask"].to(device)
+        self.encoded = reader.get_encoder()(input_ids=inputs["input_ids"].to(device),
+                                            attention_mask=self.attention).last_hidden_state
+        self.cache = None
+        if self.shared:
+            self.cache = reader(encoder_outputs=(self.encoded,), attention_mask=self.attention,
+                                decoder_input_ids=self.tokens[:, :self.shared].to(device),
+                                use_cache=True).past_key_values
+
+    def next_token(self, answers: list[list[int]], rows: list[int]) -> torch.Tensor:
+        """[len(rows), vocabulary] logits of the token after each row's head and answer so far."""
+        pad = self.reader.config.pad_token_id
+        tails = [self.tokens[row, self.shared:int(self.ends[row])].tolist() + answer
+                 for row, answer in zip(rows, answers, strict=True)]
+        decoder = torch.full((len(rows), max(map(len, tails))), pad, dtype=torch.long)
+        for i, tail in enumerate(tails):
+            decoder[i, :len(tail)] = torch.tensor(tail)
+        selected = torch.tensor(rows, device=self.device)
+        cache = None
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)  # the decoder appends to the cache it is given
+            cache.batch_select_indices(selected)
+        logits = self.reader(encoder_outputs=(self.encoded[selected],), attention_mask=self.attention[selected],
+                             decoder_input_ids=decoder.to(self.device), past_key_values=cache,
+                             use_cache=cache is not None).logits
+        last = torch.tensor([len(tail) - 1 for tail in tails], device=self.device)
+        return logits[torch.arange(len(rows), device=self.device), last]
 
 
 def answer_slot_inputs(tokenizer, encoder_texts: list[str], decoder_texts: list[str], decoder_start: int,
