@@ -274,6 +274,14 @@ def test_resolve_teacher_without_a_teacher(tmp_path):
         resolve_teacher(tmp_path / "nothing-here")
 
 
+def test_missing_training_shards_name_the_param_and_both_ways_to_make_them(tiny_world_shards, tmp_path):
+    world, _ = tiny_world_shards
+    with pytest.raises(VlkdError, match=r"teacher.shards .*pretrain does not exist.*synth.pretrain_images above 0"
+                                        r".*`vlkd download`"):
+        build_teacher(teacher_params(world, tmp_path / "pretrain", tmp_path / "teacher"))
+    assert not (tmp_path / "teacher").exists()
+
+
 def test_refuses_to_replace_a_folder_that_is_not_a_teacher(tiny_world_shards, tmp_path):
     world, shards = tiny_world_shards
     (tmp_path / "teacher").mkdir()

@@ -29,7 +29,7 @@ from vlkd.io import sha256_file
 log = logging.getLogger(__name__)
 
 STATS_SUFFIX = "_stats.json"  # img2dataset writes it last: a shard with one is complete
-MTIME = 0  # tar members' fixed metadata
+MTIME = 0  # tar members' fixed metadata, what a reproducible archive needs (as `tar --mtime=@0 --owner=0 --group=0`)
 MODE = 0o444
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
@@ -164,13 +164,6 @@ def shard_inputs(folder: Path, first: int | None = None) -> dict[str, str]:
     if not tars:
         raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
     return {tar.name: sha256_file(tar) for tar in tars}
-
-
-# Fixed tar member metadata: what a reproducible archive needs (as `tar --mtime=@0 --owner=0 --group=0`).
-
-
-
-
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

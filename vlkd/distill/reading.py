@@ -126,10 +126,10 @@ class _CachedDecoder:
         self.encoded = reader.get_encoder()(input_ids=inputs["input_ids"].to(device),
                                             attention_mask=self.attention).last_hidden_state
         self.cache = None
-        if self.shared:
-            self.cache = reader(encoder_outputs=(self.encoded,), attention_mask=self.attention,
-                                decoder_input_ids=self.tokens[:, :self.shared].to(device),
-                                use_cache=True).past_key_values
+        if self.shared:  # the base model: the cache without the vocabulary's logits at every column
+            self.cache = reader.model(encoder_outputs=(self.encoded,), attention_mask=self.attention,
+                                      decoder_input_ids=self.tokens[:, :self.shared].to(device),
+                                      use_cache=True).past_key_values
 
     def next_token(self, answers: list[list[int]], rows: list[int]) -> torch.Tensor:
         """[len(rows), vocabulary] logits of the token after each row's head and answer so far."""
@@ -144,11 +144,13 @@ class _CachedDecoder:
         if self.cache is not None:
             cache = copy.deepcopy(self.cache)  # the decoder appends to the cache it is given
             cache.batch_select_indices(selected)
-        logits = self.reader(encoder_outputs=(self.encoded[selected],), attention_mask=self.attention[selected],
-                             decoder_input_ids=decoder.to(self.device), past_key_values=cache,
-                             use_cache=cache is not None).logits
+        hidden = self.reader.model(encoder_outputs=(self.encoded[selected],), attention_mask=self.attention[selected],
+                                   decoder_input_ids=decoder.to(self.device), past_key_values=cache,
+                                   use_cache=cache is not None).last_hidden_state
         last = torch.tensor([len(tail) - 1 for tail in tails], device=self.device)
-        return logits[torch.arange(len(rows), device=self.device), last]
+        newest = hidden[torch.arange(len(rows), device=self.device), last]
+        # As BartForConditionalGeneration computes its logits, at the one column that is read.
+        return self.reader.lm_head(newest) + self.reader.final_logits_bias
 
 
 def answer_slot_inputs(tokenizer, encoder_texts: list[str], decoder_texts: list[str], decoder_start: int,

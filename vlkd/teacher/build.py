@@ -67,6 +67,11 @@ def _build(params: TeacherParams, building: Path, device: torch.device) -> dict:
             raise VlkdError(f"teacher.pretrained is null, which trains the embedded model {EMBEDDED_MODEL!r}, but "
                             f"teacher.model is {params.model!r}; set teacher.model: {EMBEDDED_MODEL} or give a "
                             "pretrained tag or checkpoint file")
+        if not Path(params.shards).exists():
+            raise VlkdError(f"teacher.shards {params.shards} does not exist: the embedded teacher trains on the "
+                            "shards it names (the synthetic world's own pairs: `vlkd synth` with "
+                            "synth.pretrain_images above 0; a corpus: `vlkd download`); make them or point "
+                            "teacher.shards at a shard folder")
         inputs = shard_inputs(Path(params.shards), params.train_shards)
         shards = [Path(params.shards) / name for name in inputs]
         _, metrics["training"] = train_contrastive(params, building, device, shards=shards)
