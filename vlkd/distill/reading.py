@@ -88,14 +88,14 @@ class CaptionReading:
             self.tokenizer, [d + prompts[i] for d, i in zip(described, image, strict=True)],
             [d + heads[i] for d, i in zip(described, image, strict=True)],
             self.reader.config.decoder_start_token_id, limit)
-        decoded = _CachedDecoder(self.reader, inputs, self.device)
+        decoder = _CachedDecoder(self.reader, inputs, self.device)
         answers: list[list[int]] = [[] for _ in captions]
         slots = []
         for _ in range(ANSWER_TOKENS):
             # Only the captions of images whose answer has not ended are read again; the slots of an ended
             # answer are never used (the student's answer mask stops at its end-of-text).
             active = [row for row, i in enumerate(image) if not answers[i] or answers[i][-1] != eos]
-            each = decoded.next_token([answers[image[row]] for row in active], active).float().log_softmax(-1)
+            each = decoder.next_token([answers[image[row]] for row in active], active).float().log_softmax(-1)
             rows = index[active]
             summed = torch.zeros(len(captions), each.shape[1], device=self.device).index_add_(0, rows, each)
             counts = torch.bincount(rows, minlength=len(captions)).unsqueeze(1)
@@ -112,10 +112,10 @@ class _CachedDecoder:
     """The frozen language model's decoder teacher-forced on each row's `[start, head..., answer so far]`,
     read at the row's newest token. Transformers' `generate` cannot do this: the rows' heads end at
     different columns, so their answers do too, and BART's positions are columns (no per-row position ids).
-    What every row shares is the columns before its shortest head ends: those are encoded once, with the
-    encoder, and kept as a key-value cache; each answer token then runs the decoder only on the columns
-    after them. Causal attention makes this the same computation as running the whole decoder again: a
-    column never sees a later one, so the padding after a short row's tokens changes nothing in them."""
+    What every row shares is the columns before its shortest head ends: the decoder runs on those once and
+    keeps them as a key-value cache; each answer token then runs it only on the columns after them. Causal
+    attention makes this the same computation as running the whole decoder again: a column never sees a
+    later one, so the padding after a short row's tokens changes nothing in them."""
 
     def __init__(self, reader: BartForConditionalGeneration, inputs: dict[str, torch.Tensor], device: torch.device):
         self.reader, self.device = reader, device
