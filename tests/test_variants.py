@@ -44,6 +44,17 @@ def test_the_shipped_variant_is_the_papers_setting_and_replaces_the_worlds_bench
     assert params.evaluate.benchmarks["vqav2"].image_pattern.format(image_id=42) == "COCO_val2014_000000000042.jpg"
 
 
+@pytest.mark.parametrize("name", ["embedded-full", "embedded-quick"])
+def test_the_worlds_shipped_lengths_change_only_the_epochs_they_name(project, name):
+    shutil.copy(PROJECT / "configs" / f"{name}.yaml", project / "configs" / f"{name}.yaml")
+    root, overrides = find_project(project / "configs" / f"{name}.yaml")
+    named = yaml.safe_load((PROJECT / "configs" / f"{name}.yaml").read_text())
+    assert set(overrides) == {f"{section}.{key}" for section, values in named.items() for key in values}
+    assert all(key.endswith(".epochs") for key in overrides)
+    params = preview(root, overrides)
+    assert all(getattr(getattr(params, key.split(".")[0]), "epochs") == value for key, value in overrides.items())
+
+
 def test_a_variant_merges_sections_key_by_key(project, tmp_path):
     root, overrides = find_project(variant_in(project, tmp_path, {"teacher": {"epochs": 2}}))
     params = preview(root, overrides)
