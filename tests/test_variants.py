@@ -52,7 +52,17 @@ def test_the_worlds_shipped_lengths_change_only_the_epochs_they_name(project, na
     assert set(overrides) == {f"{section}.{key}" for section, values in named.items() for key in values}
     assert all(key.endswith(".epochs") for key in overrides)
     params = preview(root, overrides)
-    assert all(getattr(getattr(params, key.split(".")[0]), "epochs") == value for key, value in overrides.items())
+    assert all(getattr(params, key.split(".")[0]).epochs == value for key, value in overrides.items())
+
+
+def test_an_override_edits_one_line_of_the_projects_own_params_file(tmp_path):
+    shutil.copy(PROJECT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_text().splitlines()
+    apply_overrides(tmp_path, {"teacher.epochs": 4})
+    after = (tmp_path / "params.yaml").read_text().splitlines()
+    edited = [(old, new) for old, new in zip(before, after, strict=True) if old != new]  # no line joined or split
+    assert [(old.split("#")[0].strip(), new.split("#")[0].strip()) for old, new in edited] == [("epochs: 6",
+                                                                                               "epochs: 4")]
 
 
 def test_a_variant_merges_sections_key_by_key(project, tmp_path):
