@@ -94,15 +94,18 @@ class CaptionReading:
         for _ in range(ANSWER_TOKENS):
             # Only the captions of images whose answer has not ended are read again; the slots of an ended
             # answer are never used (the student's answer mask stops at its end-of-text).
-            active = [row for row, i in enumerate(image) if not answers[i] or answers[i][-1] != eos]
+            open_answers = [i for i, answer in enumerate(answers) if not answer or answer[-1] != eos]
+            still_open = set(open_answers)
+            active = [row for row, i in enumerate(image) if i in still_open]
             each = decoder.next_token([answers[image[row]] for row in active], active).float().log_softmax(-1)
             rows = index[active]
             summed = torch.zeros(len(captions), each.shape[1], device=self.device).index_add_(0, rows, each)
             counts = torch.bincount(rows, minlength=len(captions)).unsqueeze(1)
             slot = (summed / counts.clamp(min=1)).log_softmax(-1)  # an ended answer's row: uniform, unused
             slots.append(slot)
-            for row in sorted(set(rows.tolist())):
-                answers[row].append(int(slot[row].argmax()))
+            chosen = slot.argmax(-1).tolist()  # one copy to the host per answer token
+            for i in open_answers:
+                answers[i].append(chosen[i])
             if all(answer[-1] == eos for answer in answers):
                 break
         return answers, torch.stack(slots, 1)
