@@ -587,12 +587,16 @@ def test_the_cached_decoder_reads_each_row_as_the_whole_decoder_run_again_does(s
             return reader(input_ids=encoder.input_ids, attention_mask=encoder.attention_mask,
                           decoder_input_ids=torch.tensor([[start, *head, *answer]])).logits[0, -1]
 
-    # Rows of different head lengths, answers of different lengths, and a subset of the rows, in any order.
-    for rows, answers in (([0, 1, 2], [[], [], []]), ([2, 0], [[5, 9, 11], [7]]), ([1], [[3, 4]])):
+    # Rows of different head lengths, answers of different lengths, and fewer rows as answers end.
+    calls = (([0, 1, 2], [[], [], []]), ([0, 1, 2], [[7], [3, 4], [5, 9, 11]]), ([0, 2], [[7, 8], [5, 9]]),
+             ([2], [[5, 9, 11]]))
+    for rows, answers in calls:
         with torch.no_grad():
             logits = decoder.next_token(answers, rows)
         for got, row, answer in zip(logits, rows, answers, strict=True):
             torch.testing.assert_close(got, whole(row, answer), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="or fewer"):  # a row the cache has dropped
+        decoder.next_token([[]], [0])
 
 
 def test_caption_reading_needs_questions_in_the_corpus_and_a_prompt_that_ends_with_the_answer(setup, tmp_path):

@@ -23,7 +23,6 @@ with questions in the prompt's form; a corpus without any is one line.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +124,7 @@ class _CachedDecoder:
         self.tokens = inputs["decoder_input_ids"]
         self.ends = inputs["answer_position"][:, 0] + 1  # each row's [start, head...] length
         self.shared = int(self.ends.min()) - 1  # cached columns: every row has one token after them
+        self.rows = list(range(len(self.tokens)))  # the rows the cache and the encoder's states still hold
         self.attention = inputs["attention_mask"].to(device)
         self.encoded = reader.get_encoder()(input_ids=inputs["input_ids"].to(device),
                                             attention_mask=self.attention).last_hidden_state
@@ -135,25 +135,37 @@ class _CachedDecoder:
                                       use_cache=True).past_key_values
 
     def next_token(self, answers: list[list[int]], rows: list[int]) -> torch.Tensor:
-        """[len(rows), vocabulary] logits of the token after each row's head and answer so far."""
+        """[len(rows), vocabulary] logits of the token after each row's head and answer so far. `rows` are
+        the rows of the last call or fewer, in the same order (answers end, they never reopen): the cache
+        drops the others once instead of being copied for every call."""
+        self._keep(rows)
         pad = self.reader.config.pad_token_id
         tails = [self.tokens[row, self.shared:int(self.ends[row])].tolist() + answer
                  for row, answer in zip(rows, answers, strict=True)]
         decoder = torch.full((len(rows), max(map(len, tails))), pad, dtype=torch.long)
         for i, tail in enumerate(tails):
             decoder[i, :len(tail)] = torch.tensor(tail)
-        selected = torch.tensor(rows, device=self.device)
-        cache = None
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)  # the decoder appends to the cache it is given
-            cache.batch_select_indices(selected)
-        hidden = self.reader.model(encoder_outputs=(self.encoded[selected],), attention_mask=self.attention[selected],
-                                   decoder_input_ids=decoder.to(self.device), past_key_values=cache,
-                                   use_cache=cache is not None).last_hidden_state
+        hidden = self.reader.model(encoder_outputs=(self.encoded,), attention_mask=self.attention,
+                                   decoder_input_ids=decoder.to(self.device), past_key_values=self.cache,
+                                   use_cache=self.cache is not None).last_hidden_state
+        if self.cache is not None:  # the decoder appended this call's columns: back to the shared ones
+            self.cache.crop(self.shared - self.cache.get_seq_length())  # a negative count: tokens to remove
         last = torch.tensor([len(tail) - 1 for tail in tails], device=self.device)
         newest = hidden[torch.arange(len(rows), device=self.device), last]
         # As BartForConditionalGeneration computes its logits, at the one column that is read.
         return self.reader.lm_head(newest) + self.reader.final_logits_bias
+
+    def _keep(self, rows: list[int]) -> None:
+        if rows == self.rows:
+            return
+        position = {row: i for i, row in enumerate(self.rows)}
+        kept = [position[row] for row in rows if row in position]
+        if len(kept) != len(rows) or kept != sorted(kept):
+            raise ValueError(f"rows {rows} are not the rows {self.rows} or fewer, in their order")
+        selected = torch.tensor(kept, device=self.device)
+        self.encoded, self.attention, self.rows = self.encoded[selected], self.attention[selected], rows
+        if self.cache is not None:
+            self.cache.batch_select_indices(selected)
 
 
 def answer_slot_inputs(tokenizer, encoder_texts: list[str], decoder_texts: list[str], decoder_start: int,
