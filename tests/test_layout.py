@@ -4,6 +4,7 @@ embedded world that no production code depends on. Checked on the imports each m
 from __future__ import annotations
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -51,3 +52,34 @@ def test_only_the_cli_reaches_the_embedded_world():
     users = {path.relative_to(PACKAGE).as_posix() for part, path in modules()
              if part != "world" and any(part_of(module) == "world" for module in imports(path))}
     assert users == {"cli.py"}
+
+
+def module_name(path: Path) -> str:
+    """The dotted name of a vlkd source file: vlkd/world/synth.py -> vlkd.world.synth, a package's
+    __init__.py -> the package."""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The vlkd modules `path` imports, at the top or inside a function; `from vlkd.world import synth`
+    imports the module vlkd.world.synth, `from vlkd.world.synth import generate_world` vlkd.world.synth."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vlkd":
+            found |= {f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                      for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.split(".")[0] == "vlkd"}
+    return found & known
+
+
+def test_no_import_cycle():
+    """A circle of imports works only in the order Python happens to load it, and makes its modules one
+    piece that cannot be read, tested or changed alone."""
+    paths = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: imported_modules(path, set(paths)) - {name} for name, path in paths.items()}
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as error:
+        pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")

@@ -19,20 +19,31 @@ from PIL import Image
 from vlkd.config import SynthParams
 from vlkd.data.webdataset import list_shards, read_pairs
 from vlkd.errors import VlkdError
-from vlkd.world import synth
-from vlkd.world.synth import (
+from vlkd.world.answers import human_answers
+from vlkd.world.drawing import BACKGROUND_RGB, COLOUR_RGB, draw_scene
+from vlkd.world.language import (
+    POSITION_PHRASES,
+    QUESTION_KINDS,
+    Question,
+    ask_questions,
+    caption_scene,
+    text_corpus,
+    text_document,
+)
+from vlkd.world.scenes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT_PAIRS,
     POSITIONS,
     SHAPES,
     SHIFTED_BACKGROUNDS,
-    WORLD_MANIFEST,
-    Question,
     Scene,
     SceneObject,
-    generate_world,
+    sample_scenes,
+    split_scenes,
+    stream,
 )
+from vlkd.world.synth import PRETRAIN_SHARD_SIZE, WORLD_MANIFEST, generate_world
 
 TINY = SynthParams(images=20, eval_images=10, shifted_images=5, text_scenes=50, pretrain_images=12,
                    image_size=64)
@@ -151,16 +162,16 @@ def test_images_show_their_scenes(world: Path, split: str) -> None:
         assert image.mode == "RGB" and image.size == (TINY.image_size, TINY.image_size)
         for obj in scene["objects"]:
             x, y = (round(value) for value in obj["centre"])
-            assert image.getpixel((x, y)) == synth.COLOUR_RGB[obj["colour"]], (split, scene["file_name"], obj)
-        if scene["background"] in synth.BACKGROUND_RGB:
-            assert image.getpixel((0, 0)) == synth.BACKGROUND_RGB[scene["background"]]
+            assert image.getpixel((x, y)) == COLOUR_RGB[obj["colour"]], (split, scene["file_name"], obj)
+        if scene["background"] in BACKGROUND_RGB:
+            assert image.getpixel((0, 0)) == BACKGROUND_RGB[scene["background"]]
 
 
 def test_large_objects_cover_more_pixels_than_small_ones() -> None:
     def covered(size: str) -> int:
         scene = Scene("gray", 0, (SceneObject("red", "diamond", size, "middle", (0.0, 0.0)),))
-        image = synth.draw_scene(scene, 64)
-        return sum(pixel == synth.COLOUR_RGB["red"] for pixel in image.getdata())
+        image = draw_scene(scene, 64)
+        return sum(pixel == COLOUR_RGB["red"] for pixel in image.getdata())
 
     assert covered("large") > 2 * covered("small") > 0
 
@@ -176,7 +187,7 @@ def test_held_out_pairs_and_shifted_backgrounds_only_in_the_shifted_split(world:
         assert scene["background"] in SHIFTED_BACKGROUNDS
         assert {(o["colour"], o["shape"]) for o in scene["objects"]} & held_out
     # The same rule over many scenes than the tiny world has.
-    big = synth.split_scenes(TINY.model_copy(update={"images": 2000, "eval_images": 300}))
+    big = split_scenes(TINY.model_copy(update={"images": 2000, "eval_images": 300}))
     for scene in big["train"] + big["eval"]:
         assert not {obj.pair for obj in scene.objects} & held_out
         assert scene.background in BACKGROUNDS
@@ -186,17 +197,17 @@ def test_pretraining_pairs_are_shards_of_every_background_and_pair(world: Path) 
     """The teacher's own pairs: webdataset shards that the teacher's reader takes as a downloaded corpus,
     each image drawn from its scene with that scene's captions, over every background and every pair."""
     manifest = _load(world, WORLD_MANIFEST)["pretrain"]
-    assert manifest == {"shards": "pretrain", "count": 12, "shard_size": synth.PRETRAIN_SHARD_SIZE, "shard_count": 1}
+    assert manifest == {"shards": "pretrain", "count": 12, "shard_size": PRETRAIN_SHARD_SIZE, "shard_count": 1}
     keys, images, captions, bad = read_pairs(list_shards(world / "pretrain"))
     assert bad == [] and keys == [f"{i:09d}" for i in range(12)]
-    scenes = synth.sample_scenes(TINY.seed, "pretrain", 12)
-    rng = synth._stream(TINY.seed, "pretrain", "words")
+    scenes = sample_scenes(TINY.seed, "pretrain", 12)
+    rng = stream(TINY.seed, "pretrain", "words")
     for image, texts, scene in zip(images, captions, scenes, strict=True):
-        assert list(texts) == synth.caption_scene(scene, rng, TINY.captions_per_image)
+        assert list(texts) == caption_scene(scene, rng, TINY.captions_per_image)
         decoded = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"), dtype=float)
-        drawn = np.asarray(synth.draw_scene(scene, TINY.image_size), dtype=float)
+        drawn = np.asarray(draw_scene(scene, TINY.image_size), dtype=float)
         assert np.abs(decoded - drawn).mean() < 8  # the scene's image through JPEG (noise: 3 grey levels)
-    many = synth.sample_scenes(TINY.seed, "pretrain", 2000)
+    many = sample_scenes(TINY.seed, "pretrain", 2000)
     assert {scene.background for scene in many} == set(BACKGROUNDS + SHIFTED_BACKGROUNDS)
     assert {obj.pair for scene in many for obj in scene.objects} >= {tuple(pair) for pair in HELD_OUT_PAIRS}
 
@@ -209,7 +220,7 @@ def test_growing_the_corpus_leaves_the_pretraining_shards_as_they_were(world: Pa
 
 
 def test_two_object_scenes_use_two_positions_and_two_looks() -> None:
-    scenes = synth.sample_scenes(0, "train", 500)
+    scenes = sample_scenes(0, "train", 500)
     pairs = [scene for scene in scenes if len(scene.objects) == 2]
     assert 100 < len(pairs) < 450
     for scene in pairs:
@@ -246,7 +257,7 @@ def test_vqa_files_follow_the_official_format(world: Path, split: str) -> None:
 
 
 def _check_annotation(annotation: dict) -> None:
-    kinds = {question_type: answer_type for question_type, answer_type in synth.QUESTION_KINDS.values()}
+    kinds = {question_type: answer_type for question_type, answer_type in QUESTION_KINDS.values()}
     assert kinds[annotation["question_type"]] == annotation["answer_type"]
     answers = annotation["answers"]
     assert [a["answer_id"] for a in answers] == list(range(1, 11))
@@ -305,15 +316,15 @@ def test_questions_have_correct_answers_and_a_mix_of_kinds() -> None:
     rng = random.Random(3)
     kinds: Counter[str] = Counter()
     yes_no: Counter[str] = Counter()
-    for scene in synth.sample_scenes(0, "eval", 300):
-        questions = synth.ask_questions(scene, rng, 5)
+    for scene in sample_scenes(0, "eval", 300):
+        questions = ask_questions(scene, rng, 5)
         assert len({q.text for q in questions}) == len(questions) == 5
         for question in questions:
             assert question.answer == _reference_answer(question.text, scene), (question, scene)
             kinds[question.kind] += 1
             if question.kind == "exists":
                 yes_no[question.answer] += 1
-    assert set(kinds) == set(synth.QUESTION_KINDS)
+    assert set(kinds) == set(QUESTION_KINDS)
     assert min(kinds.values()) > 100
     assert 0.4 < yes_no["yes"] / sum(yes_no.values()) < 0.6
 
@@ -328,7 +339,7 @@ def test_colour_question_only_for_a_unique_shape() -> None:
         ),
     )
     for seed in range(20):
-        for question in synth.ask_questions(scene, random.Random(seed), 6):
+        for question in ask_questions(scene, random.Random(seed), 6):
             assert not question.text.startswith("What color is the")
 
 
@@ -344,7 +355,7 @@ def test_human_answers_are_noisy_but_the_canonical_answer_wins(world: Path) -> N
     identical, variants = 0, Counter()
     for k in range(1000):
         question = questions[k % len(questions)]
-        answers = [answer for answer, _ in synth.human_answers(question, rng)]
+        answers = [answer for answer, _ in human_answers(question, rng)]
         counts = Counter(answers)
         assert len(answers) == 10 and counts.most_common(1)[0][0] == question.answer
         assert counts[question.answer] >= 6
@@ -354,7 +365,7 @@ def test_human_answers_are_noisy_but_the_canonical_answer_wins(world: Path) -> N
     for expected in ("two", "Purple", "purple.", "center", "violet", "the middle", "a circle", "yes"):
         assert variants[expected] > 0, expected
     # The tiny world's own questions: both kinds, and the majority answer is the canonical one.
-    scenes = synth.split_scenes(TINY)["eval"]
+    scenes = split_scenes(TINY)["eval"]
     annotations = _load(world, "vqa/annotations.json")["annotations"]
     questions_file = {
         q["question_id"]: q["question"] for q in _load(world, "vqa/questions.json")["questions"]
@@ -385,8 +396,8 @@ def test_text_corpus_mixes_captions_and_questions(world: Path) -> None:
 
 def test_text_answers_match_the_scene_they_describe() -> None:
     rng = random.Random(5)
-    for scene in synth.sample_scenes(5, "text-train", 200):
-        line = synth.text_document(scene, rng)
+    for scene in sample_scenes(5, "text-train", 200):
+        line = text_document(scene, rng)
         for chunk in line.split(" Question: ")[1:]:
             question, _, answer = chunk.partition(" Answer: ")
             assert answer == _reference_answer(question, scene), line
@@ -396,10 +407,10 @@ def test_text_questions_are_answerable_from_the_text_before_them() -> None:
     """Position questions only follow texts that state positions; every text names each object's
     colour and shape, which every other kind of question needs."""
     rng = random.Random(6)
-    position_phrases = tuple(synth._POSITION_PHRASES.values())
+    position_phrases = tuple(POSITION_PHRASES.values())
     texts = {"with positions": 0, "without": 0}
-    for scene in synth.sample_scenes(6, "text-train", 400):
-        line = synth.text_document(scene, rng)
+    for scene in sample_scenes(6, "text-train", 400):
+        line = text_document(scene, rng)
         text, _, questions = line.partition(". Question: ")
         if not questions:
             continue
@@ -414,16 +425,16 @@ def test_text_questions_are_answerable_from_the_text_before_them() -> None:
 def test_text_never_comes_from_eval_or_shifted_scenes(world: Path) -> None:
     """Text scenes are drawn from their own streams: none of them is an image scene (a scene holds
     32 random bits of texture and four jitters, so equal scenes mean a shared stream)."""
-    train, _ = synth.text_corpus(TINY)
+    train, _ = text_corpus(TINY)
     assert (world / "text/train.txt").read_text().splitlines() == train
-    rng = synth._stream(TINY.seed, "text-train", "words")
-    text_scenes = synth.sample_scenes(TINY.seed, "text-train", TINY.text_scenes)
-    assert [synth.text_document(scene, rng) for scene in text_scenes] == train
-    image_scenes = synth.split_scenes(TINY.model_copy(update={"images": 200, "eval_images": 200}))
-    text_side = set(text_scenes) | set(synth.sample_scenes(TINY.seed, "text-heldout", 200))
+    rng = stream(TINY.seed, "text-train", "words")
+    text_scenes = sample_scenes(TINY.seed, "text-train", TINY.text_scenes)
+    assert [text_document(scene, rng) for scene in text_scenes] == train
+    image_scenes = split_scenes(TINY.model_copy(update={"images": 200, "eval_images": 200}))
+    text_side = set(text_scenes) | set(sample_scenes(TINY.seed, "text-heldout", 200))
     for split in ("train", "eval", "shifted"):
         assert not text_side & set(image_scenes[split]), split
     # The text corpus does use the held-out pairs and the shifted backgrounds as words.
-    wide = synth.sample_scenes(TINY.seed, "text-train", 2000)
+    wide = sample_scenes(TINY.seed, "text-train", 2000)
     assert {obj.pair for scene in wide for obj in scene.objects} >= set(HELD_OUT_PAIRS)
     assert {scene.background for scene in wide} == set(BACKGROUNDS + SHIFTED_BACKGROUNDS)

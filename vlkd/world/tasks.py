@@ -31,19 +31,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlkd.world.synth import (
-    _POSITION_PHRASES,
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    Scene,
-    _image_name,
-    _stream,
-    _vqa_files,
-    _with_article,
-    _write_json,
-    caption_scene,
-)
+from vlkd.world.files import image_name, vqa_files, write_json
+from vlkd.world.language import POSITION_PHRASES, caption_scene, with_article
+from vlkd.world.scenes import COLOURS, POSITIONS, SHAPES, Scene, stream
 
 TASKS = "tasks"
 
@@ -64,11 +54,11 @@ def write_tasks(root: Path, scenes: dict[str, Sequence[Scene]], params) -> dict[
     for split, source in (("train", "train"), ("test", "eval"), ("shifted", "shifted")):
         (tasks / "images" / split).mkdir(parents=True)
         for image_id in range(counts[split]):
-            name = _image_name(image_id)
+            name = image_name(image_id)
             shutil.copyfile(root / "images" / source / name, tasks / "images" / split / name)
-    questions, annotations = _vqa_files("train", train, _stream(params.seed, "train", "vqa-task"), params)
-    _write_json(tasks / "vqa/train/questions.json", questions)
-    _write_json(tasks / "vqa/train/annotations.json", annotations)
+    questions, annotations = vqa_files("train", train, stream(params.seed, "train", "vqa-task"), params)
+    write_json(tasks / "vqa/train/questions.json", questions)
+    write_json(tasks / "vqa/train/annotations.json", annotations)
     for split, prefix in (("test", ""), ("shifted", "shifted/")):  # the zero-shot benchmarks' questions
         for kind in ("questions", "annotations"):
             (tasks / "vqa" / split).mkdir(parents=True, exist_ok=True)
@@ -76,7 +66,7 @@ def write_tasks(root: Path, scenes: dict[str, Sequence[Scene]], params) -> dict[
     pairs = {}
     for split, source in (("train", "train"), ("test", "eval"), ("shifted", "shifted")):
         split_scenes = train if split == "train" else scenes[source]
-        rows = entailment_rows(split_scenes, _stream(params.seed, source, "ve-task"))
+        rows = entailment_rows(split_scenes, stream(params.seed, source, "ve-task"))
         _write_jsonl(tasks / f"ve/snli_ve_{split}.jsonl", rows)
         pairs[split] = len(rows)
     return {"folder": TASKS, "images": counts, "vqa_train_questions": len(questions["questions"]),
@@ -109,8 +99,8 @@ def hypothesis(scene: Scene, label: str, rng: random.Random) -> str:
         return f"{named} {rng.choice(_PROPERTIES)}"
     if label == "entailment":
         return rng.choice((
-            f"there is {_with_article(f'{shown.colour} {shown.shape}')}",
-            f"{named} is {_POSITION_PHRASES[shown.position]}",
+            f"there is {with_article(f'{shown.colour} {shown.shape}')}",
+            f"{named} is {POSITION_PHRASES[shown.position]}",
             f"there {'is one shape' if len(present) == 1 else 'are two shapes'}",
         ))
     near = [(c, shown.shape) for c in COLOURS] + [(shown.colour, s) for s in SHAPES]
@@ -118,8 +108,8 @@ def hypothesis(scene: Scene, label: str, rng: random.Random) -> str:
     elsewhere = rng.choice([p for p in POSITIONS if p != shown.position])
     wrong_count = rng.choice([n for n in range(len(_COUNT_WORDS)) if n != len(present)])
     return rng.choice((
-        f"there is {_with_article(f'{absent[0]} {absent[1]}')}",
-        f"{named} is {_POSITION_PHRASES[elsewhere]}",
+        f"there is {with_article(f'{absent[0]} {absent[1]}')}",
+        f"{named} is {POSITION_PHRASES[elsewhere]}",
         f"there {'is' if wrong_count == 1 else 'are'} {_COUNT_WORDS[wrong_count]} "
         f"shape{'' if wrong_count == 1 else 's'}",
         f"the {absent[0]} {absent[1]} {rng.choice(_PROPERTIES)}",
