@@ -241,10 +241,55 @@ def test_prefix_tokens_are_refused_with_the_patch_prefix(setup, tmp_path):
         params(setup, tmp_path, prefix="patch", prefix_tokens=4)
 
 
-def test_patch_prefix_and_accumulation_train(setup, tmp_path):
+def test_a_patch_prefix_student_trains_and_loads(setup, tmp_path):
     metrics = train.distill(params(setup, tmp_path, prefix="patch", grad_accum=2, epochs=1, schedule="linear"))
-    assert metrics["steps"] == 30 // 6 // 2
+    assert metrics["steps"] == 30 // 6 // 2  # optimizer steps of two micro-batches each
     assert Student.from_pretrained(tmp_path / "student").config.prefix == "patch"
+
+
+def test_k_accumulated_micro_batches_take_the_step_of_one_batch_k_times_larger(setup, tmp_path, monkeypatch):
+    """grad_accum 3 over micro-batches of 10 rows makes the optimizer step that one batch of 30 rows makes: the
+    same gradients when the optimizer reads them, the same weights after its step, the same reported loss.
+
+    Equal only for an objective that is a mean over rows and draws nothing at random: TTDM alone, dropout off.
+    The stage's other terms differ between the two by design: ITCL contrasts each micro-batch with its own
+    negatives, ICTI averages over each micro-batch's tokens and draws its spans per micro-batch, and dropout
+    draws its masks per micro-batch. The gradients are what must match: AdamW's step hardly changes when every
+    gradient is scaled alike, so without the 1/k the weights alone would still pass. Its first step moves each
+    weight by about lr whatever the gradient's size, and where a gradient is near AdamW's eps its float noise
+    moves the weight by a small part of lr: the weights are compared to lr / 10 (a step on other rows moves
+    them by up to 2 lr)."""
+    plm = tmp_path / "plm"
+    shutil.copytree(setup[1], plm)
+    config = json.loads((plm / "config.json").read_text())
+    (plm / "config.json").write_text(json.dumps(config | {"dropout": 0.0, "attention_dropout": 0.0,
+                                                          "activation_dropout": 0.0}))
+    gradients: dict[str, list] = {}
+
+    class ReadsTheGradients(Optimization):
+        def step(self) -> float:
+            gradients[run] = [None if p.grad is None else p.grad.clone() for p in self.parameters]
+            return super().step()
+
+    monkeypatch.setattr(train, "Optimization", ReadsTheGradients)
+    metrics, weights = {}, {}
+    for run, (batch_size, grad_accum) in {"accumulated": (10, 3), "one batch": (30, 1)}.items():
+        run_params = params(setup, tmp_path / run, plm=plm, batch_size=batch_size, grad_accum=grad_accum, epochs=1,
+                            itcl_weight=0.0, icti_weight=0.0)
+        metrics[run] = train.distill(run_params)
+        assert metrics[run]["steps"] == 1
+        weights[run] = load_file(str(run_params.output / "model.safetensors")) | \
+            load_file(str(run_params.output / "projections.safetensors"))
+    assert any(g is not None for g in gradients["one batch"])
+    for index, (accumulated, whole) in enumerate(zip(gradients["accumulated"], gradients["one batch"], strict=True)):
+        assert (accumulated is None) == (whole is None), index
+        if whole is not None:
+            torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7,
+                                       msg=lambda message, index=index: f"gradient of parameter {index}: {message}")
+    for name, whole in weights["one batch"].items():
+        torch.testing.assert_close(weights["accumulated"][name], whole, rtol=0, atol=run_params.lr / 10,
+                                   msg=lambda message, name=name: f"{name} after the step: {message}")
+    assert metrics["accumulated"]["final"]["ttdm"] == pytest.approx(metrics["one batch"]["final"]["ttdm"], abs=1e-5)
 
 
 def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TEST_MODEL, make_random_teacher
+from PIL import Image
 
 from vlkd.cli import main
 from vlkd.config import FinetuneParams, TaskSpec, VlmParams
@@ -21,6 +22,7 @@ from vlkd.finetune import train
 from vlkd.finetune.clip_td import distillation_loss, relevance, token_distance, top_k, ve_confidence, vqa_confidence
 from vlkd.finetune.tasks import Example, read_split
 from vlkd.models.teacher import MANIFEST, SOURCE_FILE
+from vlkd.models.vilt import pixel_values
 from vlkd.training import Optimization
 from vlkd.vlm.build import build_vlm
 
@@ -179,16 +181,34 @@ def test_a_clip_td_model_is_the_same_model_as_one_fine_tuned_without_it(setup):
     assert not torch.equal(plain["classifier.3.weight"], distilled["classifier.3.weight"])  # trained otherwise
 
 
-def test_evaluation_never_reads_the_teacher(setup, monkeypatch):
-    params, _ = setup
-    task = protocol._load_task("ve", params.tasks["ve"], params, protocol.load_teacher(
-        *protocol.resolve_teacher(params.teacher), image_tokens=True), protocol.load_processor(params.vlm),
-        torch.device("cpu"), False)
-    model = train.task_model(params.output / "ve" / "clip-td", task.labels, 0).eval()
-    task.targets = None  # evaluation must not need the teacher's targets
-    monkeypatch.setattr(protocol, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
-    result = train.evaluate(model, train.PatchOrder(model.vilt), task, task.tests["test"], 16, torch.device("cpu"))
-    assert 0 <= result["score"] <= 100
+class _TeacherTripwire:
+    """In the place of a task's teacher targets: reading any of them fails the test."""
+
+    def __getattr__(self, name: str):
+        pytest.fail(f"evaluation read the teacher's targets ({name})")
+
+
+def test_evaluation_never_reads_the_teacher(setup):
+    """A fine-tuned model is scored from itself and the test splits alone: its task data is built here without
+    the teacher, with a tripwire where the teacher's targets go, and each score is still the one the protocol
+    recorded for this model while the teacher and its targets were at hand."""
+    params, metrics = setup
+    for name, spec in params.tasks.items():
+        folder = params.output / name / "clip-td"  # the saved model: save_fraction, the first seed
+        processor = protocol.load_processor(folder)
+        config = json.loads((folder / "config.json").read_text())
+        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        tests = {split: read_split(spec.task, getattr(spec, split), split) for split in ("test", "shifted")
+                 if getattr(spec, split) is not None}
+        images = sorted({e.image for split in tests.values() for e in split.examples})
+        pixels = dict(zip(images, pixel_values(processor, [Image.open(path) for path in images]), strict=True))
+        task = train.TaskData(name, spec.task, labels, read_split(spec.task, spec.train, "train"), tests, pixels,
+                              _TeacherTripwire(), processor.tokenizer, processor.tokenizer.model_max_length)
+        model = train.task_model(folder, labels, 0).eval()
+        for split, examples in tests.items():
+            score = train.evaluate(model, train.PatchOrder(model.vilt), task, examples, 16, torch.device("cpu"))
+            assert score["score"] == metrics[name][split]["clip-td"][str(params.save_fraction)]["seeds"][0], \
+                (name, split)
 
 
 def test_a_killed_run_resumes_at_its_checkpoint_and_ends_the_same(setup, tmp_path, monkeypatch):

@@ -84,9 +84,8 @@ class Optimization:
 
         self.parameters = [param for param in model.parameters() if param.requires_grad]
         self.max_grad_norm = max_grad_norm
-        # fused: one kernel over all parameters instead of a loop of small ops per tensor; on the CPU the
-        # embedded teacher's update (its 49,408-token embedding included) takes 19-27 ms instead of 92
-        # (benchmarks/training_step.py).
+        # fused: one kernel over all parameters, since a loop of small ops per tensor is most of the update's
+        # time on the CPU (docs/benchmarks.md, "One training step").
         self.optimizer = torch.optim.AdamW(decay_groups(model, weight_decay, lr, lr_multipliers), lr=lr, betas=betas,
                                            eps=eps, fused=True)
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup_steps,

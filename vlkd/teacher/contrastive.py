@@ -106,9 +106,8 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     generator = seed_everything(params.seed)
     model_config = embedded_config(params.image_size)
     model, transform, _ = create_embedded_model(folder, device, model_config)
-    # The ResNet's convolutions in channels-last layout, the one oneDNN's (and cuDNN's) fastest kernels
-    # take: forward and backward 674 -> 537 ms a step on 2 CPU cores (benchmarks/training_step.py). Only
-    # the memory layout changes, and only while training.
+    # The ResNet's convolutions in channels-last layout, the one oneDNN's (and cuDNN's) fastest kernels take
+    # (docs/benchmarks.md, "One training step"). Only the memory layout changes, and only while training.
     model = model.to(memory_format=torch.channels_last)
     pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
