@@ -97,10 +97,9 @@ def random_teacher(model_name: str, device: str = "cpu"):
 def extract_random_features(model_name: str, shards: Path, output: Path, device: str, workers: int) -> Path:
     import torch
 
-    from vlkd.config import FeaturesParams
-    from vlkd.data.feature_writer import extract_features
+    from vlkd.data.feature_writer import Encoding, extract_features
 
-    params = FeaturesParams(batch_size=64, num_workers=workers, device=device)
+    params = Encoding(batch_size=64, num_workers=workers, device=device, precision="auto", image_tokens=False)
     extract_features(shards, output, random_teacher(model_name), params)
     if device == "cuda":
         torch.cuda.empty_cache()  # the measurements get the GPU to themselves

@@ -64,12 +64,12 @@ def peak_memory_mib() -> float:
 def run_stage(args) -> dict:
     import torch
 
-    from vlkd.config import FeaturesParams
-    from vlkd.data.feature_writer import extract_features
+    from vlkd.data.feature_writer import Encoding, extract_features
     from vlkd.models.teacher import load_teacher
 
     teacher = load_teacher(args.model, args.checkpoint)
-    params = FeaturesParams(batch_size=args.batch_size, num_workers=args.workers, device=args.device)
+    params = Encoding(batch_size=args.batch_size, num_workers=args.workers, device=args.device, precision="auto",
+                      image_tokens=False)
     started = time.perf_counter()
     summary = extract_features(Path(args.shards), Path(args.output), teacher, params)
     seconds = time.perf_counter() - started

@@ -49,12 +49,13 @@ from vlkd.evaluate.run import mode_folder
 from vlkd.models.infill import extract_infill, fill_prompt
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher, resolve_teacher
-from vlkd.world.synth import _POSITION_PHRASES, COLOURS, SHAPES
+from vlkd.world.language import POSITION_PHRASES
+from vlkd.world.scenes import COLOURS, SHAPES
 
 PROBED = ("colour", "shape", "size", "position")
 OBJECT = re.compile(rf"(?:(small|large) )?({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
-                    rf"(?: ({'|'.join(map(re.escape, _POSITION_PHRASES.values()))}))?")
-POSITION_OF_PHRASE = {phrase: position for position, phrase in _POSITION_PHRASES.items()}
+                    rf"(?: ({'|'.join(map(re.escape, POSITION_PHRASES.values()))}))?")
+POSITION_OF_PHRASE = {phrase: position for position, phrase in POSITION_PHRASES.items()}
 
 
 def main() -> None:
@@ -301,7 +302,7 @@ def description_scores(descriptions: dict[int, str], scenes: dict[int, dict]) ->
 
 
 def scene_text(scene: dict) -> str:
-    return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} {_POSITION_PHRASES[o['position']]}"
+    return " and ".join(f"a {o['size']} {o['colour']} {o['shape']} {POSITION_PHRASES[o['position']]}"
                         for o in scene["objects"])
 
 

@@ -23,9 +23,10 @@ from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 from safetensors.torch import load_file
 
 from vlkd.cli import main
-from vlkd.config import DistillParams, FeaturesParams
+from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
+from vlkd.data.noising import infill_spans
 from vlkd.distill import train
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.retention import RetentionBatches
@@ -33,7 +34,6 @@ from vlkd.distill.rows import continuation_rows
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
 from vlkd.models.losses import ItclLoss, noisy_batch, ttdm_loss
-from vlkd.models.noising import infill_spans
 from vlkd.models.student import Student, StudentConfig
 from vlkd.models.teacher import load_teacher
 from vlkd.training import Optimization
@@ -55,7 +55,7 @@ def setup(tiny_world_shards, random_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     teacher = load_teacher(TEST_MODEL, str(random_teacher), image_tokens=True)
     extract_features(tiny_world_shards[1], root / "features", teacher,
-                     FeaturesParams(batch_size=8, num_workers=0, device="cpu", image_tokens=True))
+                     Encoding(batch_size=8, num_workers=0, device="cpu", image_tokens=True, precision="auto"))
     captions = [c for batch in FeatureStore(root / "features").iter_batches(64) for c in batch["caption"]]
     return root / "features", make_tiny_plm(root / "plm", captions), random_teacher
 
@@ -363,7 +363,7 @@ def test_features_of_another_teacher_are_refused(setup, tmp_path, tiny_world_sha
     train.distill(trained)
     other = load_teacher(TEST_MODEL, str(make_random_teacher(tmp_path / "other", seed=1)))
     extract_features(tiny_world_shards[1], tmp_path / "other-features", other,
-                     FeaturesParams(batch_size=8, num_workers=0, device="cpu"))
+                     Encoding(batch_size=8, num_workers=0, device="cpu", precision="auto", image_tokens=False))
     assert_one_line_error(invoke("--features", str(tmp_path / "other-features"), "--plm", str(plm),
                                  "--init", str(trained.output), "--output", str(tmp_path / "s2")),
                           "but the student was distilled from")

@@ -162,8 +162,9 @@ def test_params_change_reruns_only_the_stages_that_depend_on_it(first_run):
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert all(lock[name] == lock_before[name] for name in ("synth", "download", "teacher"))
     assert lock["features"]["params"]["params.yaml"]["features"]["batch_size"] == 16
-    # the same teacher: every feature file is reused
-    assert json.loads((root / "metrics/runs/features.json").read_text())["shards_skipped"] == 2
+    # an encoding setting is in each feature file's record: every file is made again (batched kernels may
+    # round differently), and the stages after it see new features
+    assert json.loads((root / "metrics/runs/features.json").read_text())["shards_computed"] == 2
 
 
 def test_a_grown_corpus_leaves_the_worlds_teacher_as_it_was(first_run):

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 
 from vlkd.cli import main
-from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams, FeaturesParams
+from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams
 from vlkd.data.feature_store import FeatureStore
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.data.vqa_metric import score_vqa
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
@@ -24,6 +24,7 @@ from vlkd.models import student as student_module
 from vlkd.models.infill import fill_prompt
 from vlkd.models.student import Student
 from vlkd.models.teacher import load_teacher
+from vlkd.record import RECORD
 from vlkd.teacher.build import MANIFEST, SOURCE_FILE
 
 WORLD_IMAGE = "{image_id:06d}.png"  # the synthetic world's image file names
@@ -41,7 +42,8 @@ def trained(tiny_world_shards, random_teacher, tmp_path_factory):
     world, shards = tiny_world_shards
     root = tmp_path_factory.mktemp("evaluate")
     teacher = load_teacher(TEST_MODEL, str(random_teacher))
-    extract_features(shards, root / "features", teacher, FeaturesParams(batch_size=8, num_workers=0, device="cpu"))
+    extract_features(shards, root / "features", teacher,
+                     Encoding(batch_size=8, num_workers=0, device="cpu", precision="auto", image_tokens=False))
     captions = [c for batch in FeatureStore(root / "features").iter_batches(64) for c in batch["caption"]]
     captions += (world / "text" / "train.txt").read_text().splitlines()
     plm = make_tiny_plm(root / "plm", captions)
@@ -308,7 +310,8 @@ def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_p
     assert len(answered) == 4  # generated again, with greedy search
     assert predictions.stat().st_mtime_ns != written
     manifest = json.loads((tmp_path / "eval" / run.MANIFEST).read_text())
-    assert manifest["inputs"]["params"]["num_beams"] == 1 and manifest["metrics"] == changed
+    record = json.loads((tmp_path / "eval" / RECORD).read_text())
+    assert record["params"]["num_beams"] == 1 and manifest["metrics"] == changed
     assert changed["retention"] == first["retention"]  # the same student and text: the same losses
 
 

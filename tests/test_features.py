@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +24,15 @@ from conftest import TEST_MODEL, make_random_teacher
 from PIL import Image
 
 from vlkd.cli import main
-from vlkd.config import FeaturesParams
 from vlkd.data import feature_writer
 from vlkd.data.feature_schema import read_metadata
 from vlkd.data.feature_store import FeatureStore, fixed_size_to_numpy
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.data.webdataset import iter_shard, list_shards
 from vlkd.errors import VlkdError
 from vlkd.models.teacher import load_teacher
 
-PARAMS = FeaturesParams(batch_size=4, num_workers=0, device="cpu")
+PARAMS = Encoding(batch_size=4, num_workers=0, device="cpu", precision="auto", image_tokens=False)
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def teacher(random_teacher):
 
 
 def test_rows_equal_encode_image_and_encode_text(shards, tmp_path, teacher):
-    extract_features(shards, tmp_path / "features", teacher, PARAMS.model_copy(update={"num_workers": 2}))
+    extract_features(shards, tmp_path / "features", teacher, replace(PARAMS, num_workers=2))
     for tar in list_shards(shards):
         table = pq.read_table(tmp_path / "features" / f"{tar.stem}.parquet")
         samples = list(iter_shard(tar))
@@ -80,7 +80,7 @@ def test_schema_and_metadata(shards, tmp_path, teacher):
 
 def test_patch_tokens_are_the_final_layer_tokens(shards, tmp_path, random_teacher):
     with_tokens = load_teacher(TEST_MODEL, str(random_teacher), image_tokens=True)
-    extract_features(shards, tmp_path / "features", with_tokens, PARAMS.model_copy(update={"image_tokens": True}))
+    extract_features(shards, tmp_path / "features", with_tokens, replace(PARAMS, image_tokens=True))
     table = pq.read_table(tmp_path / "features" / "00001.parquet")
     assert table.schema.field("image_tokens").type == pa.list_(pa.list_(pa.float16(), 64), 16)  # 4x4 patches
     sample = next(iter_shard(shards / "00001.tar"))
@@ -102,7 +102,7 @@ def test_a_resnet_teacher_stores_the_pooled_token_and_one_token_per_feature_map_
     checkpoint = make_random_teacher(tmp_path / "resnet", model_name=RESNET, config=RESNET_CONFIG)
     plain = load_teacher(RESNET, str(checkpoint))
     with_tokens = load_teacher(RESNET, str(checkpoint), image_tokens=True)
-    extract_features(shards, tmp_path / "features", with_tokens, PARAMS.model_copy(update={"image_tokens": True}))
+    extract_features(shards, tmp_path / "features", with_tokens, replace(PARAMS, image_tokens=True))
     table = pq.read_table(tmp_path / "features" / "00000.parquet")
     # [pooled ; 2x2 cells]: a 64-pixel image leaves a 2x2 feature map after the ResNet's 32x downsampling.
     assert table.schema.field("image_tokens").type == pa.list_(pa.list_(pa.float16(), 16), 5)

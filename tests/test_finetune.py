@@ -216,7 +216,7 @@ def test_a_killed_run_resumes_at_its_checkpoint_and_ends_the_same(setup, tmp_pat
     params = params.model_copy(update={"checkpoint_every": 2, "min_steps": 5})
     teacher = protocol.load_teacher(*protocol.resolve_teacher(params.teacher), image_tokens=True)
     task = protocol._load_task("ve", params.tasks["ve"], params, teacher, protocol.load_processor(params.vlm),
-                               torch.device("cpu"), False)
+                               torch.device("cpu"), False, protocol.stage_record(params))
     ids = [e.id for e in task.train.examples]
     whole, _ = train.run(params, task, params.vlm, ids, 0, "clip-td", torch.device("cpu"), tmp_path / "a.pt")
     real_loss, calls = train._task_loss, []
@@ -243,7 +243,7 @@ def test_fine_tuning_lowers_the_task_loss(setup):
     params = params.model_copy(update={"min_steps": 20, "lr": 1e-3})
     teacher = protocol.load_teacher(*protocol.resolve_teacher(params.teacher), image_tokens=True)
     task = protocol._load_task("ve", params.tasks["ve"], params, teacher, protocol.load_processor(params.vlm),
-                               torch.device("cpu"), False)
+                               torch.device("cpu"), False, protocol.stage_record(params))
     ids = [e.id for e in task.train.examples][:8]
     _, result = train.run(params, task, params.vlm, ids, 0, "clip-td", torch.device("cpu"), params.checkpoints / "x.pt")
     first = train.run(params.model_copy(update={"min_steps": 1, "lr": 1e-9}), task, params.vlm, ids, 0, "clip-td",
@@ -264,7 +264,7 @@ def test_the_classifier_learns_at_its_multiple_of_the_learning_rate(setup, monke
     monkeypatch.setattr(train, "Optimization", recording)
     teacher = protocol.load_teacher(*protocol.resolve_teacher(params.teacher), image_tokens=True)
     task = protocol._load_task("ve", params.tasks["ve"], params, teacher, protocol.load_processor(params.vlm),
-                               torch.device("cpu"), False)
+                               torch.device("cpu"), False, protocol.stage_record(params))
     model, _ = train.run(params.model_copy(update={"min_steps": 1, "epochs": 1}), task, params.vlm,
                          [e.id for e in task.train.examples][:4], 0, "clip-td", torch.device("cpu"),
                          params.checkpoints / "lr.pt")

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vlkd"
 STAGES = {"world", "corpus", "teacher", "features", "plm", "distill", "evaluate", "vlm", "finetune"}
-COMPONENTS = {"models", "data", "config", "errors", "io", "training"}
+COMPONENTS = {"models", "data", "config", "errors", "io", "record", "training"}
 GLUE = {"cli", "orchestrate", "__init__"}  # the CLI assembles the stages; orchestrate drives DVC
 
 
@@ -83,3 +83,39 @@ def test_no_import_cycle():
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as error:
         pytest.fail(f"import cycle: {' -> '.join(error.args[1])}")
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """`imports(path)` less those under `if TYPE_CHECKING:`, which name types and run nothing."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(node) for block in ast.walk(tree)
+                   if isinstance(block, ast.If) and ast.unparse(block.test).endswith("TYPE_CHECKING")
+                   for statement in block.body for node in ast.walk(statement)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlkd."):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("vlkd.")}
+    return found
+
+
+def test_data_never_runs_models():
+    """models/ builds on data/ (a language model's batches, a student's features), never the other way: the
+    two packages are layers, not one tangle."""
+    users = {path.relative_to(PACKAGE).as_posix() for part, path in modules()
+             if part == "data" and any(part_of(module) == "models" for module in runtime_imports(path))}
+    assert users == set()
+
+
+@pytest.mark.parametrize(("part", "path"), [(p, path) for p, path in modules() if p in COMPONENTS - {"config"}],
+                         ids=lambda value: str(value))
+def test_components_take_plain_arguments_not_stage_sections(part, path):
+    """A component that takes a stage's params section (PlmParams, FeaturesParams, ...) is tied to that stage's
+    configuration; it takes the values it uses, or a small type of its own."""
+    sections = [alias.name for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.ImportFrom) and node.module == "vlkd.config"
+                for alias in node.names if alias.name.endswith("Params") or alias.name.endswith("Spec")]
+    assert sections == [], f"{path.relative_to(PACKAGE)} imports the stage section(s) {sections}"

@@ -4,51 +4,23 @@ change re-runs exactly the stages it can affect and nothing ever needs `dvc comm
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vlkd.config import Params
+from vlkd.record import NOT_CODE, imported_files
 
 PROJECT = Path(__file__).resolve().parents[1]
 # The modules each `vlkd <stage>` command runs (vlkd/cli.py imports them inside the command; download
-# serves the embedded world's folder while it fetches a world's list).
+# serves the embedded world's folder while it fetches a world's list). The stages' records hash the same
+# files (vlkd.record.stage_code), less NOT_CODE: the typed params, whose values DVC sees through
+# params.yaml (checked below), and the error type.
 ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
          "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
          "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"],
          "vlm": ["vlkd/vlm/build.py"], "finetune": ["vlkd/finetune/run.py"]}
-# Not dependencies: the typed params (DVC sees every value through params.yaml, checked below) and the
-# error type.
-NOT_DEPS = {"vlkd/config.py", "vlkd/errors.py"}
-
-
-def _module_file(name: str) -> Path | None:
-    path = PROJECT / Path(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_files(entries: list[str]) -> set[str]:
-    """Every vlkd source file the `entries` import, transitively (imports inside functions included)."""
-    seen: set[Path] = set()
-    pending = [PROJECT / entry for entry in entries]
-    while pending:
-        path = pending.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlkd"):
-                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names if alias.name.startswith("vlkd")]
-            pending += [found for found in map(_module_file, names) if found is not None]
-    return {path.relative_to(PROJECT).as_posix() for path in seen if path.stat().st_size}  # empty __init__s: no code
 
 
 def stages() -> dict:
@@ -62,9 +34,9 @@ def test_every_stage_has_an_entry_module():
 @pytest.mark.parametrize("stage", sorted(ENTRY))
 def test_code_dependencies_cover_every_module_the_stage_imports(stage):
     deps = [dep for dep in stages()[stage]["deps"] if dep.startswith("vlkd")]
-    covered = [file for file in imported_files(ENTRY[stage]) - NOT_DEPS
+    covered = [file for file in imported_files(ENTRY[stage]) - NOT_CODE
                if any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)]
-    missing = sorted(imported_files(ENTRY[stage]) - NOT_DEPS - set(covered))
+    missing = sorted(imported_files(ENTRY[stage]) - NOT_CODE - set(covered))
     assert not missing, f"dvc.yaml's {stage} stage does not depend on {missing}, which it runs"
 
 

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, BartForConditionalGeneration
 from vlkd.cli import main
 from vlkd.config import PlmParams, SynthParams
 from vlkd.data import text
-from vlkd.data.text import make_example, qa_pairs
+from vlkd.data.text import Noise, make_example, qa_pairs
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
 from vlkd.models import language_model
@@ -27,6 +27,7 @@ from vlkd.plm import metrics as plm_metrics
 from vlkd.plm import pretrain as plm_pretrain
 from vlkd.plm.build import build_plm
 from vlkd.plm.pretrain import pretrain, train_tokenizer
+from vlkd.training import Checkpoint
 from vlkd.world.synth import text_corpus
 
 # The embedded model at test size: the same code path, a fraction of the compute.
@@ -46,7 +47,8 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def tiny_params(corpus: tuple[Path, Path], output: Path, **overrides) -> PlmParams:
-    return PlmParams(**{**TINY, "corpus": corpus[0], "heldout": corpus[1], "output": output, **overrides})
+    return PlmParams(**{**TINY, "corpus": corpus[0], "heldout": corpus[1], "output": output,
+                        "checkpoints": output.parent / "checkpoints", **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +143,12 @@ def test_examples_mask_the_answers_or_random_spans(tokenizer):
     [encoded] = text.encode_documents(tokenizer, [document], 64)
     assert [tokenizer.decode(encoded.tokens[start:end]).strip() for start, end in encoded.answers] == ["red", "left"]
     rng = np.random.default_rng(0)
-    source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=1.0), rng)
+    source, target, kind = make_example(encoded, tokenizer, Noise(0.3, 3.0, answer_mask_share=1.0), rng)
     assert kind == "answers"
     assert tokenizer.decode(source) == ("<s>a small red circle on the left. Question: What color is the circle? "
                                         "Answer:<mask> Question: Where is the red circle? Answer:<mask></s>")
     assert tokenizer.decode(target, skip_special_tokens=True) == document
-    source, target, kind = make_example(encoded, tokenizer, PlmParams(answer_mask_share=0.0), rng)
+    source, target, kind = make_example(encoded, tokenizer, Noise(0.3, 3.0, answer_mask_share=0.0), rng)
     assert kind == "spans" and tokenizer.mask_token_id in source
     assert tokenizer.decode(target, skip_special_tokens=True) == document
     # truncation drops the answers it cuts
@@ -349,3 +351,32 @@ def test_cli_writes_metrics(tmp_path, corpus, local_bart):
     metrics = json.loads((tmp_path / "m" / "plm.json").read_text())
     assert metrics == json.loads((tmp_path / "plm" / MANIFEST).read_text())["metrics"]
     assert "language model" in result.stdout
+
+
+def test_a_killed_pretraining_resumes_to_the_same_weights(corpus, tokenizer, tmp_path, monkeypatch):
+    """Killed in its second epoch, after the checkpoint of step 15 (13 steps an epoch): the resumed run takes
+    the same batches and noise from there and ends with the same weights and the same loss record."""
+    params = tiny_params(corpus, tmp_path / "plm", epochs=3, checkpoint_every=5)
+    documents = corpus[0].read_text().splitlines()[:200]
+    clean, clean_record = pretrain(params, tokenizer, documents, checkpoint=Checkpoint(tmp_path / "a" / "last.pt"))
+
+    real_collate, batches = plm_pretrain.collate, []
+
+    def die_at_batch_18(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 18:
+            raise KeyboardInterrupt
+        return real_collate(*args, **kwargs)
+
+    checkpoint = Checkpoint(tmp_path / "b" / "last.pt")
+    monkeypatch.setattr(plm_pretrain, "collate", die_at_batch_18)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(params, tokenizer, documents, checkpoint=checkpoint)
+    assert torch.load(checkpoint.path, weights_only=True)["step"] == 15
+    monkeypatch.setattr(plm_pretrain, "collate", real_collate)
+    resumed, record = pretrain(params, tokenizer, documents, checkpoint=checkpoint)
+    assert not checkpoint.path.exists()  # a finished run leaves no checkpoint
+    for name, tensor in clean.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, atol=1e-6, rtol=1e-5)
+    assert record["loss_per_epoch"] == pytest.approx(clean_record["loss_per_epoch"], rel=1e-5)
+    assert record["answer_masked_examples"] == clean_record["answer_masked_examples"]

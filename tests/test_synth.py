@@ -19,6 +19,7 @@ from PIL import Image
 from vlkd.config import SynthParams
 from vlkd.data.webdataset import list_shards, read_pairs
 from vlkd.errors import VlkdError
+from vlkd.record import RECORD
 from vlkd.world.answers import human_answers
 from vlkd.world.drawing import BACKGROUND_RGB, COLOUR_RGB, draw_scene
 from vlkd.world.language import (
@@ -103,7 +104,7 @@ def test_manifest_describes_the_world(world: Path) -> None:
     assert vocabulary["positions"] == list(POSITIONS)
     assert vocabulary["held_out_pairs"] == [list(pair) for pair in HELD_OUT_PAIRS]
     on_disk = {name: hashlib.sha256(data).hexdigest() for name, data in _files(world).items()}
-    del on_disk[WORLD_MANIFEST]
+    del on_disk[WORLD_MANIFEST], on_disk[RECORD]  # the manifest, and the run's record (vlkd.record)
     assert manifest["files"] == on_disk
     for entry in manifest["splits"].values():
         assert (world / entry["scenes"]).is_file()

@@ -10,9 +10,8 @@ import open_clip
 import pytest
 import torch
 
-from vlkd.config import FeaturesParams
 from vlkd.data.feature_store import FeatureStore
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.errors import VlkdError
 from vlkd.io import sha256_file
 from vlkd.models.teacher import load_teacher, pool_token_grid, save_checkpoint
@@ -125,7 +124,7 @@ def test_features_of_a_grid_are_stored_pooled_and_never_mixed_with_the_full_layo
                                                                                   tmp_path):
     _, shards = tiny_world_shards
     name, output = "vlkd-tokens-vit", tmp_path / "features"
-    params = FeaturesParams(batch_size=4, num_workers=0, device="cpu", image_tokens=True)
+    params = Encoding(batch_size=4, num_workers=0, device="cpu", image_tokens=True, precision="auto")
     grid = load_teacher(name, checkpoints[name], image_tokens=True, token_grid=2)
     extract_features(shards, output, grid, params)
     store = FeatureStore(output, expected_teacher=grid.fingerprint.as_dict())

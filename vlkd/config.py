@@ -178,6 +178,9 @@ class PlmParams(_Section):
     # the skill VQA needs. The rest, and documents without questions, get random spans.
     answer_mask_share: float = Field(1.0, ge=0, le=1)
     qa_questions: int = Field(300, ge=1, description="held-out questions asked for the text-only QA metric")
+    # Resumable state of the embedded model's pretraining, outside `output` (DVC deletes outs before a run).
+    checkpoints: Path = Path("data/checkpoints/plm")
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between checkpoints")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -1,17 +1,26 @@
-"""The training scaffold the teacher, language-model and distillation loops share: device and precision,
-AdamW with decay groups, transformers' warmup schedules, the optimizer step (clipping, schedule, zeroing),
-per-epoch loss means and the progress bar. Each loop keeps only what is its own: data, model, loss."""
+"""The training scaffold the teacher, language-model, distillation and fine-tuning loops share: device and
+precision, AdamW with decay groups, transformers' warmup schedules, the optimizer step (clipping, schedule,
+zeroing), the checkpoint a killed loop resumes from, per-epoch loss means and the progress bar. Each loop
+keeps only what is its own: data, model, loss."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import random
 from collections.abc import Iterable
 from contextlib import nullcontext
+from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from vlkd.errors import VlkdError
+from vlkd.io import remove_path, tmp_path_for
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -102,6 +111,64 @@ class Optimization:
         return lr
 
 
+class Checkpoint:
+    """The one way a training loop resumes after a kill: a file with the step, the model's, optimizer's and
+    schedule's states, this process's random states (torch's CPU and CUDA generators, NumPy's and Python's
+    global ones) and the loop's own state (`extra`: where it is in its data, its own generators), written
+    whole (a temporary name, then a rename). A loop that saves at step s and resumes takes the same steps
+    after s as one that was never stopped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def save(self, step: int, model: torch.nn.Module, optimization: Optimization, extra: dict | None = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_path_for(self.path)
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimization.optimizer.state_dict(),
+                    "scheduler": optimization.scheduler.state_dict(), "random": _random_states(),
+                    "extra": extra or {}}, tmp)
+        tmp.replace(self.path)
+        log.debug("checkpoint at step %d: %s", step, self.path)
+
+    def resume(self, model: torch.nn.Module, optimization: Optimization,
+               map_location: torch.device | str | None = None) -> tuple[int, dict]:
+        """(the step to go on from, the loop's `extra`): (0, {}) when there is no checkpoint."""
+        if not self.path.exists():
+            return 0, {}
+        # weights_only: tensors and plain Python values only (_random_states keeps NumPy's as lists).
+        state = torch.load(self.path, map_location=map_location, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimization.optimizer.load_state_dict(state["optimizer"])
+        optimization.scheduler.load_state_dict(state["scheduler"])
+        _set_random_states(state["random"])
+        log.info("resuming from %s at step %d", self.path, state["step"])
+        return state["step"], state["extra"]
+
+    def remove(self) -> None:
+        """After the loop's last step: the run is done; its checkpoint goes, and its folder if that is empty."""
+        remove_path(self.path)
+        with contextlib.suppress(OSError):  # not empty: other runs' files
+            self.path.parent.rmdir()
+
+
+def _random_states() -> dict:
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def _set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([state.cpu() for state in states["cuda"]])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
 class EpochMeans:
     """The mean of each named loss over each epoch, as the stages' metrics and logs report them."""
 
@@ -121,6 +188,17 @@ class EpochMeans:
 
     def of(self, name: str) -> list[float]:
         return [epoch[name] for epoch in self.means]
+
+    def state(self) -> dict:
+        """Plain values for a checkpoint's `extra`; `EpochMeans.restored` makes the same means from them."""
+        return {"means": self.means, "sums": {name: list(pair) for name, pair in self._sums.items()}}
+
+    @classmethod
+    def restored(cls, state: dict) -> EpochMeans:
+        means = cls()
+        means.means = state.get("means", [])
+        means._sums = {name: tuple(pair) for name, pair in state.get("sums", {}).items()}
+        return means
 
 
 def progress(total: int, desc: str, initial: int = 0, enabled: bool = True) -> tqdm:

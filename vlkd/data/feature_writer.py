@@ -18,8 +18,9 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +31,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from vlkd.config import FeaturesParams
 from vlkd.data.feature_schema import (
     BAD_SAMPLES_KEY,
     DTYPE,
@@ -44,8 +44,11 @@ from vlkd.data.feature_store import FEATURE_FILES
 from vlkd.data.webdataset import ShardSpec, iter_shard, list_shards
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
-from vlkd.models.teacher import Teacher
+from vlkd.record import files_sha256, fingerprint, library_versions, stage_code
 from vlkd.training import autocast, resolve_device, resolve_precision
+
+if TYPE_CHECKING:  # the type only: data/ never runs models/ (the teacher is handed in)
+    from vlkd.models.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +148,27 @@ def output_path(output: Path, tar: Path) -> Path:
     return output / f"{tar.stem}.parquet"
 
 
-def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, params: FeaturesParams,
+@dataclass(frozen=True)
+class Encoding:
+    """How the teacher embeds the shards (the features stage's settings, features.* in params.yaml)."""
+
+    batch_size: int
+    num_workers: int  # DataLoader processes decoding images
+    device: str  # auto, cpu or cuda
+    precision: str  # auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16
+    image_tokens: bool  # also store the image tokens (ViT patches or ResNet cells)
+
+
+def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, encoding: Encoding,
                      rank: int = 0, world_size: int = 1, replace_other_teachers: bool = False) -> dict:
     """Bring `output` up to date with the shards `shards` names (a folder, a brace pattern, tar files: see
     `list_shards`); returns the folder's summary once every shard is done (always, with one process),
     else this rank's. Files made by another teacher are refused, or with `replace_other_teachers` deleted
-    (DVC runs: a changed teacher must re-embed everything, and DVC's cache still holds the old files)."""
+    (DVC runs: a changed teacher must re-embed everything, and DVC's cache still holds the old files).
+    A shard is done when its file was made by this teacher from the shard's present bytes by the same
+    code (this module and what it imports), libraries and encoding settings: the per-file form of a stage's record
+    (`vlkd.record`). Whoever calls it (the features stage, evaluate's image cache, a benchmark), the same
+    shard gives the same file."""
     started = time.perf_counter()
     tars = list_shards(shards)
     if not tars:
@@ -158,25 +176,32 @@ def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, params: 
                         "with their _stats.json); run `vlkd download` first or check --shards")
     output.mkdir(parents=True, exist_ok=True)
     fingerprint = teacher.fingerprint.as_dict()
+    made_by = _made_by(encoding)
+    shard_sha256 = dict(zip(tars, files_sha256(tars), strict=True))
     mine = tars[rank::world_size]
     _refuse_other_teachers(output, fingerprint, _deletable(output, tars, mine, rank) if replace_other_teachers
                            else None)
     for tar in mine:  # partial files of a killed run; only this rank ever writes these shards
         partial_path(output_path(output, tar)).unlink(missing_ok=True)
-    todo = [tar for tar in mine if not _is_done(output_path(output, tar), fingerprint, params.image_tokens)]
+
+    def done(tar: Path) -> bool:
+        return _is_done(output_path(output, tar), fingerprint, made_by, shard_sha256[tar])
+
+    todo = [tar for tar in mine if not done(tar)]
     log.info("features: %d shard(s) for rank %d of %d, %d already done", len(mine), rank, world_size,
              len(mine) - len(todo))
-    device = resolve_device(params.device, "features.device")
-    encoded, bad = _encode_shards(todo, output, teacher, params, device) if todo else (0, [])
+    device = resolve_device(encoding.device, "features.device")
+    encoded, bad = (_encode_shards(todo, output, teacher, encoding, device, made_by, shard_sha256) if todo
+                    else (0, []))
     seconds = time.perf_counter() - started
     # Another rank may still be writing its shards; the last to finish sees them all (each looks after its
     # own files are in place), and ranks that finish together write the same bytes.
-    complete = all(_is_done(output_path(output, tar), fingerprint, params.image_tokens) for tar in tars)
+    complete = all(done(tar) for tar in tars)
     if complete:
-        summary = _summary(fingerprint, params, device, [output_path(output, tar) for tar in tars], len(tars))
+        summary = _summary(fingerprint, encoding, device, [output_path(output, tar) for tar in tars], len(tars))
         write_json_atomic(output / SUMMARY, summary)
     else:
-        summary = _summary(fingerprint, params, device, [output_path(output, tar) for tar in mine], len(tars),
+        summary = _summary(fingerprint, encoding, device, [output_path(output, tar) for tar in mine], len(tars),
                            rank, world_size)
         log.info("rank %d of %d done; %s is written by the rank that finishes last", rank, world_size, SUMMARY)
     if bad:
@@ -193,7 +218,7 @@ def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, params: 
 SUMMARY = "summary.json"
 
 
-def _summary(fingerprint: dict, params: FeaturesParams, device: torch.device, files: list[Path], total_shards: int,
+def _summary(fingerprint: dict, encoding: Encoding, device: torch.device, files: list[Path], total_shards: int,
              rank: int = 0, world_size: int = 1) -> dict:
     """What the feature files hold, whichever run wrote them (a refresh summarises the same as a full run).
     The folder's summary is the one a single process (rank 0 of 1) writes, however many ranks made it, so
@@ -202,7 +227,7 @@ def _summary(fingerprint: dict, params: FeaturesParams, device: torch.device, fi
     return {
         "teacher": fingerprint,
         "rank": rank, "world_size": world_size, "device": device.type,
-        "precision": resolve_precision(params.precision, device),
+        "precision": resolve_precision(encoding.precision, device),
         "shards": {"total": total_shards, "this_rank": len(files)},
         "images": sum(pq.read_metadata(path).num_rows for path in files),
         "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
@@ -210,10 +235,10 @@ def _summary(fingerprint: dict, params: FeaturesParams, device: torch.device, fi
     }
 
 
-def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: FeaturesParams,
-                   device: torch.device) -> tuple[int, list[tuple[str, str]]]:
-    dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, params.batch_size)
-    workers = min(params.num_workers, len(todo))
+def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, encoding: Encoding, device: torch.device,
+                   made_by: str, shard_sha256: dict[Path, str]) -> tuple[int, list[tuple[str, str]]]:
+    dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, encoding.batch_size)
+    workers = min(encoding.num_workers, len(todo))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=2 if workers else None, persistent_workers=False)
     model = teacher.model.to(device)
@@ -227,10 +252,11 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
             if writer is None:
                 writer = writers[batch.shard] = ShardWriter(
                     output_path(output, batch.shard),
-                    feature_schema(teacher.embed_dim, _token_shape(model, teacher) if params.image_tokens
-                                   else None, _metadata(teacher, params, batch.shard)))
+                    feature_schema(teacher.embed_dim, _token_shape(model, teacher) if encoding.image_tokens
+                                   else None, _metadata(teacher, encoding, batch.shard, made_by,
+                                                        shard_sha256[batch.shard])))
             if batch.keys:
-                image, text, tokens = _encode(model, batch, device, params)
+                image, text, tokens = _encode(model, batch, device, encoding)
                 writer.write(batch.keys, batch.captions, batch.all_captions, image, text, tokens)
                 encoded += len(batch.keys)
             bad.extend(batch.bad)
@@ -242,16 +268,16 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, params: Fea
 
 
 @torch.inference_mode()
-def _encode(model: torch.nn.Module, batch: ShardBatch, device: torch.device, params: FeaturesParams):
+def _encode(model: torch.nn.Module, batch: ShardBatch, device: torch.device, encoding: Encoding):
     images = batch.images.to(device, non_blocking=True)
     tokens = batch.tokens.to(device, non_blocking=True)
-    with autocast(device, resolve_precision(params.precision, device)):
+    with autocast(device, resolve_precision(encoding.precision, device)):
         image_out = model.encode_image(images)
         text = model.encode_text(tokens)
     pooled, patch = image_out if isinstance(image_out, tuple) else (image_out, None)
     image = F.normalize(pooled.float(), dim=-1).cpu().numpy()
     text = F.normalize(text.float(), dim=-1).cpu().numpy()
-    patch = patch.float().cpu().numpy() if patch is not None and params.image_tokens else None
+    patch = patch.float().cpu().numpy() if patch is not None and encoding.image_tokens else None
     return image, text, patch
 
 
@@ -262,8 +288,17 @@ def _token_shape(model: torch.nn.Module, teacher: Teacher) -> tuple[int, int]:
     return tuple(tokens.shape[1:])
 
 
-def _metadata(teacher: Teacher, params: FeaturesParams, tar: Path) -> dict:
+def _made_by(encoding: Encoding) -> str:
+    """The code, libraries and settings a feature file is made by (with its teacher and shard, its record).
+    How many processes decode is left out: the same bytes either way."""
+    shaping = {key: value for key, value in asdict(encoding).items() if key != "num_workers"}
+    return fingerprint({"code": stage_code([__name__]), "libraries": library_versions(), "encoding": shaping})
+
+
+def _metadata(teacher: Teacher, encoding: Encoding, tar: Path, made_by: str, shard_sha256: str) -> dict:
     return {
+        "made_by": made_by,
+        "shard_sha256": shard_sha256,
         "format": FORMAT,
         "teacher": teacher.fingerprint.as_dict(),
         "preprocess": teacher.preprocess_description,
@@ -271,7 +306,7 @@ def _metadata(teacher: Teacher, params: FeaturesParams, tar: Path) -> dict:
         "embed_dim": teacher.embed_dim,
         "dtype": DTYPE,
         "normalized": True,
-        "image_tokens": params.image_tokens,
+        "image_tokens": encoding.image_tokens,
         "shard": tar.name,
     }
 
@@ -304,9 +339,11 @@ def _refuse_other_teachers(output: Path, fingerprint: dict, deletable: set[str] 
                 "use another --output or delete that folder")
 
 
-def _is_done(path: Path, fingerprint: dict, image_tokens: bool) -> bool:
+def _is_done(path: Path, fingerprint: dict, made_by: str, shard_sha256: str) -> bool:
+    """Whether `path` is this run's file: a file made otherwise (with or without image tokens among the
+    settings) is made again, so the folder's bytes are what a fresh run would write."""
     if not path.is_file():
         return False
     metadata = read_metadata(path)  # None: not a feature file
-    return (metadata is not None and metadata["teacher"] == fingerprint
-            and (metadata["image_tokens"] or not image_tokens))
+    return (metadata is not None and metadata["teacher"] == fingerprint and metadata.get("made_by") == made_by
+            and metadata.get("shard_sha256") == shard_sha256)

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlkd.config import PlmParams
+from vlkd.data.noising import infill_spans
 from vlkd.errors import VlkdError
-from vlkd.models.noising import infill_spans
 
 BUCKET_BATCHES = 50  # batches drawn from one length-sorted pool of shuffled documents
 QA_PAIR = re.compile(r"Question:\s*(?P<question>.+?)\s+Answer:\s*(?P<answer>.*?)\s*(?=Question:|$)")
@@ -68,20 +67,31 @@ def encode_documents(tokenizer, documents: list[str], max_length: int) -> list[E
     return encoded
 
 
-def make_example(doc: Encoded, tokenizer, params: PlmParams,
+@dataclass(frozen=True)
+class Noise:
+    """How a document is noised for infilling: random spans (`mask_ratio` of the tokens, span lengths
+    Poisson(`poisson_lambda`)), or for a share `answer_mask_share` of the documents with questions, every
+    answer masked."""
+
+    mask_ratio: float
+    poisson_lambda: float
+    answer_mask_share: float = 0.0
+
+
+def make_example(doc: Encoded, tokenizer, noise: Noise,
                  rng: np.random.Generator) -> tuple[list[int], list[int], str]:
     """(encoder input, labels, "answers" or "spans") of one document, both with BOS and EOS; the labels are
     the whole document. For a share `answer_mask_share` of the documents with questions every answer (the
     words after "Answer:") becomes one `<mask>`; otherwise random spans are masked."""
     bos, eos, mask = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id
     target = [bos, *doc.tokens, eos]
-    if doc.answers and rng.random() < params.answer_mask_share:
+    if doc.answers and rng.random() < noise.answer_mask_share:
         source, last = [bos], 0
         for start, end in doc.answers:
             source += [*doc.tokens[last:start], mask]
             last = end
         return [*source, *doc.tokens[last:], eos], target, "answers"
-    return [bos, *infill_spans(doc.tokens, mask, params.mask_ratio, params.poisson_lambda, rng), eos], target, "spans"
+    return [bos, *infill_spans(doc.tokens, mask, noise.mask_ratio, noise.poisson_lambda, rng), eos], target, "spans"
 
 
 def length_batches(lengths: list[int], batch_size: int, rng: np.random.Generator) -> list[list[int]]:

@@ -24,7 +24,6 @@ from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import base_plus_ext
 
 from vlkd.errors import VlkdError
-from vlkd.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +156,13 @@ def decode_problem(data: bytes | None) -> str | None:
     return None
 
 
-def shard_inputs(folder: Path, first: int | None = None) -> dict[str, str]:
-    """The complete shards to train on (the `first` of them in name order, or all): tar name -> sha256, so
-    a changed training shard retrains the teacher and a shard added after them does not."""
+def training_shards(folder: Path, first: int | None = None) -> dict[str, Path]:
+    """The complete shards to train on (the `first` of them in name order, or all), by tar name: a stage's
+    record hashes them, so a changed training shard retrains and a shard added after them does not."""
     tars = list_shards(folder)[:first]
     if not tars:
         raise VlkdError(f"no complete shards in {folder}; run `vlkd download` first or check --shards")
-    return {tar.name: sha256_file(tar) for tar in tars}
+    return {tar.name: tar for tar in tars}
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlkd.config import PlmParams
-from vlkd.data.text import collate, encode_documents, make_example, read_documents
+from vlkd.data.text import Noise, collate, encode_documents, make_example, read_documents
 from vlkd.models.language_model import MANIFEST, read_manifest
 
 # A batch is drawn from a band of this many batches' worth of documents of neighbouring length: a batch
@@ -32,8 +31,7 @@ class RetentionBatches:
         self.tokenizer = tokenizer
         self.documents = encode_documents(tokenizer, read_documents(corpus, "plm.corpus"), max_length)
         self.by_length = np.argsort([len(document.tokens) for document in self.documents], kind="stable")
-        self.noise = PlmParams(mask_ratio=mask_ratio, poisson_lambda=poisson_lambda,
-                               answer_mask_share=pretrained_answer_mask_share(plm_folder))
+        self.noise = Noise(mask_ratio, poisson_lambda, pretrained_answer_mask_share(plm_folder))
 
     def batch(self, size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """`size` documents from a band of neighbouring lengths that starts anywhere in the length order and

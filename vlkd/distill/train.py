@@ -8,7 +8,6 @@ exactly the steps an uninterrupted run would.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,18 +31,29 @@ from vlkd.distill.reading import CaptionReading
 from vlkd.distill.retention import RetentionBatches
 from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_rows_seen, rows_seen_record
 from vlkd.errors import VlkdError
-from vlkd.io import building_folder, remove_path, sha256_file, tmp_path_for, write_json_atomic
+from vlkd.io import building_folder, write_json_atomic
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
 from vlkd.models.language_model import language_model_text, read_manifest
 from vlkd.models.losses import ItclLoss, noisy_batch, reading_loss, ttdm_loss
 from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig, load_language_model
 from vlkd.models.teacher import check_teacher
-from vlkd.training import EpochMeans, Optimization, autocast, progress, resolve_device, resolve_precision, trainable
+from vlkd.record import StageRecord, fingerprint
+from vlkd.training import (
+    Checkpoint,
+    EpochMeans,
+    Optimization,
+    autocast,
+    progress,
+    resolve_device,
+    resolve_precision,
+    trainable,
+)
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ttdm", "itcl", "icti", "retention", "reading")
 CHECKPOINT = "last.pt"
+METRICS = "distill-metrics.json"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
 
@@ -107,6 +117,10 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     if not (params.ttdm_weight or params.itcl_weight or params.icti_weight):
         raise VlkdError("distill.ttdm_weight, itcl_weight and icti_weight are all 0; set at least one above 0")
     store = FeatureStore(params.features)
+    record = StageRecord.of("distill", __name__, params, stage_inputs(params), params.output / STUDENT_CONFIG)
+    if record.reusable(params.output):
+        logger.info("student in %s is up to date with its record; not trained again", params.output)
+        return {**json.loads((params.output / METRICS).read_text()), "this_run": {"reused": True}}
     columns = _needed_columns(params, store)
     init = _init_folder(params.init)
     file_rows, seen = _file_rows(store), None if init is None else read_rows_seen(init)
@@ -115,7 +129,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     student.train()
     selection = _row_selection(params, file_rows, seen, init)
     if selection is not None and selection.new == 0:
-        return _nothing_new(student, params, store, init, rows_seen_record(file_rows, seen), ranks)
+        return _nothing_new(student, params, store, init, rows_seen_record(file_rows, seen), ranks, record)
     batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size,
                              rows=None if selection is None else selection.rows)
     retention = _retention_batches(params, student)
@@ -137,9 +151,8 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     warmup = min(params.warmup_steps, total_steps // 10)
     optimization = Optimization(student, params.lr, params.weight_decay, warmup, total_steps,
                                 params.schedule, params.max_grad_norm)
-    fingerprint = _run_fingerprint(params, store, file_rows, student, init, selection)
-    checkpoint = params.checkpoints / fingerprint[:16] / CHECKPOINT
-    start_step = _resume(checkpoint, student, optimization, ranks)
+    checkpoint = Checkpoint(params.checkpoints / _run_key(params, selection, record)[:16] / CHECKPOINT)
+    start_step, _ = checkpoint.resume(student, optimization, ranks.device)
     live = _open_live(params.plots, start_step) if ranks.is_main else None
     precision = _precision(params, ranks.device)
 
@@ -162,7 +175,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
             bar.set_postfix({name: f"{recent[name]:.3f}" for name in LOSSES if name in recent}, refresh=False)
             bar.update()
             if (step + 1) % params.checkpoint_every == 0 and step + 1 < total_steps and ranks.is_main:
-                _save_checkpoint(checkpoint, step + 1, student, optimization)
+                checkpoint.save(step + 1, student, optimization)
 
     elapsed = time.perf_counter() - started
     metrics = {
@@ -172,10 +185,10 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
         "trainable_parameters": trainable(student.parameters()),
     }
     if ranks.is_main:
-        _save_student(student, params, metrics, rows_seen_record(file_rows, seen))
+        _save_student(student, params, metrics, rows_seen_record(file_rows, seen), record)
         if live is not None:
             live.end()
-        remove_path(checkpoint.parent)
+        checkpoint.remove()
     if ranks.world_size > 1:
         dist.barrier()
     # How this run went: a resumed run ends with the same student, so none of this is in its files.
@@ -251,14 +264,15 @@ def _unpadded(encoded) -> list[list[int]]:
     return [ids[:int(mask.sum())].tolist() for ids, mask in zip(encoded.input_ids, encoded.attention_mask, strict=True)]
 
 
-def _check_finite(losses: dict[str, float], step: int, checkpoint: Path, ranks: Ranks) -> None:
+def _check_finite(losses: dict[str, float], step: int, checkpoint: Checkpoint, ranks: Ranks) -> None:
     bad = torch.tensor(0.0 if all(math.isfinite(v) for v in losses.values()) else 1.0)
     if ranks.world_size > 1:
         bad = bad.to(ranks.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
         values = ", ".join(f"{name}={value:.4g}" for name, value in losses.items())
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint.exists() else "no checkpoint was written yet"
+        kept = (f"the last good checkpoint is {checkpoint.path}" if checkpoint.path.exists()
+                else "no checkpoint was written yet")
         raise VlkdError(f"the loss is not finite at step {step + 1} ({values}); {kept}; lower distill.lr or "
                         "check the features for NaN")
 
@@ -368,7 +382,7 @@ def _rows_text(store: FeatureStore, selection: RowSelection | None) -> str:
 
 
 def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, init: Path, rows_seen: dict,
-                 ranks: Ranks) -> dict:
+                 ranks: Ranks, record: StageRecord) -> dict:
     """Every row was seen by the init student: it is the result, written unchanged (with its record)."""
     logger.info("every feature row in %s was seen by the student in %s: nothing to distil, it is written as it is",
                 params.features, init)
@@ -376,11 +390,19 @@ def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, i
                "trained_rows": {"new": 0, "replayed": 0}, "init": str(params.init), "final": {},
                "trainable_parameters": trainable(student.parameters())}
     if ranks.is_main:
-        _save_student(student, params, metrics, rows_seen)
+        _save_student(student, params, metrics, rows_seen, record)
     if ranks.world_size > 1:
         dist.barrier()
     metrics["this_run"] = {"resumed_from_step": 0, "training_seconds": 0.0, "epoch_means": [], "samples_per_s": 0.0}
     return metrics
+
+
+def stage_inputs(params: DistillParams) -> dict:
+    """What distillation reads: the feature files, the language model and the student it continues from."""
+    inputs = {"features": Path(params.features), "plm": Path(params.plm)}
+    if params.init is not None:
+        inputs["init"] = Path(params.init)
+    return inputs
 
 
 def _plm_manifest(folder: Path) -> dict:
@@ -393,43 +415,23 @@ def _plm_manifest(folder: Path) -> dict:
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
-def _run_fingerprint(params: DistillParams, store: FeatureStore, file_rows: dict[str, int], student: Student,
-                     init: Path | None, selection: RowSelection | None) -> str:
-    """What a checkpoint must share with this run to be resumed."""
-    record = {
+def _run_key(params: DistillParams, selection: RowSelection | None, record: StageRecord) -> str:
+    """What a checkpoint must share with this run to be resumed: the record (inputs, code, libraries) and
+    the params, but not the params that only say where and how fast."""
+    return fingerprint({
         "params": {k: v for k, v in params.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT},
-        "features": file_rows, "teacher": store.teacher, "plm": student.config.plm,
-        "init": sha256_file(init / "projections.safetensors") if init else None,
+        "inputs": record.inputs, "code": record.code, "libraries": record.libraries,
         "rows": None if selection is None else {name: len(rows) for name, rows in selection.rows.items()},
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    })
 
 
-def _save_checkpoint(path: Path, step: int, student: Student, optimization: Optimization) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    torch.save({"step": step, "student": student.state_dict(), "optimizer": optimization.optimizer.state_dict(),
-                "scheduler": optimization.scheduler.state_dict()}, tmp)
-    tmp.replace(path)
-    logger.debug("checkpoint at step %d: %s", step, path)
-
-
-def _resume(path: Path, student: Student, optimization: Optimization, ranks: Ranks) -> int:
-    if not path.exists():
-        return 0
-    state = torch.load(path, map_location=ranks.device, weights_only=True)
-    student.load_state_dict(state["student"])
-    optimization.optimizer.load_state_dict(state["optimizer"])
-    optimization.scheduler.load_state_dict(state["scheduler"])
-    logger.info("resuming from %s at step %d", path, state["step"])
-    return state["step"]
-
-
-def _save_student(student: Student, params: DistillParams, metrics: dict, rows_seen: dict) -> None:
+def _save_student(student: Student, params: DistillParams, metrics: dict, rows_seen: dict,
+                  record: StageRecord) -> None:
     with building_folder(params.output, STUDENT_CONFIG, "student", "distill.output") as building:
         student.save_pretrained(building)
-        write_json_atomic(building / "distill-metrics.json", {k: v for k, v in metrics.items() if k != "this_run"})
+        write_json_atomic(building / METRICS, {k: v for k, v in metrics.items() if k != "this_run"})
         write_json_atomic(building / ROWS_SEEN, rows_seen)
+        record.write(building)
     logger.info("student written to %s", params.output)
 
 

@@ -12,6 +12,7 @@ tokenizer is used (one warning): BLEU, ROUGE_L and CIDEr are still reported, pos
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import shutil
@@ -103,15 +104,22 @@ def scorers(java: bool, spice: bool) -> list[tuple[object, str | list[str]]]:
     """(scorer, key or keys) in COCOEvalCap's order, without the ones this machine cannot run."""
     chosen: list[tuple[object, str | list[str]]] = [(Bleu(4), BLEU_KEYS)]
     if java:
-        from pycocoevalcap.meteor.meteor import Meteor  # starts a Java process at construction
-
-        chosen.append((Meteor(), "METEOR"))
+        chosen.append((_meteor(), "METEOR"))
     chosen += [(Rouge(), "ROUGE_L"), (Cider(), "CIDEr")]
     if spice:
         from pycocoevalcap.spice.spice import Spice
 
         chosen.append((Spice(), "SPICE"))
     return chosen
+
+
+@functools.cache
+def _meteor():
+    """One METEOR scorer per process: it starts a Java process that loads its paraphrase tables (seconds),
+    and an evaluation scores captions under each condition; the scorer serves its calls one at a time."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
 
 
 def score_captions(annotations: dict, predictions: list, java: bool | None = None,

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vlkd.config import BenchmarkSpec, FeaturesParams
+from vlkd.config import BenchmarkSpec
 from vlkd.data.feature_store import FeatureStore
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.data.webdataset import add_member
 from vlkd.errors import VlkdError
 from vlkd.io import remove_path, write_json_atomic
@@ -48,7 +48,7 @@ def image_features(spec: BenchmarkSpec, image_ids: list[int], teacher: Teacher, 
         _pack(files, shards)
     # A cache, not an artifact: features of an earlier teacher are replaced, not refused.
     extract_features(shards, features, teacher,
-                     FeaturesParams(batch_size=64, num_workers=0, device=device, image_tokens=patch),
+                     Encoding(batch_size=64, num_workers=0, device=device, precision="auto", image_tokens=patch),
                      replace_other_teachers=True)
     column = "image_tokens" if patch else "image_embedding"
     store = FeatureStore(features, expected_teacher=teacher.fingerprint.as_dict())

@@ -18,13 +18,12 @@ official VQA accuracy and pycocoevalcap. Text retention: BART's infilling loss o
 (the language model) and after (the student) distillation, with identical noise.
 
 Outputs in `output`: `<benchmark>/predictions*.json` in the official result formats (another VQA mode's
-in `<benchmark>/<mode>/`), `metrics.json`, `report.html` and `evaluate.json` (inputs and params); a rerun
-with the same inputs is skipped.
+in `<benchmark>/<mode>/`), `metrics.json`, `report.html`, `evaluate.json` and the run's record
+(`vlkd.record`); a rerun whose record matches is skipped.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -41,11 +40,12 @@ from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import write_report
-from vlkd.io import building_folder, project_relative, sha256_file, write_json_atomic
+from vlkd.io import building_folder, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.language_model import infilling_loss, language_model_text
-from vlkd.models.student import Student, load_language_model
+from vlkd.models.student import PROJECTIONS, STUDENT_CONFIG, Student, load_language_model
 from vlkd.models.teacher import check_teacher, load_teacher, resolve_teacher
+from vlkd.record import StageRecord
 from vlkd.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,10 @@ RETENTION_MAX_TOKENS = 128
 
 def evaluate(params: EvaluateParams) -> dict:
     """Evaluate the student on every benchmark; returns metrics.json's content."""
-    inputs = _inputs(params)
-    done = _up_to_date(params, inputs)
-    if done is not None:
-        log.info("evaluation in %s is up to date with the student and the benchmarks; skipped", params.output)
-        return done
+    record = StageRecord.of("evaluate", __name__, params, stage_inputs(params), params.output / MANIFEST)
+    if record.reusable(params.output):
+        log.info("evaluation in %s is up to date with its record; skipped", params.output)
+        return read_json(params.output / METRICS)
     device = resolve_device(params.device, "evaluate.device")
     student = Student.from_pretrained(params.student, device)
     # The image tokens exactly as the student's features were made (the grid is in the teacher's fingerprint).
@@ -81,7 +80,8 @@ def evaluate(params: EvaluateParams) -> dict:
         metrics["retention"] = _retention(params, student, plm, device)
         write_json_atomic(building / METRICS, metrics)
         write_report(building / "report.html", metrics, samples, params)
-        write_json_atomic(building / MANIFEST, {"inputs": inputs, "metrics": metrics})
+        write_json_atomic(building / MANIFEST, {"metrics": metrics})
+        record.write(building)
     return metrics
 
 
@@ -412,30 +412,18 @@ def _heldout_text(params: EvaluateParams) -> Path | None:
     return language_model_text(params.plm, "heldout", "evaluate (text retention)", required=False)
 
 
-def _inputs(params: EvaluateParams) -> dict:
-    """What the evaluation depends on: the student's weights, the language model, the benchmark files."""
-    files = [params.student / "model.safetensors", params.student / "projections.safetensors",
-             params.plm / "model.safetensors", params.plm / "vlkd-plm.json"]
-    for spec in params.benchmarks.values():
-        files += [path for path in (spec.questions, spec.annotations) if path is not None]
-    missing = [path for path in files[:3] if not path.is_file()]
-    if missing:
-        raise VlkdError(f"{missing[0]} does not exist; run `vlkd distill` and `vlkd plm` first, or check "
-                        "evaluate.student and evaluate.plm")
-    hashes = {str(path): sha256_file(path) if path.is_file() else None for path in files}
-    record = params.model_dump(mode="json", exclude={"output", "device", "batch_size", "cache"})
-    # As the manifest records them (project-relative), so the key means the same in another folder.
-    hashes, record = project_relative([hashes, record], params.output / MANIFEST)
-    return {"files": hashes, "params": record,
-            "key": hashlib.sha256(json.dumps([hashes, record], sort_keys=True).encode()).hexdigest()}
-
-
-def _up_to_date(params: EvaluateParams, inputs: dict) -> dict | None:
-    manifest = params.output / MANIFEST
-    if not manifest.is_file() or not (params.output / "report.html").is_file():
-        return None
-    try:
-        saved = json.loads(manifest.read_text())
-    except ValueError:
-        return None
-    return saved["metrics"] if saved.get("inputs", {}).get("key") == inputs["key"] else None
+def stage_inputs(params: EvaluateParams) -> dict:
+    """What the evaluation reads: the student, the language model and the teacher (their folders), and each
+    benchmark's files and images."""
+    required = {params.student / STUDENT_CONFIG: "vlkd distill", params.student / PROJECTIONS: "vlkd distill",
+                params.plm: "vlkd plm"}
+    for path, command in required.items():
+        if not path.exists():
+            raise VlkdError(f"{path} does not exist; run `{command}` first, or check evaluate.student and "
+                            "evaluate.plm")
+    inputs: dict = {"student": params.student, "plm": params.plm, "teacher": params.teacher}
+    for name, spec in params.benchmarks.items():
+        for field in ("images", "questions", "annotations"):
+            if getattr(spec, field) is not None:
+                inputs[f"{name}.{field}"] = Path(getattr(spec, field))
+    return inputs

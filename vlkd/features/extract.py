@@ -4,7 +4,7 @@ files (`vlkd.data.feature_writer`: resumable, incremental, split across ranks)."
 from __future__ import annotations
 
 from vlkd.config import FeaturesParams
-from vlkd.data.feature_writer import extract_features
+from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.errors import VlkdError
 from vlkd.models.teacher import load_teacher, resolve_teacher
 
@@ -16,7 +16,8 @@ def features(params: FeaturesParams, rank: int = 0, world_size: int = 1,
         raise VlkdError(f"--rank {rank} is not in 0..{world_size - 1} (--world-size {world_size})")
     model, pretrained = teacher_names(params)
     teacher = load_teacher(model, pretrained, image_tokens=params.image_tokens, token_grid=params.token_grid)
-    return extract_features(params.shards, params.output, teacher, params, rank=rank, world_size=world_size,
+    encoding = Encoding(params.batch_size, params.num_workers, params.device, params.precision, params.image_tokens)
+    return extract_features(params.shards, params.output, teacher, encoding, rank=rank, world_size=world_size,
                             replace_other_teachers=replace_other_teachers)
 
 

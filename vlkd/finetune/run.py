@@ -8,12 +8,12 @@
           split for `dvc plots`, an HTML page with the plots, and the models of `save_fraction`.
 
 Runs already finished are kept in the checkpoint folder, so a killed protocol resumes at the run it was in
-(and that run at its last checkpoint).
+(and that run at its last checkpoint). An output folder whose record (`vlkd.record`) matches this run's is
+kept as it is.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -31,6 +31,7 @@ from vlkd.finetune.train import TaskData, run
 from vlkd.io import building_folder, params_record, sha256_file, write_json_atomic
 from vlkd.models.teacher import load_teacher, resolve_teacher
 from vlkd.models.vilt import load_processor, pixel_values, tokenize
+from vlkd.record import StageRecord, fingerprint
 from vlkd.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,19 @@ def finetune(params: FinetuneParams, replace_other_teachers: bool = False) -> di
     """Run the protocol; returns the metrics (also in `params.output`/results.json)."""
     if not params.tasks:
         raise VlkdError("finetune.tasks is empty; name at least one task (vqa or ve files) in params.yaml")
+    record = stage_record(params)
+    if record.reusable(Path(params.output)):
+        log.info("fine-tuned models in %s are up to date with their record; the protocol is not run again",
+                 params.output)
+        return json.loads((Path(params.output) / "results.json").read_text())
     device = resolve_device(params.device, "finetune.device")
     model_name, pretrained = resolve_teacher(Path(params.teacher))
     teacher = load_teacher(model_name, pretrained, device=device, image_tokens=True)
     processor = load_processor(params.vlm)
-    progress_dir = Path(params.checkpoints) / _protocol_key(params, teacher.fingerprint.as_dict())
+    progress_dir = Path(params.checkpoints) / _protocol_key(params, record)
     metrics, saved, subsets = {}, {}, {}
     for name, spec in params.tasks.items():
-        task = _load_task(name, spec, params, teacher, processor, device, replace_other_teachers)
+        task = _load_task(name, spec, params, teacher, processor, device, replace_other_teachers, record)
         subsets[name] = fixed_subsets([e.id for e in task.train.examples], _all_fractions(params))
         results, saved[name] = _protocol(params, task, subsets[name], device, progress_dir / name)
         metrics[name] = summarise(params, task, subsets[name], results)
@@ -65,6 +71,7 @@ def finetune(params: FinetuneParams, replace_other_teachers: bool = False) -> di
         write_report(building / "report.html", metrics)
         write_json_atomic(building / MANIFEST, {"teacher": teacher.fingerprint.as_dict(),
                                                 "params": params_record(params, building / MANIFEST)})
+        record.write(building)
     return metrics
 
 
@@ -87,7 +94,8 @@ def runs_of(params: FinetuneParams) -> list[tuple[float, str, int]]:
     return main + [run for run in ablations if run not in main]
 
 
-def _load_task(name, spec, params: FinetuneParams, teacher, processor, device, replace_other_teachers) -> TaskData:
+def _load_task(name, spec, params: FinetuneParams, teacher, processor, device, replace_other_teachers,
+               record: StageRecord) -> TaskData:
     train = read_split(spec.task, spec.train, f"finetune.tasks.{name}.train")
     tests = {split: read_split(spec.task, getattr(spec, split), f"finetune.tasks.{name}.{split}")
              for split in ("test", "shifted") if getattr(spec, split) is not None}
@@ -97,7 +105,8 @@ def _load_task(name, spec, params: FinetuneParams, teacher, processor, device, r
     max_length = processor.tokenizer.model_max_length
     words = tokenize(processor.tokenizer, [e.text for e in train.examples], max_length).words
     inputs = {"files": _file_hashes(spec.train), "labels": labels, "candidate": params.vqa_candidate,
-              "temperature": params.temperature, "words": hashlib.sha256(json.dumps(words).encode()).hexdigest()}
+              "temperature": params.temperature, "words": fingerprint(words),
+              "code": record.code, "libraries": record.libraries}  # targets of other code are recomputed
     targets = load_or_compute(Path(params.cache) / f"targets-{name}.parquet", teacher, train.examples, words,
                               spec.task, labels, inputs, replace_other_teachers, device, params.eval_batch_size)
     images = sorted({e.image for split in (train, *tests.values()) for e in split.examples})
@@ -180,14 +189,27 @@ def _file_hashes(split) -> dict[str, str]:
             if getattr(split, field) is not None}
 
 
-def _protocol_key(params: FinetuneParams, teacher: dict) -> str:
-    """What finished runs must share with this protocol to count as its runs."""
-    record = params.model_dump(mode="json", exclude={"output", "checkpoints", "device", "eval_batch_size",
-                                                     "fractions", "seeds", "variants", "ablations",
-                                                     "ablation_fractions", "save_fraction", "checkpoint_every"})
-    record["teacher"] = teacher
-    record["vlm"] = {path.name: sha256_file(path) for path in sorted(Path(params.vlm).glob("*.safetensors"))}
-    record["tasks"] = {name: {split: _file_hashes(getattr(spec, split)) for split in ("train", "test", "shifted")
-                              if getattr(spec, split) is not None} for name, spec in params.tasks.items()}
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+def stage_record(params: FinetuneParams) -> StageRecord:
+    return StageRecord.of("finetune", __name__, params, stage_inputs(params), Path(params.output) / MANIFEST)
 
+
+def stage_inputs(params: FinetuneParams) -> dict:
+    """What the protocol reads: the vision-language model, the teacher (their folders) and every task split's
+    files and images."""
+    inputs: dict = {"vlm": Path(params.vlm), "teacher": Path(params.teacher)}
+    for name, spec in params.tasks.items():
+        for split in ("train", "test", "shifted"):
+            files = getattr(spec, split)
+            for field in ("images", "questions", "annotations", "file"):
+                if files is not None and getattr(files, field) is not None:
+                    inputs[f"{name}.{split}.{field}"] = Path(getattr(files, field))
+    return inputs
+
+
+def _protocol_key(params: FinetuneParams, record: StageRecord) -> str:
+    """What finished runs must share with this protocol to count as its runs: the record (inputs, code,
+    libraries) and the params, less those that say where, how fast, or which runs the protocol takes."""
+    shaping = params.model_dump(mode="json", exclude={"output", "checkpoints", "device", "eval_batch_size",
+                                                      "fractions", "seeds", "variants", "ablations",
+                                                      "ablation_fractions", "save_fraction", "checkpoint_every"})
+    return fingerprint([shaping, record.inputs, record.code, record.libraries])[:16]

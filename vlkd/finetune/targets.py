@@ -13,7 +13,6 @@ candidate template, the temperature) recompute them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from vlkd.finetune.clip_td import ve_confidence, vqa_confidence
 from vlkd.finetune.tasks import Example
 from vlkd.io import tmp_path_for
 from vlkd.models.teacher import Teacher, token_grid_size
+from vlkd.record import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +54,22 @@ def load_or_compute(path: Path, teacher: Teacher, examples: list[Example], words
                     batch_size: int) -> Targets:
     """The cached targets at `path` when they were made by this teacher from these inputs; otherwise
     computed and written there. `words[i]` are example i's words as the student's tokenizer splits them."""
-    fingerprint = teacher.fingerprint.as_dict()
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+    made_by = teacher.fingerprint.as_dict()
+    key = fingerprint(inputs)
     if path.is_file():
         meta = json.loads(pq.read_schema(path).metadata[b"vlkd"])
-        if meta["teacher"] != fingerprint and not replace_other_teachers:
+        if meta["teacher"] != made_by and not replace_other_teachers:
             raise VlkdError(f"the targets in {path} were made by teacher {meta['teacher']['model']} (weights "
                             f"{meta['teacher']['weights_sha256'][:12]}), not by finetune.teacher "
-                            f"{fingerprint['model']} (weights {fingerprint['weights_sha256'][:12]}); delete the file "
+                            f"{made_by['model']} (weights {made_by['weights_sha256'][:12]}); delete the file "
                             "or pass --replace-other-teachers")
-        if meta["teacher"] == fingerprint and meta["inputs"] == key:
+        if meta["teacher"] == made_by and meta["inputs"] == key:
             log.info("teacher targets from %s", path)
             return _read(path)
     log.info("computing the teacher's targets for %d examples into %s", len(examples), path)
     columns = _compute(teacher, examples, words, kind, labels, inputs["candidate"], inputs["temperature"], device,
                        batch_size)
-    _write(path, columns, {"format": FORMAT, "teacher": fingerprint, "inputs": key})
+    _write(path, columns, {"format": FORMAT, "teacher": made_by, "inputs": key})
     return _read(path)
 
 

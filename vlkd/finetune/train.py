@@ -17,9 +17,8 @@ from vlkd.data.vqa_metric import aggregate, question_accuracy
 from vlkd.finetune.clip_td import VARIANT_RULES, distillation_loss, relevance, token_distance, top_k
 from vlkd.finetune.targets import Targets
 from vlkd.finetune.tasks import Example, Split
-from vlkd.io import remove_path, tmp_path_for
 from vlkd.models.vilt import PatchOrder, TextBatch, encode, tokenize
-from vlkd.training import EpochMeans, Optimization
+from vlkd.training import Checkpoint, EpochMeans, Optimization
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ def task_model(vlm: Path, labels: list[str], seed: int):
 
 
 def run(params: FinetuneParams, task: TaskData, vlm: Path, subset: list[str], seed: int, variant: str,
-        device: torch.device, checkpoint: Path) -> tuple[torch.nn.Module, dict]:
+        device: torch.device, checkpoint_file: Path) -> tuple[torch.nn.Module, dict]:
     """Fine-tune on the examples whose ids are `subset`; returns (task model, {"losses", "steps", scores})."""
     distil, select, weigh = VARIANT_RULES[variant]
     model = task_model(vlm, task.labels, seed).to(device)
@@ -83,7 +82,8 @@ def run(params: FinetuneParams, task: TaskData, vlm: Path, subset: list[str], se
                                 max_grad_norm=params.max_grad_norm,
                                 lr_multipliers={"model.classifier.": params.head_lr_multiplier})
     batches = schedule(len(examples), params.batch_size, steps, torch.Generator().manual_seed(seed))
-    start = _resume(checkpoint, trained, optimization)
+    checkpoint = Checkpoint(checkpoint_file)
+    start, _ = checkpoint.resume(trained, optimization)
     means = EpochMeans()
     model.train()
     for step in range(start, steps):
@@ -100,8 +100,8 @@ def run(params: FinetuneParams, task: TaskData, vlm: Path, subset: list[str], se
         optimization.step()
         means.add(dict(zip(("task", "distill"), torch.stack(losses).tolist(), strict=False)))
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < steps:
-            _save(checkpoint, step + 1, trained, optimization)
-    remove_path(checkpoint)
+            checkpoint.save(step + 1, trained, optimization)
+    checkpoint.remove()
     model.eval()
     scores = {name: evaluate(model, order, task, split, params.eval_batch_size, device)
               for name, split in task.tests.items()}
@@ -194,22 +194,3 @@ def evaluate(model, order: PatchOrder, task: TaskData, split: Split, batch_size:
 
 
 
-# -- checkpoints (a killed run resumes at its last checkpoint) ------------------------------------------
-def _save(path: Path, step: int, trained, optimization: Optimization) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    torch.save({"step": step, "trained": trained.state_dict(), "optimizer": optimization.optimizer.state_dict(),
-                "scheduler": optimization.scheduler.state_dict(), "torch": torch.get_rng_state()}, tmp)
-    tmp.replace(path)
-
-
-def _resume(path: Path, trained, optimization: Optimization) -> int:
-    if not path.exists():
-        return 0
-    state = torch.load(path, weights_only=True)
-    trained.load_state_dict(state["trained"])
-    optimization.optimizer.load_state_dict(state["optimizer"])
-    optimization.scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch"])
-    log.info("resuming %s at step %d", path, state["step"])
-    return state["step"]

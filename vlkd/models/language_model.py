@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlkd.data.noising import infill_spans
 from vlkd.data.text import collate, encode_documents
 from vlkd.errors import VlkdError, first_line
 from vlkd.io import project_root, sha256_file
 from vlkd.models.infill import MASK
-from vlkd.models.noising import infill_spans
 
 log = logging.getLogger(__name__)
 

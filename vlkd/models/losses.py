@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from vlkd.models.noising import infill_spans
+from vlkd.data.noising import infill_spans
 from vlkd.models.student import normalized
 
 

@@ -7,13 +7,12 @@
 
 The embedded model learns what the project relies on, from text alone: to answer questions about a
 scene described in words (the world's documents are "<description>. Question: q Answer: a ..." or a
-plain caption). A folder whose manifest records the same params, inputs and weights is kept as it is;
-otherwise it is rebuilt whole (`building_folder`).
+plain caption). A folder whose record (`vlkd.record`) matches this run's is kept as it is; otherwise it is
+rebuilt whole (`building_folder`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
@@ -23,15 +22,17 @@ import torch
 
 from vlkd.config import PlmParams
 from vlkd.data.text import read_documents
-from vlkd.io import building_folder, params_record, sha256_file, without_output, write_json_atomic
-from vlkd.models.language_model import MANIFEST, load_pretrained, weights_sha256
+from vlkd.io import building_folder, params_record, write_json_atomic
+from vlkd.models.language_model import MANIFEST, load_pretrained, read_manifest, weights_sha256
 from vlkd.plm.metrics import evaluate_plm
 from vlkd.plm.pretrain import EMBEDDED_NAME, pretrain, train_tokenizer
-from vlkd.training import resolve_device
+from vlkd.record import StageRecord
+from vlkd.training import Checkpoint, resolve_device
 
 log = logging.getLogger(__name__)
 
 SOURCE_TRAINED = "trained on"
+CHECKPOINT = "last.pt"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -41,24 +42,27 @@ def build_plm(params: PlmParams) -> dict:
     """Make `params.output` (the model and tokenizer saved with `save_pretrained`, and vlkd-plm.json) and
     return the manifest; its "metrics" are the stage's metrics. An up-to-date folder is left alone."""
     output = Path(params.output)
-    inputs = _inputs(params)
-    current = _up_to_date(output, params, inputs)
-    if current is not None:
-        log.info("language model in %s is up to date (same params, inputs and weights); not rebuilt", output)
-        return current
+    record = StageRecord.of("plm", __name__, params, stage_inputs(params), output / MANIFEST)
+    if record.reusable(output):
+        log.info("language model in %s is up to date with its record; not rebuilt", output)
+        return read_manifest(output)
     with building_folder(output, MANIFEST, "language model", "plm.output") as building, _threads(params.device):
-        manifest = _build(params, building, inputs)
+        checkpoint = Checkpoint(Path(params.checkpoints) / record.key[:16] / CHECKPOINT)
+        manifest = _build(params, building, record.inputs, checkpoint)
+        record.write(building)
     _log_metrics(output, manifest["metrics"])
     return manifest
 
 
-def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
+def _build(params: PlmParams, building: Path, inputs: dict, checkpoint: Checkpoint) -> dict:
+    """`inputs`: the record's hashes of what the stage reads; `checkpoint`: where the embedded model's
+    pretraining resumes from (named by the record, so another run's never)."""
     device = resolve_device(params.device, "plm.device")
     metrics: dict = {}
     if params.model is None:
         documents = read_documents(Path(params.corpus), "plm.corpus")
         tokenizer = train_tokenizer(documents, params.vocab_size, building)
-        model, metrics["training"] = pretrain(params, tokenizer, documents, device)
+        model, metrics["training"] = pretrain(params, tokenizer, documents, device, checkpoint)
         name, source = EMBEDDED_NAME, f"{SOURCE_TRAINED} {params.corpus}"
     else:
         model, tokenizer, source = load_pretrained(params.model)
@@ -76,7 +80,7 @@ def _build(params: PlmParams, building: Path, inputs: dict) -> dict:
         "mask_token_id": tokenizer.mask_token_id,
         "transformers_version": _transformers_version(),
         "params": params_record(params, building / MANIFEST),
-        "inputs": inputs,
+        "inputs": {name: inputs[name] for name in ("corpus", "heldout") if name in inputs},  # each text's sha256
         "metrics": metrics,
     }
     write_json_atomic(building / MANIFEST, manifest)
@@ -116,33 +120,14 @@ def _transformers_version() -> str:
 
 
 
-def _inputs(params: PlmParams) -> dict:
-    """sha256 of the text files the stage reads: a changed corpus or held-out file rebuilds the folder.
-    The corpus is recorded for a pretrained model too: it is the text distillation's retention keeps."""
-    inputs = {}
+def stage_inputs(params: PlmParams) -> dict:
+    """What the stage reads: the corpus and the held-out text (the corpus is recorded for a pretrained
+    model too: it is the text distillation's retention keeps), and a pretrained model in a local folder
+    (a hub name: `from_pretrained` pins nothing)."""
     if params.model is None and (params.corpus is None or not Path(params.corpus).is_file()):
         read_documents(Path(params.corpus or "<plm.corpus is null>"), "plm.corpus")  # raises the one-line error
-    for name in ("corpus", "heldout"):
-        path = getattr(params, name)
-        if path is not None and Path(path).is_file():
-            inputs[name] = sha256_file(Path(path))
+    inputs: dict = {name: Path(getattr(params, name)) for name in ("corpus", "heldout")
+                    if getattr(params, name) is not None and Path(getattr(params, name)).is_file()}
+    if params.model is not None and Path(params.model).is_dir():
+        inputs["model"] = Path(params.model)
     return inputs
-
-
-def _up_to_date(output: Path, params: PlmParams, inputs: dict) -> dict | None:
-    path = output / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        if without_output(manifest["params"]) != without_output(params_record(params, path)):
-            return None
-        if manifest["inputs"] != inputs or not manifest["sha256"]:
-            return None
-        if weights_sha256(output) != manifest["sha256"]:
-            return None
-        # A hub name: `from_pretrained` pins nothing, but the weights we saved are the ones recorded.
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.info("language model manifest %s unreadable (%s); rebuilding", path, err)
-        return None
-    return manifest

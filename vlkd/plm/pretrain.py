@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from vlkd.config import PlmParams
-from vlkd.data.text import collate, encode_documents, length_batches, make_example
+from vlkd.data.text import Noise, collate, encode_documents, length_batches, make_example
 from vlkd.errors import VlkdError
 from vlkd.models.infill import MASK
-from vlkd.training import EpochMeans, Optimization, progress
+from vlkd.training import Checkpoint, EpochMeans, Optimization, progress
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,11 @@ def sinusoids(length: int, width: int, std: float) -> torch.Tensor:
     return table * (std * math.sqrt(2))
 
 
-def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.device | str = "cpu"):
-    """Pretrain a new BART on `documents` with text infilling. Returns (model in eval mode, training record)."""
+def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.device | str = "cpu",
+             checkpoint: Checkpoint | None = None):
+    """Pretrain a new BART on `documents` with text infilling. Returns (model in eval mode, training record).
+    With a `checkpoint`, a killed run resumes where it was (its epoch's batches, its place in them and the
+    noise generator) and ends with the weights an uninterrupted run ends with."""
     if params.max_length > params.max_positions:
         raise VlkdError(f"plm.max_length {params.max_length} is more than plm.max_positions {params.max_positions}; "
                         "raise max_positions or lower max_length")
@@ -117,12 +120,18 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
     log.info("pretraining %s (%d parameters) on %d documents: %d epochs of %d steps (batch %d) on %s",
              EMBEDDED_NAME, sum(p.numel() for p in model.parameters()), len(encoded), params.epochs,
              steps_per_epoch, params.batch_size, device)
-    started, step, answer_masked, epochs = time.perf_counter(), 0, 0, EpochMeans()
+    noise = Noise(params.mask_ratio, params.poisson_lambda, params.answer_mask_share)
+    step, loop = checkpoint.resume(model, optimization, device) if checkpoint else (0, {})
+    if loop:
+        rng.bit_generator.state = loop["rng"]
+    answer_masked, epochs = loop.get("answer_masked", 0), EpochMeans.restored(loop.get("losses", {}))
+    started = time.perf_counter()
     model.train()
-    with progress(total, "plm") as bar:
-        for epoch in range(params.epochs):
-            for indices in length_batches(lengths, params.batch_size, rng):
-                examples = [make_example(encoded[i], tokenizer, params, rng) for i in indices]
+    with progress(total, "plm", initial=step) as bar:
+        for epoch in range(step // steps_per_epoch, params.epochs):
+            batches = loop.get("batches") or length_batches(lengths, params.batch_size, rng)
+            for position in range(step % steps_per_epoch, len(batches)):
+                examples = [make_example(encoded[i], tokenizer, noise, rng) for i in batches[position]]
                 answer_masked += sum(kind == "answers" for _, _, kind in examples)
                 examples = [(source, target) for source, target, _ in examples]
                 batch = {name: tensor.to(device) for name, tensor in collate(examples, tokenizer.pad_token_id).items()}
@@ -133,7 +142,17 @@ def pretrain(params: PlmParams, tokenizer, documents: list[str], device: torch.d
                 step += 1
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-            log.info("epoch %d/%d: mean infilling loss %.4f", epoch + 1, params.epochs, epochs.end_epoch()["loss"])
+                ended = position + 1 == len(batches)
+                if ended:
+                    log.info("epoch %d/%d: mean infilling loss %.4f", epoch + 1, params.epochs,
+                             epochs.end_epoch()["loss"])
+                if checkpoint and step % params.checkpoint_every == 0 and step < total:
+                    checkpoint.save(step, model, optimization, {
+                        "batches": None if ended else batches, "rng": rng.bit_generator.state,
+                        "answer_masked": answer_masked, "losses": epochs.state()})
+            loop = {}
+    if checkpoint:
+        checkpoint.remove()
     epoch_losses = epochs.of("loss")
     model.eval()
     seconds = time.perf_counter() - started

@@ -5,7 +5,7 @@
                                     its config and pretrained with ITM + MLM (`pretrain`)
 
 The folder holds the ViltForMaskedLM and ViltProcessor (`save_pretrained`) and vlkd-vlm.json. A folder whose
-manifest records the same params and inputs and whose weights are the recorded ones is kept as it is.
+record (`vlkd.record`) matches this run's is kept as it is.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from vlkd.config import VlmParams
-from vlkd.data.webdataset import read_pairs, shard_inputs
+from vlkd.data.webdataset import read_pairs, training_shards
 from vlkd.errors import VlkdError
-from vlkd.io import building_folder, params_record, sha256_file, without_output, write_json_atomic
+from vlkd.io import building_folder, params_record, sha256_file, write_json_atomic
 from vlkd.models.vilt import image_processor, tiny_config, train_tokenizer
+from vlkd.record import StageRecord
 from vlkd.training import resolve_device
 from vlkd.vlm.pretrain import Pretraining, decode_images, heldout_metrics, pretrain
 
@@ -33,24 +34,32 @@ EMBEDDED_NAME = "vlkd-tiny-vilt"
 def build_vlm(params: VlmParams) -> dict:
     """Make `params.output` and return its manifest (whose "metrics" are the stage's metrics)."""
     output = Path(params.output)
-    inputs = {} if params.model else {"shards": shard_inputs(Path(params.shards), params.train_shards)}
-    current = _up_to_date(output, params, inputs)
-    if current is not None:
-        log.info("vision-language model in %s is up to date (same params, inputs and weights); not rebuilt", output)
-        return current
+    record = StageRecord.of("vlm", __name__, params, stage_inputs(params), output / MANIFEST)
+    if record.reusable(output):
+        log.info("vision-language model in %s is up to date with its record; not rebuilt", output)
+        return json.loads((output / MANIFEST).read_text())
     device = resolve_device(params.device, "vlm.device")
     with building_folder(output, MANIFEST, "vision-language model", "vlm.output") as building:
-        manifest = _build(params, building, inputs, device)
+        manifest = _build(params, building, record.inputs.get("shards", {}), device)
+        record.write(building)
     log.info("vision-language model %s in %s: %s", manifest["name"], output, manifest["metrics"].get("heldout"))
     return manifest
 
 
-def _build(params: VlmParams, building: Path, inputs: dict, device: torch.device) -> dict:
+def stage_inputs(params: VlmParams) -> dict:
+    """What the stage reads with these params: the training shards (`train_shards` of them), or a ViLT in a
+    local folder (a hub name: `from_pretrained` pins nothing)."""
+    if params.model is None:
+        return {"shards": training_shards(Path(params.shards), params.train_shards)}
+    return {"model": Path(params.model)} if Path(params.model).is_dir() else {}
+
+
+def _build(params: VlmParams, building: Path, shards: dict[str, str], device: torch.device) -> dict:
     from transformers import ViltForMaskedLM, ViltProcessor
 
     metrics: dict = {}
     if params.model is None:
-        _, images, captions, bad = read_pairs([Path(params.shards) / name for name in inputs["shards"]])
+        _, images, captions, bad = read_pairs([Path(params.shards) / name for name in shards])
         if len(images) < 2:
             raise VlkdError(f"{len(images)} decodable image(s) in {params.shards}; pretraining needs at least 2")
         tokenizer = train_tokenizer([text for texts in captions for text in texts], params.vocab_size,
@@ -86,7 +95,7 @@ def _build(params: VlmParams, building: Path, inputs: dict, device: torch.device
         "image_size": processor.image_processor.size.get("shortest_edge"),
         "sha256": _weights_sha256(building),
         "params": params_record(params, building / MANIFEST),
-        "inputs": inputs,
+        "inputs": {"shards": shards} if shards else {},
         "metrics": metrics,
     }
     write_json_atomic(building / MANIFEST, manifest)
@@ -95,17 +104,3 @@ def _build(params: VlmParams, building: Path, inputs: dict, device: torch.device
 
 def _weights_sha256(folder: Path) -> dict[str, str]:
     return {path.name: sha256_file(path) for path in sorted(folder.glob("*.safetensors"))}
-
-
-def _up_to_date(output: Path, params: VlmParams, inputs: dict) -> dict | None:
-    path = output / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-        same = (without_output(manifest["params"]) == without_output(params_record(params, path))
-                and manifest["inputs"] == inputs and manifest["sha256"] == _weights_sha256(output))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.info("vision-language model manifest %s unreadable (%s); rebuilding", path, err)
-        return None
-    return manifest if same else None

@@ -20,7 +20,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from vlkd.errors import VlkdError
-from vlkd.world.synth import WORLD_MANIFEST
+
+# The world folder's manifest (written by `vlkd synth`): how the server knows a URL list is the world's.
+WORLD_MANIFEST = "world.json"
 
 log = logging.getLogger(__name__)
 

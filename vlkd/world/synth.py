@@ -22,6 +22,7 @@ Layout under the output folder (see `generate_world`):
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import tarfile
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from vlkd.config import SynthParams
 from vlkd.io import building_folder
+from vlkd.record import StageRecord
 from vlkd.world.drawing import draw_scene
 from vlkd.world.files import (
     EVAL_CAPTIONS,
@@ -46,7 +48,7 @@ from vlkd.world.files import (
     write_scenes,
     write_urls,
 )
-from vlkd.world.language import POSITION_PHRASES, caption_scene, text_corpus
+from vlkd.world.language import caption_scene, text_corpus
 from vlkd.world.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -61,15 +63,13 @@ from vlkd.world.scenes import (
     split_scenes,
     stream,
 )
+from vlkd.world.server import WORLD_MANIFEST
 from vlkd.world.tasks import write_tasks
 
 logger = logging.getLogger(__name__)
 
-WORLD_MANIFEST = "world.json"
 PRETRAIN_FOLDER = "pretrain"
 PRETRAIN_SHARD_SIZE = 1000
-# benchmarks/grounding.py reads the position phrases under their old private name, from here.
-_POSITION_PHRASES = POSITION_PHRASES
 
 
 def _write_split(root: Path, split: str, scenes: Sequence[Scene], params: SynthParams) -> dict[str, Any]:
@@ -182,9 +182,15 @@ def _build(root: Path, params: SynthParams) -> dict[str, Any]:
 
 def generate_world(output: Path, params: SynthParams) -> dict[str, Any]:
     """Write the synthetic world into `output` (params.output is ignored) and return its manifest,
-    which is also `output/world.json`. Built whole, then swapped in (`building_folder`)."""
+    which is also `output/world.json`. Built whole, then swapped in (`building_folder`); a world whose
+    record (`vlkd.record`: the params and the code) matches is kept as it is."""
+    record = StageRecord.of("synth", __name__, params, {}, Path(output) / WORLD_MANIFEST)
+    if record.reusable(Path(output)):
+        logger.info("synthetic world in %s is up to date with its record; not written again", output)
+        return json.loads((Path(output) / WORLD_MANIFEST).read_text())
     with building_folder(Path(output), WORLD_MANIFEST, "synthetic world", "synth.output") as building:
         manifest = _build(building, params)
+        record.write(building)
     splits = manifest["splits"]
     logger.info(
         "synthetic world in %s: %d train, %d eval (%d questions), %d shifted images, %d text documents",
