@@ -31,7 +31,7 @@ from vlkd.orchestrate import stages as dvc
 from vlkd.orchestrate.gate import relative_name
 from vlkd.orchestrate.lock import WorkspaceLock
 from vlkd.orchestrate.metrics import markdown_table, metric_rows, read_metrics, text_table
-from vlkd.orchestrate.params import apply_overrides, find_project, parse_assignments, preview
+from vlkd.orchestrate.params import apply_overrides, find_project, parse_assignments, preview, use_recipe
 from vlkd.orchestrate.process import Redactor, command_env, secret_values
 
 METRICS_ARTIFACT = "vlkd-metrics"
@@ -103,9 +103,12 @@ def push_outputs(project: str, secrets: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The run (shared with the refresh flow, which holds the same lock)
 # ---------------------------------------------------------------------------------------------------
-def run_pipeline(root: Path, overrides: dict[str, Any], until: str | None = None) -> dict[str, Any]:
-    """Inside a flow, with the workspace lock held: overrides, every stage, push, artifacts."""
+def run_pipeline(root: Path, overrides: dict[str, Any], until: str | None = None,
+                 recipe: Path | None = None) -> dict[str, Any]:
+    """Inside a flow, with the workspace lock held: the recipe and overrides, every stage, push, artifacts."""
     logger = get_run_logger()
+    if use_recipe(root, recipe):
+        logger.info(f"params.yaml: the recipe {recipe}")
     changed = apply_overrides(root, overrides)
     params = load_params(root / PARAMS_FILE)
     settings = params.pipeline
@@ -210,16 +213,16 @@ def pipeline(params_file: str = PARAMS_FILE, overrides: dict[str, Any] | None = 
     """Run the DVC pipeline stage by stage.
 
     Args:
-        params_file: the project's params.yaml (its folder holds dvc.yaml), or a variant file whose
-            values override the project's params.yaml.
+        params_file: the project's params.yaml (its folder holds dvc.yaml), a recipe that params.yaml becomes
+            a copy of, or an overlay: the recipe it names (`base:`) with its values over it.
         overrides: {"section.key": value}, written into params.yaml like `dvc exp run -S`.
         until: run only this stage and the stages it depends on (as `dvc repro <stage>`).
     """
-    root, file_overrides = find_project(params_file)
-    overrides = {**file_overrides, **(overrides or {})}
-    params = preview(root, overrides)
-    with WorkspaceLock(root, timeout=params.pipeline.lock_timeout, owner=_owner()):
-        return run_pipeline(root, overrides, until)
+    variant = find_project(params_file)
+    overrides = {**variant.overrides, **(overrides or {})}
+    params = preview(variant.root, overrides, variant.recipe)
+    with WorkspaceLock(variant.root, timeout=params.pipeline.lock_timeout, owner=_owner()):
+        return run_pipeline(variant.root, overrides, until, variant.recipe)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +247,8 @@ def print_result(result: dict[str, Any], all_metrics: bool = False) -> None:
 
 def arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default=PARAMS_FILE, help="params.yaml of the project, or a variant file")
+    parser.add_argument("--params", default=PARAMS_FILE,
+                        help="params.yaml of the project, a recipe, or an overlay of one")
     parser.add_argument("--set", "-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a parameter in params.yaml (as `dvc exp run -S`); repeatable")
     parser.add_argument("--until", help="run only this stage and the stages it depends on")

@@ -83,22 +83,23 @@ def refresh(url_list: str | None = None, params_file: str = PARAMS_FILE, overrid
     Args:
         url_list: the new list (parquet, csv or tsv); None: the list params.yaml names (e.g. after
             `synth.images` grew, or the file was replaced).
-        params_file: the project's params.yaml, or a variant file of overrides.
+        params_file: the project's params.yaml, a recipe, or an overlay of one (flows.pipeline).
         overrides: {"section.key": value}, written into params.yaml.
         until: run only up to this stage (and what it depends on).
     """
     logger = get_run_logger()
-    root, file_overrides = find_project(params_file)
-    overrides = {**file_overrides, **(overrides or {})}
+    variant = find_project(params_file)
+    root = variant.root
+    overrides = {**variant.overrides, **(overrides or {})}
     if url_list is not None:
         overrides["download.url_list"] = url_list_override(root, url_list)
     require_repo(root)
-    params = preview(root, overrides)
+    params = preview(root, overrides, variant.recipe)
     with WorkspaceLock(root, timeout=params.pipeline.lock_timeout, owner=_owner()):
         last = last_promoted(root, params.pipeline.tag_prefix)
         if last is not None:
             continue_from(root, last.tag, params)
-        result = run_pipeline(root, overrides, until)
+        result = run_pipeline(root, overrides, until, variant.recipe)
         params = load_params(root / PARAMS_FILE)
         settings = params.pipeline
         files = sorted({relative_name(spec.file, root) for spec in settings.gate})

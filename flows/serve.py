@@ -31,7 +31,7 @@ MANUAL = "vlkd-pipeline"
 
 def deployments(params_file: str = PARAMS_FILE) -> list:
     """The retraining deployment (refresh flow, on the schedule) and a manual one (pipeline flow)."""
-    root, _ = find_project(params_file)
+    root = find_project(params_file).root
     params_path = str(Path(root) / PARAMS_FILE)
     schedule = load_params(Path(params_path)).pipeline.schedule
     retrain = refresh.to_deployment(

@@ -45,6 +45,7 @@ def test_outside_a_project_the_defaults_apply(tmp_path, monkeypatch):
         ("distill:\n  whole_caption_keep: 3\n", "whole_caption_keep applies to the captions masked whole"),
         ("evaluate:\n  vqa_modes: [direct, direct]\n", "evaluate.vqa_modes"),
         ("evaluate:\n  vqa_mode: direct\n", "evaluate.vqa_mode"),  # the old single mode: named, not ignored
+        ("base: configs/embedded.yaml\nteacher:\n  epochs: 2\n", "is an overlay of configs/embedded.yaml"),
     ],
 )
 def test_bad_params_give_one_clear_line(tmp_path, text, message):

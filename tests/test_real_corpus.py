@@ -1,5 +1,5 @@
-"""The whole flow on a corpus in the public formats, configured by one variant params file, as a user with
-their own data would run it: a headerless Conceptual-Captions-style TSV of URLs served on 127.0.0.1, an
+"""The whole flow on a corpus in the public formats, configured by one overlay of the paper's recipe, as a
+user with their own data would run it: a headerless Conceptual-Captions-style TSV of URLs served on 127.0.0.1, an
 open_clip architecture from a local checkpoint file, a BART folder loaded with `from_pretrained`, and
 VQAv2- and COCO-format evaluation files with COCO's file names. Nothing of the synthetic world may be
 created or read.
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
 from PIL import Image
-from test_dvc_pipeline import PROJECT, make_tiny_project
+from test_dvc_pipeline import PROJECT, TINY, make_tiny_project
 
 if str(PROJECT) not in sys.path:  # flows/ is a folder of the project, not an installed package
     sys.path.insert(0, str(PROJECT))
@@ -111,6 +111,13 @@ VARIANT = {
 }
 
 
+def user_overlay() -> dict:
+    """The user's file: an overlay of the paper's recipe (nothing of the synthetic world's), at test sizes."""
+    tiny = {section: values for section, values in TINY.items() if section != "synth"}
+    sections = {name: {**tiny.get(name, {}), **VARIANT.get(name, {})} for name in {*tiny, *VARIANT}}
+    return {"base": "configs/cc3m-vitl14-bartlarge.yaml", **sections}
+
+
 @pytest.fixture(scope="module")
 def user_run(tmp_path_factory, prefect_server):
     """(project, flow result) of `python -m flows.pipeline --params configs/my-corpus.yaml`."""
@@ -124,7 +131,7 @@ def user_run(tmp_path_factory, prefect_server):
         root = make_tiny_project(tmp_path_factory.mktemp("real") / "project")
         write_user_data(root, server)
         variant = root / "configs" / "my-corpus.yaml"
-        variant.write_text(yaml.safe_dump(VARIANT, sort_keys=False))
+        variant.write_text(yaml.safe_dump(user_overlay(), sort_keys=False))
         result = pipeline(params_file=str(variant))
     finally:
         server.httpd.shutdown()

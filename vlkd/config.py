@@ -516,6 +516,9 @@ def load_params(path: Path | None = None) -> Params:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or "syntax error"
         raise VlkdError(f"{path} is not valid YAML{where} ({problem}); fix the file") from err
+    if isinstance(raw, dict) and "base" in raw:
+        raise VlkdError(f"{path} is an overlay of {raw['base']}, not a whole params file; run it with `python -m "
+                        f"flows.pipeline --params {path}`, which writes it into params.yaml")
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:

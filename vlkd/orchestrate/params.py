@@ -1,7 +1,15 @@
-"""The project a run works on, and `key=value` overrides written into its params.yaml.
+"""The project a run works on, the recipe its params.yaml holds, and `key=value` overrides written into it.
 
-DVC reads the stages' parameters from params.yaml, so a variant is a change to that file, the way
-`dvc exp run -S key=value` makes one: the overrides stay in the file after the run (and `git diff
+DVC reads the stages' parameters from params.yaml. A params file given to a run is one of:
+  - the project's own params.yaml: used as it is;
+  - a recipe: a file that names every setting of every section (configs/embedded.yaml, the synthetic world;
+    configs/cc3m-vitl14-bartlarge.yaml, the paper's): params.yaml becomes a copy of it, comments and all;
+  - an overlay: a file that names the recipe it changes (`base: configs/embedded.yaml`, or `base:
+    params.yaml` for whatever params.yaml holds now) and the settings it changes.
+A file that names only some settings and no base is refused: a setting it leaves out would come from
+whatever params.yaml held before, such as the synthetic world's paths in a run on a real corpus.
+
+Overrides stay in the file after the run, the way `dvc exp run -S key=value` leaves them (`git diff
 params.yaml` shows them). The file is edited round-trip (comments and order kept), validated by
 vlkd.config before it replaces the old one, and left untouched when no value changes.
 """
@@ -13,6 +21,7 @@ import re
 import tempfile
 import typing
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +34,85 @@ from vlkd.errors import VlkdError
 PIPELINE_FILE = "dvc.yaml"
 
 
-def find_project(params_file: Path | str = PARAMS_FILE) -> tuple[Path, dict[str, Any]]:
-    """(project root, overrides) for a params file.
+BASE_KEY = "base"
 
-    The project's own params.yaml (next to dvc.yaml) gives no overrides. Any other YAML file is a
-    variant: each of its values becomes an override of the params.yaml of the project that holds the
-    file, or else the one that holds the working directory. Its paths are written as they are, so they
-    are relative to the project. A mapping of named entries (evaluate.benchmarks, pipeline.secrets) is
-    replaced whole, so a variant's benchmarks are the only ones; sections are merged key by key."""
+
+@dataclass(frozen=True)
+class Variant:
+    """What a params file asks of a run: the project, the recipe params.yaml starts from (None: params.yaml
+    as it is) and the overrides written over it."""
+
+    root: Path
+    recipe: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def find_project(params_file: Path | str = PARAMS_FILE) -> Variant:
+    """The project and the variant a params file names (see the module's docstring). Its paths are
+    relative to the project that holds the file, or else the one that holds the working directory. A
+    mapping of named entries (evaluate.benchmarks, pipeline.secrets) is replaced whole, so an overlay's
+    benchmarks are the only ones; sections are merged key by key."""
     path = Path(params_file).expanduser().resolve()
     if not path.is_file():
-        raise VlkdError(f"params file {path} does not exist; pass the project's params.yaml or a variant file")
+        raise VlkdError(f"params file {path} does not exist; pass the project's params.yaml, a recipe or an overlay")
     if path.name == PARAMS_FILE and (path.parent / PIPELINE_FILE).is_file():
-        return path.parent, {}
+        return Variant(path.parent)
     root = _nearest_project(path.parent) or _nearest_project(Path.cwd())
     if root is None:
         raise VlkdError(f"{path} is not a project's params.yaml (no {PIPELINE_FILE} next to it) and no project "
                         f"(a folder with {PIPELINE_FILE} and {PARAMS_FILE}) holds the working directory; "
                         "run from inside the project")
+    return _variant(root, path, seen=())
+
+
+def _variant(root: Path, path: Path, seen: tuple[Path, ...]) -> Variant:
+    """A recipe, or an overlay on its base (which may be an overlay too)."""
+    if path in seen:
+        raise VlkdError(f"{path} is its own base (through {' -> '.join(map(str, seen))}); fix the `base:` keys")
+    raw = read_params_file(path)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        missing = missing_settings(raw)
+        if missing:
+            raise VlkdError(f"{path} names some settings and no recipe they change ({len(missing)} left out, e.g. "
+                            f"{', '.join(missing[:3])}): name its base on the first line (`base: "
+                            "configs/cc3m-vitl14-bartlarge.yaml`, the paper's recipe; `base: configs/embedded.yaml`, "
+                            "the synthetic world's; `base: params.yaml`, what params.yaml holds now) or give every "
+                            "setting")
+        return Variant(root, path)
+    overrides = flatten(raw, whole=named_mappings())
+    base_path = (root / base).resolve()
+    if base_path == (root / PARAMS_FILE).resolve():
+        return Variant(root, None, overrides)
+    if not base_path.is_file():
+        raise VlkdError(f"{path}: its base {base} does not exist in {root}; name a recipe file, relative to "
+                        "the project")
+    below = _variant(root, base_path, (*seen, path))
+    return Variant(root, below.recipe, {**below.overrides, **overrides})
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise VlkdError(f"{path} is not valid YAML ({getattr(err, 'problem', None) or err}); fix the file") from err
     if not isinstance(raw, dict):
         raise VlkdError(f"{path} must hold sections (a mapping), not {type(raw).__name__}")
-    return root, flatten(raw, whole=named_mappings())
+    return raw
+
+
+def missing_settings(raw: Mapping[str, Any], model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """The dotted settings of `model` that `raw` leaves to the code's defaults (a fixed section's keys, not
+    the entries of a named mapping)."""
+    missing = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            missing.append(key)
+        elif isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            value = raw[name]
+            missing += missing_settings(value if isinstance(value, Mapping) else {}, info.annotation, key + ".")
+    return missing
 
 
 def _nearest_project(start: Path) -> Path | None:
@@ -75,8 +138,8 @@ def named_mappings(model: type[BaseModel] = Params, prefix: str = "") -> frozens
     """Dotted keys of the params that map user-chosen names to entries (`dict[str, ...]` fields), as
     opposed to sections with fixed keys."""
     found: set[str] = set()
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
         if typing.get_origin(annotation) is dict:
             found.add(prefix + name)
         elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -130,11 +193,10 @@ def _set(tree: dict, key: str, value: Any, make_map=dict) -> tuple[bool, Any]:
 _MISSING = object()
 
 
-def preview(root: Path, overrides: Mapping[str, Any]) -> Params:
-    """The validated params the run will use, without changing any file; the paths dvc.yaml takes from
-    them are checked to be set."""
-    params_path = root / PARAMS_FILE
-    raw = yaml.safe_load(params_path.read_text()) or {}
+def preview(root: Path, overrides: Mapping[str, Any], recipe: Path | None = None) -> Params:
+    """The validated params the run will use (`recipe`'s, or params.yaml's, with the overrides), without
+    changing any file; the paths dvc.yaml takes from them are checked to be set."""
+    raw = yaml.safe_load((recipe or root / PARAMS_FILE).read_text()) or {}
     for key, value in overrides.items():
         _set(raw, key, _plain(value))
     params = _validated(root, yaml.safe_dump(raw, sort_keys=False), overrides)
@@ -187,6 +249,18 @@ def _validated(root: Path, text: str, overrides: Mapping[str, Any]) -> Params:
             raise VlkdError(f"{message} (overrides: {given})") from None
     finally:
         Path(name).unlink(missing_ok=True)
+
+
+def use_recipe(root: Path, recipe: Path | None) -> bool:
+    """params.yaml becomes a copy of `recipe` (validated first); returns whether it changed."""
+    params_path = root / PARAMS_FILE
+    if recipe is None or recipe.read_text() == params_path.read_text():
+        return False
+    _validated(root, recipe.read_text(), {})
+    tmp = params_path.with_name(f".{PARAMS_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(recipe.read_text())
+    tmp.replace(params_path)
+    return True
 
 
 # Not DVC's -S writer (dvc.utils.hydra): it merges mappings (benchmarks={} keeps all), skips validation, rejects `=`.
