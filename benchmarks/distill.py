@@ -139,14 +139,14 @@ def make_small_plm(folder: Path, shards: Path) -> Path:
 
 # -- one measurement, in its own process ------------------------------------------------------------------
 def build_student(spec: dict, params, store, device):
-    """The student `vlkd distill` builds (`_build_student`), or one with a BART-base-sized language model."""
+    """The student `vlkd distill` builds (`build_student`), or one with a BART-base-sized language model."""
     from transformers import AutoTokenizer, BartConfig, BartForConditionalGeneration
 
-    from vlkd.distill.train import _build_student
+    from vlkd.distill.start import build_student as stage_student
     from vlkd.models.student import Student, StudentConfig
 
     if spec["student"] == "plm":
-        return _build_student(params, store).to(device)
+        return stage_student(params, store, None).to(device)
     tokenizer = AutoTokenizer.from_pretrained(params.plm)  # its ids fit in BART-base's vocabulary
     bart = BartForConditionalGeneration(BartConfig(**BART_BASE, pad_token_id=1, bos_token_id=0, eos_token_id=2,
                                                    decoder_start_token_id=2, forced_bos_token_id=0))
@@ -212,8 +212,8 @@ def run_variant(spec: dict) -> dict:
     from vlkd.config import DistillParams
     from vlkd.data.feature_store import FeatureStore
     from vlkd.distill.data import FeatureBatches
-    from vlkd.distill.train import Ranks, VlkdObjective, _check_finite, _train_step, _use_bf16
-    from vlkd.training import decay_groups
+    from vlkd.distill.objective import Ranks, VlkdObjective, train_step
+    from vlkd.training import decay_groups, resolve_precision
 
     device = torch.device(spec["device"])
     if spec["threads"]:
@@ -233,7 +233,7 @@ def run_variant(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(decay_groups(student, params.weight_decay), lr=params.lr)
     total = spec["warmup"] + spec["steps"]
     scheduler = get_cosine_schedule_with_warmup(optimizer, params.warmup_steps, total)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if _use_bf16(params, device) else nullcontext()
+    precision = resolve_precision(params.precision, device)  # bf16 autocast on CUDA, fp32 on the CPU
 
     if spec["variant"] == "on_the_fly":
         source = on_the_fly_batches(spec, params.batch_size, spec["workers"], device)
@@ -250,8 +250,9 @@ def run_variant(spec: dict) -> dict:
             captions.clear()
             waits.clear()
             started = time.perf_counter()
-        losses = _train_step(objective, student, data, None, params, ranks, step, autocast)
-        _check_finite(losses, step, work / "ckpt", ranks)
+        losses = train_step(objective, student, data, None, None, params, ranks, step, precision)
+        if not all(math.isfinite(value) for value in losses.values()):
+            raise SystemExit(f"the loss is not finite at step {step}: {losses}")
         torch.nn.utils.clip_grad_norm_(student.parameters(), params.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -264,7 +265,7 @@ def run_variant(spec: dict) -> dict:
                                                         max_length=params.max_length).input_ids)
     return {"samples": spec["steps"] * params.batch_size, "seconds": seconds, "tokens": tokens,
             "batch_size": params.batch_size, "batch_ms": 1000 * sum(waits) / len(waits),
-            "device": str(device), "precision": "bf16 autocast" if _use_bf16(params, device) else "fp32",
+            "device": str(device), "precision": "bf16 autocast" if precision == "bf16" else precision,
             "trainable_parameters": sum(p.numel() for p in student.parameters() if p.requires_grad),
             "gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
             "final_loss": round(losses["loss"], 4)}

@@ -27,7 +27,7 @@ from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.data.noising import infill_spans
-from vlkd.distill import train
+from vlkd.distill import objective, train
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.retention import RetentionBatches
 from vlkd.distill.rows import continuation_rows
@@ -143,7 +143,7 @@ def test_the_trainer_masks_icti_captions_as_its_params_say(setup, tmp_path):
     tokenizer, mask = student.tokenizer, student.tokenizer.mask_token_id
     caption = "there is a red circle on the left"
     ids = tokenizer(caption).input_ids
-    inputs = train._model_inputs({"caption": [caption] * 60}, student,
+    inputs = objective.model_inputs({"caption": [caption] * 60}, student,
                                  params(setup, tmp_path, whole_caption_share=1.0, whole_caption_keep=2),
                                  np.random.default_rng(0), torch.device("cpu"))
     kept = {row.tolist().index(mask) - 1 for row in inputs["noisy_ids"]}
@@ -296,7 +296,7 @@ def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
     train.distill(params(setup, tmp_path / "clean"))
     clean = load_file(str(tmp_path / "clean" / "student" / "model.safetensors"))
 
-    real_step, calls = train._train_step, []
+    real_step, calls = train.train_step, []
 
     def die_at_step_7(*args, **kwargs):
         calls.append(1)
@@ -304,11 +304,11 @@ def test_a_killed_run_resumes_to_the_same_weights(setup, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_step", die_at_step_7)
+    monkeypatch.setattr(train, "train_step", die_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train.distill(params(setup, tmp_path / "killed"))
     assert not (tmp_path / "killed" / "student").exists()
-    monkeypatch.setattr(train, "_train_step", real_step)
+    monkeypatch.setattr(train, "train_step", real_step)
     metrics = train.distill(params(setup, tmp_path / "killed"))
     assert metrics["this_run"]["resumed_from_step"] == 6
     resumed = load_file(str(tmp_path / "killed" / "student" / "model.safetensors"))
@@ -383,14 +383,14 @@ def test_missing_text_embedding_with_ttdm_is_refused(setup, tmp_path):
 
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
     calls = []
-    real = train.ttdm_loss
+    real = objective.ttdm_loss
 
     def nan_on_fifth_call(*args):
         calls.append(1)
         value = real(*args)
         return value * float("nan") if len(calls) == 5 else value
 
-    monkeypatch.setattr(train, "ttdm_loss", nan_on_fifth_call)
+    monkeypatch.setattr(objective, "ttdm_loss", nan_on_fifth_call)
     with pytest.raises(VlkdError, match="not finite at step 5.*last good checkpoint"):
         train.distill(params(setup, tmp_path))
     checkpoints = list((tmp_path / "ckpt").glob("*/last.pt"))
@@ -410,10 +410,10 @@ def test_broken_feature_column_types_are_refused(setup, tmp_path):
 def test_icti_draws_each_image_caption_and_falls_back_to_the_stored_one():
     batch = {"caption": ["a red circle", "a blue star"], "captions": [["a red circle", "a circle on the left"], []]}
     noise = np.random.default_rng(0)
-    drawn = [train._icti_captions(batch, noise) for _ in range(40)]
+    drawn = [objective.icti_captions(batch, noise) for _ in range(40)]
     assert {first for first, _ in drawn} == {"a red circle", "a circle on the left"}
     assert {second for _, second in drawn} == {"a blue star"}
-    assert train._icti_captions({"caption": ["a cat"]}, noise) == ["a cat"]
+    assert objective.icti_captions({"caption": ["a cat"]}, noise) == ["a cat"]
 
 
 def test_retention_batches_are_the_language_models_own_infilling_examples(setup, tmp_path):

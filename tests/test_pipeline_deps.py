@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from vlkd.config import Params
-from vlkd.record import NOT_CODE, imported_files
+from vlkd.record import code_files, imported_files
 
 PROJECT = Path(__file__).resolve().parents[1]
 # The modules each `vlkd <stage>` command runs (vlkd/cli.py imports them inside the command; download
 # serves the embedded world's folder while it fetches a world's list). The stages' records hash the same
-# files (vlkd.record.stage_code), less NOT_CODE: the typed params, whose values DVC sees through
-# params.yaml (checked below), and the error type.
+# files (vlkd.record.code_files): all but the typed params, whose values DVC sees through params.yaml
+# (checked below), and the error type.
 ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
          "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
          "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"],
@@ -34,9 +34,9 @@ def test_every_stage_has_an_entry_module():
 @pytest.mark.parametrize("stage", sorted(ENTRY))
 def test_code_dependencies_cover_every_module_the_stage_imports(stage):
     deps = [dep for dep in stages()[stage]["deps"] if dep.startswith("vlkd")]
-    covered = [file for file in imported_files(ENTRY[stage]) - NOT_CODE
+    covered = [file for file in code_files(ENTRY[stage])
                if any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)]
-    missing = sorted(imported_files(ENTRY[stage]) - NOT_CODE - set(covered))
+    missing = sorted(code_files(ENTRY[stage]) - set(covered))
     assert not missing, f"dvc.yaml's {stage} stage does not depend on {missing}, which it runs"
 
 
@@ -53,7 +53,7 @@ def test_code_dependencies_name_only_code_the_stage_runs(stage):
 
 @pytest.mark.parametrize("section", [name for name in Params.model_fields if name != "pipeline"])
 def test_params_yaml_names_every_setting_of_each_stage(section):
-    """A value left to vlkd/config.py's default would change a stage's result unseen by DVC."""
+    """A value left to vlkd/config/'s default would change a stage's result unseen by DVC."""
     written = yaml.safe_load((PROJECT / "params.yaml").read_text())[section]
     expected = set(Params.model_fields[section].annotation.model_fields)
     assert expected - set(written) == set(), f"params.yaml's {section} leaves these to the code's defaults"

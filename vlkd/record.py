@@ -41,8 +41,8 @@ FORMAT = 1
 # generation, image decoding, file encodings); a version change recomputes rather than mixing two of them.
 RESULT_LIBRARIES = ("torch", "transformers", "tokenizers", "open_clip_torch", "numpy", "pillow", "pyarrow")
 # Not part of a stage's code: the typed params (every value reaches the record through `params`, as it
-# reaches DVC through params.yaml) and the error type (messages only).
-NOT_CODE = frozenset({"vlkd/config.py", "vlkd/errors.py"})
+# reaches DVC through params.yaml) and the error type (messages only). A folder ends with "/".
+NOT_CODE = ("vlkd/config/", "vlkd/errors.py")
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder that holds vlkd/
 
 
@@ -149,9 +149,19 @@ def imported_files(entries: list[str], root: Path = PACKAGE_ROOT) -> set[str]:
     return {path.relative_to(root).as_posix() for path in seen if path.stat().st_size}
 
 
+def is_code(name: str) -> bool:
+    """Whether a vlkd file (relative, posix) is part of a stage's code (see NOT_CODE)."""
+    return not any(name == entry or (entry.endswith("/") and name.startswith(entry)) for entry in NOT_CODE)
+
+
+def code_files(entries: list[str]) -> set[str]:
+    """The vlkd files a stage's entry modules run, less NOT_CODE: its record's code, dvc.yaml's code deps."""
+    return {name for name in imported_files(entries) if is_code(name)}
+
+
 def stage_code(entries: list[str]) -> dict[str, str]:
-    """{file: sha256} of the code a stage runs: what its entry modules import, less NOT_CODE."""
-    return {name: sha256_file(PACKAGE_ROOT / name) for name in sorted(imported_files(entries) - NOT_CODE)}
+    """{file: sha256} of the code a stage runs."""
+    return {name: sha256_file(PACKAGE_ROOT / name) for name in sorted(code_files(entries))}
 
 
 def library_versions() -> dict[str, str | None]:

@@ -13,11 +13,8 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -27,22 +24,20 @@ from torch.nn.parallel import DistributedDataParallel
 from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.distill.data import FeatureBatches
+from vlkd.distill.objective import LOSSES, Ranks, VlkdObjective, train_step
 from vlkd.distill.reading import CaptionReading
 from vlkd.distill.retention import RetentionBatches
 from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_rows_seen, rows_seen_record
+from vlkd.distill.start import build_student, init_folder, needed_columns
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, write_json_atomic
-from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
-from vlkd.models.language_model import language_model_text, read_manifest
-from vlkd.models.losses import ItclLoss, noisy_batch, reading_loss, ttdm_loss
-from vlkd.models.student import STUDENT_CONFIG, Student, StudentConfig, load_language_model
-from vlkd.models.teacher import check_teacher
+from vlkd.models.language_model import language_model_text
+from vlkd.models.student import STUDENT_CONFIG, Student, load_language_model
 from vlkd.record import StageRecord, fingerprint
 from vlkd.training import (
     Checkpoint,
     EpochMeans,
     Optimization,
-    autocast,
     progress,
     resolve_device,
     resolve_precision,
@@ -51,22 +46,10 @@ from vlkd.training import (
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("ttdm", "itcl", "icti", "retention", "reading")
 CHECKPOINT = "last.pt"
 METRICS = "distill-metrics.json"
 # Params that do not change what is computed: a checkpoint made with other values still resumes.
 _NOT_IN_FINGERPRINT = {"output", "checkpoints", "plots", "checkpoint_every", "device", "compile"}
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def distill(params: DistillParams) -> dict:
@@ -79,40 +62,6 @@ def distill(params: DistillParams) -> dict:
             dist.destroy_process_group()
 
 
-class VlkdObjective(nn.Module):
-    """The weighted sum of TTDM, ITCL and ICTI (and retention and caption reading, when on) for one batch;
-    the module DDP wraps."""
-
-    def __init__(self, student: Student, params: DistillParams, ranks: Ranks):
-        super().__init__()
-        self.student, self.params = student, params
-        self.itcl = ItclLoss(ranks.rank, ranks.world_size)
-
-    def forward(self, text_ids, text_mask, noisy_ids, noisy_mask, labels, prefix_features, image_embedding,
-                text_embedding, retention=None, reading=None) -> dict[str, torch.Tensor]:
-        p, losses = self.params, {}
-        if p.ttdm_weight or p.itcl_weight:
-            student_text = self.student.text_embedding(text_ids, text_mask)
-            if p.ttdm_weight:
-                losses["ttdm"] = ttdm_loss(student_text, text_embedding, p.ttdm_distance)
-            if p.itcl_weight:
-                losses["itcl"] = self.itcl(image_embedding, student_text, self.student.logit_scale)
-        if p.icti_weight:
-            losses["icti"] = self.student.infilling_loss(noisy_ids, noisy_mask, labels, prefix_features)
-        if retention is not None:
-            losses["retention"] = self.student.infilling_loss(retention["input_ids"], retention["attention_mask"],
-                                                              retention["labels"], None)
-        if reading is not None:
-            logits = self.student.decoder_logits(reading["input_ids"], reading["attention_mask"],
-                                                 reading["decoder_input_ids"], prefix_features)
-            losses["reading"] = reading_loss(logits, reading["copy_labels"], reading["answer_position"],
-                                             reading["answer_mask"], reading["target"])
-        weights = {"ttdm": p.ttdm_weight, "itcl": p.itcl_weight, "icti": p.icti_weight,
-                   "retention": p.retention_weight, "reading": p.reading_weight}
-        losses["loss"] = sum(weights[name] * value for name, value in losses.items())
-        return losses
-
-
 def _distill(params: DistillParams, ranks: Ranks) -> dict:
     if not (params.ttdm_weight or params.itcl_weight or params.icti_weight):
         raise VlkdError("distill.ttdm_weight, itcl_weight and icti_weight are all 0; set at least one above 0")
@@ -121,11 +70,11 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     if record.reusable(params.output):
         logger.info("student in %s is up to date with its record; not trained again", params.output)
         return {**json.loads((params.output / METRICS).read_text()), "this_run": {"reused": True}}
-    columns = _needed_columns(params, store)
-    init = _init_folder(params.init)
+    columns = needed_columns(params, store)
+    init = init_folder(params.init)
     file_rows, seen = _file_rows(store), None if init is None else read_rows_seen(init)
     torch.manual_seed(params.seed)  # the new projections' initial weights: the same on every rank and run
-    student = _build_student(params, store, init).to(ranks.device)
+    student = build_student(params, store, init).to(ranks.device)
     student.train()
     selection = _row_selection(params, file_rows, seen, init)
     if selection is not None and selection.new == 0:
@@ -164,7 +113,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if data is None or in_epoch == 0:
                 data = batches.epoch(epoch, skip=in_epoch * params.grad_accum)
-            recent = _train_step(objective, student, data, retention, reading, params, ranks, step, precision)
+            recent = train_step(objective, student, data, retention, reading, params, ranks, step, precision)
             _check_finite(recent, step, checkpoint, ranks)
             recent["lr"] = optimization.step()
             if live is not None:
@@ -202,68 +151,6 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     return metrics
 
 
-def _train_step(objective, student: Student, data, retention: RetentionBatches | None,
-                reading: CaptionReading | None, params: DistillParams, ranks: Ranks, step: int,
-                precision: str) -> dict[str, float]:
-    """One optimizer step's forward and backward passes over `grad_accum` micro-batches (forward under
-    autocast, backward outside it, as torch recommends); the losses, averaged over the micro-batches."""
-    torch.manual_seed(_step_seed(params.seed, ranks.rank, step))
-    noise = np.random.default_rng([params.seed, ranks.rank, step])
-    totals: dict[str, torch.Tensor] = {}
-    for micro in range(params.grad_accum):
-        batch = next(data)
-        inputs = _model_inputs(batch, student, params, noise, ranks.device)
-        if retention is not None:
-            inputs["retention"] = {name: tensor.to(ranks.device, non_blocking=True)
-                                   for name, tensor in retention.batch(params.batch_size, noise).items()}
-        if reading is not None:  # drawn last: the other terms' noise is the same with or without it
-            inputs["reading"] = reading.batch(_image_captions(batch), noise)
-        last = micro == params.grad_accum - 1
-        sync = objective.no_sync() if isinstance(objective, DistributedDataParallel) and not last else nullcontext()
-        with sync, autocast(ranks.device, precision):
-            losses = objective(**inputs)
-        with sync:
-            (losses["loss"] / params.grad_accum).backward()
-        for name, value in losses.items():
-            totals[name] = totals.get(name, 0.0) + value.detach() / params.grad_accum
-    # One host sync per optimizer step, not one per loss and micro-batch: on a GPU each .item() waits for
-    # the queued kernels.
-    return dict(zip(totals, torch.stack(list(totals.values())).float().tolist(), strict=True))
-
-
-def _model_inputs(batch: dict, student: Student, params: DistillParams, noise: np.random.Generator,
-                  device: torch.device) -> dict:
-    tokenizer = student.tokenizer
-    encoded = tokenizer(batch["caption"], truncation=True, max_length=params.max_length, padding=True,
-                        return_tensors="pt")
-    texts = _icti_captions(batch, noise)
-    infill = encoded if texts == batch["caption"] else tokenizer(texts, truncation=True, max_length=params.max_length,
-                                                                padding=True, return_tensors="pt")
-    noisy = noisy_batch(_unpadded(infill), tokenizer, params.mask_ratio, params.poisson_lambda, noise,
-                        params.whole_caption_share, params.whole_caption_keep)
-    prefix = batch["image_tokens"] if params.prefix == "patch" else batch.get("image_embedding")
-    inputs = {"text_ids": encoded.input_ids, "text_mask": encoded.attention_mask, "noisy_ids": noisy["input_ids"],
-              "noisy_mask": noisy["attention_mask"], "labels": noisy["labels"], "prefix_features": prefix,
-              "image_embedding": batch.get("image_embedding"), "text_embedding": batch.get("text_embedding")}
-    return {name: None if value is None else value.to(device, non_blocking=True) for name, value in inputs.items()}
-
-
-def _icti_captions(batch: dict, noise: np.random.Generator) -> list[str]:
-    """ICTI reconstructs one of each image's captions, drawn anew each step where the features list several;
-    TTDM and ITCL stay on `caption`, the one whose teacher embedding is stored."""
-    return [options[noise.integers(len(options))] for options in _image_captions(batch)]
-
-
-def _image_captions(batch: dict) -> list[list[str]]:
-    """Every caption of each image: the listed ones where the features list several, else the stored one."""
-    listed = batch.get("captions") or [None] * len(batch["caption"])
-    return [options or [caption] for caption, options in zip(batch["caption"], listed, strict=True)]
-
-
-def _unpadded(encoded) -> list[list[int]]:
-    return [ids[:int(mask.sum())].tolist() for ids, mask in zip(encoded.input_ids, encoded.attention_mask, strict=True)]
-
-
 def _check_finite(losses: dict[str, float], step: int, checkpoint: Checkpoint, ranks: Ranks) -> None:
     bad = torch.tensor(0.0 if all(math.isfinite(v) for v in losses.values()) else 1.0)
     if ranks.world_size > 1:
@@ -292,65 +179,6 @@ def _caption_reading(params: DistillParams, student: Student, device: torch.devi
     corpus = language_model_text(params.plm, "corpus", f"distill.reading_weight {params.reading_weight}")
     reader, _ = load_language_model(params.plm, "distill.plm")  # the language model as it was, frozen
     return CaptionReading(corpus, student.tokenizer, reader, params.reading_prompt, params.max_length, device)
-
-
-# -- building the student --------------------------------------------------------------------------------
-def _needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
-    names = set(pq.read_schema(store.files[0]).names)
-    needed = {"image_embedding"}
-    if params.ttdm_weight:
-        if "text_embedding" not in names:
-            raise VlkdError(f"{store.files[0]} has no text_embedding column, which TTDM needs; re-extract the "
-                            "features or set distill.ttdm_weight: 0")
-        needed.add("text_embedding")
-    if (params.icti_weight or params.reading_weight) and "captions" in names:
-        needed.add("captions")
-    if params.prefix == "patch":
-        if "image_tokens" not in names:
-            raise VlkdError(f"{store.files[0]} has no image_tokens column, which the patch prefix needs; set "
-                            "features.image_tokens: true and re-extract, or use distill.prefix: pooled")
-        needed.add("image_tokens")
-    return sorted(needed)
-
-
-def _build_student(params: DistillParams, store: FeatureStore, init: Path | None) -> Student:
-    if init is not None:
-        student = Student.from_pretrained(init)
-        try:
-            check_teacher(student.config.teacher, store.teacher, where=str(store.files[0].parent))
-        except VlkdError as err:  # after a change of teacher, the usual way out is a new student
-            raise VlkdError(f"{err}; or, for a new student of this teacher, empty distill.init {init} (keep its "
-                            "README.md) or set distill.init: null") from err
-        if student.config.prefix != params.prefix:
-            raise VlkdError(f"the student in {init} has a {student.config.prefix} prefix, not "
-                            f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
-        return student
-    visual_width = store.embed_dim
-    if params.prefix == "patch":
-        visual_width = pq.read_schema(store.files[0]).field("image_tokens").type.value_type.list_size
-    config = StudentConfig(teacher=store.teacher, embed_dim=store.embed_dim, prefix=params.prefix,
-                           prefix_tokens=params.prefix_tokens, visual_width=visual_width,
-                           itcl_temperature=params.itcl_temperature, plm=_plm_manifest(params.plm))
-    student = Student.from_language_model(params.plm, config)
-    student.logit_scale.requires_grad_(params.itcl_learnable_temperature)
-    return student
-
-
-def _init_folder(init: Path | None) -> Path | None:
-    """The student to continue from. A folder with nothing in it but a README (the pipeline's
-    data/promoted before a refresh has put the promoted student there) means a fresh student."""
-    if init is None:
-        return None
-    if not init.is_dir():
-        raise VlkdError(f"distill.init {init} is not a folder; point it at a student folder (one `vlkd distill` "
-                        "wrote) or set it to null for a fresh student")
-    if (init / STUDENT_CONFIG).is_file():
-        return init
-    if all(path.name == "README.md" for path in init.iterdir()):
-        logger.info("distill.init %s holds no student: a fresh student from the language model", init)
-        return None
-    raise VlkdError(f"distill.init {init} has no {STUDENT_CONFIG}; point it at a student folder or empty it "
-                    "for a fresh student")
 
 
 def _row_selection(params: DistillParams, file_rows: dict[str, int], seen: dict[str, int] | None,
@@ -405,15 +233,6 @@ def stage_inputs(params: DistillParams) -> dict:
     return inputs
 
 
-def _plm_manifest(folder: Path) -> dict:
-    """What the student records of its language model: the manifest's identity, or the folder of a BART
-    that was not made by `vlkd plm`."""
-    if not (folder / PLM_MANIFEST).is_file():
-        return {"source": str(folder)}
-    record = read_manifest(folder)
-    return {key: record[key] for key in ("name", "source", "sha256") if key in record}
-
-
 # -- checkpoints -----------------------------------------------------------------------------------------
 def _run_key(params: DistillParams, selection: RowSelection | None, record: StageRecord) -> str:
     """What a checkpoint must share with this run to be resumed: the record (inputs, code, libraries) and
@@ -450,10 +269,6 @@ def _precision(params: DistillParams, device: torch.device) -> str:
     if params.precision == "bf16" and device.type != "cuda":
         raise VlkdError("distill.precision bf16 needs a CUDA device; use auto or fp32 on CPU")
     return resolve_precision(params.precision, device)
-
-
-def _step_seed(seed: int, rank: int, step: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
 
 
 def _open_live(folder: Path, start_step: int):

@@ -10,6 +10,7 @@ import html
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from vlkd.config import EvaluateParams
@@ -162,3 +163,40 @@ def _chart(name: str, path: Path, width: int = 300, height: int = 150) -> str:
             f"({values[0]:.3g} → {values[-1]:.3g})</text><polyline fill=none stroke='#1f5fbf' "
             f"stroke-width=1.5 points='{points}'/><text x=10 y={height - 5} font-size=10>min {low:.3g}, max "
             f"{high:.3g}, {len(rows)} steps</text></svg>")
+
+
+# -- the samples the report shows: the same images under every condition, drawn with evaluate.seed ---------
+def vqa_samples(spec, records, annotations, predictions, results, params) -> list[dict]:
+    """A seeded sample of images with their questions, answers under each condition, humans and scores."""
+    humans = {a["question_id"]: [h["answer"] for h in a["answers"]] for a in annotations["annotations"]}
+    answers = {c: {p["question_id"]: p["answer"] for p in preds} for c, preds in predictions.items()}
+    by_image: dict[int, list] = {}
+    for record in records:
+        by_image.setdefault(record["image_id"], []).append(record)
+    chosen = _sample(sorted(by_image), params.report_samples, params.seed)
+    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
+             "questions": [{"question_id": r["question_id"], "question": r["question"],
+                            "humans": humans.get(r["question_id"], []),
+                            **{c: {"answer": answers[c][r["question_id"]],
+                                   "score": results[c]["perQuestion"][r["question_id"]]} for c in answers}}
+                           for r in by_image[image_id]]}
+            for image_id in chosen]
+
+
+def caption_samples(spec, annotations, predictions, results, params) -> list[dict]:
+    references: dict[int, list[str]] = {}
+    for a in annotations["annotations"]:
+        references.setdefault(a["image_id"], []).append(a["caption"])
+    captions = {c: {p["image_id"]: p["caption"] for p in preds} for c, preds in predictions.items()}
+    chosen = _sample(sorted(references), params.report_samples, params.seed)
+    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
+             "references": references[image_id][:3],
+             **{c: {"caption": captions[c].get(image_id, ""),
+                    "CIDEr": results[c]["perImage"].get(image_id, {}).get("CIDEr")} for c in captions}}
+            for image_id in chosen]
+
+
+def _sample(ids: list[int], count: int, seed: int) -> list[int]:
+    if count >= len(ids):
+        return ids
+    return sorted(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())

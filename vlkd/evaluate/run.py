@@ -39,7 +39,7 @@ from vlkd.data.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
-from vlkd.evaluate.report import write_report
+from vlkd.evaluate.report import caption_samples, vqa_samples, write_report
 from vlkd.io import building_folder, write_json_atomic
 from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
 from vlkd.models.language_model import infilling_loss, language_model_text
@@ -163,7 +163,7 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     metrics = {**_mode_metrics(headline.results, per_question_type=True), "mode": params.vqa_modes[0],
                "questions": len(records), "images_not_decoded": len(image_ids) - len(row_of),
                "modes": {mode: _mode_metrics(run.results) for mode, run in runs.items()}}
-    samples = _vqa_samples(spec, records, annotations, headline.predictions, headline.results, params)
+    samples = vqa_samples(spec, records, annotations, headline.predictions, headline.results, params)
     others = {mode: run.answers() for mode, run in runs.items() if run is not headline}
     for sample in samples:
         sample["description"] = headline.descriptions.get("image", {}).get(sample["image_id"])
@@ -301,7 +301,7 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
     metrics = {key: value for key, value in results["image"].items() if key not in ("perImage", "tokenizer")}
     metrics["images_not_decoded"] = len(image_ids) - len(usable)
     metrics["controls"] = {c: {"CIDEr": results[c]["CIDEr"]} for c in CAPTION_CONTROLS}
-    return metrics, _caption_samples(spec, annotations, predictions, results, params)
+    return metrics, caption_samples(spec, annotations, predictions, results, params)
 
 
 def _retention(params: EvaluateParams, student: Student, plm: tuple, device: torch.device) -> dict:
@@ -369,42 +369,6 @@ def _write_predictions(folder: Path, predictions: dict[str, list]) -> None:
     for condition, records in predictions.items():
         suffix = "" if condition == "image" else f"_{condition}"
         (folder / f"predictions{suffix}.json").write_text(json.dumps(records) + "\n")
-
-
-def _vqa_samples(spec, records, annotations, predictions, results, params) -> list[dict]:
-    """A seeded sample of images with their questions, answers under each condition, humans and scores."""
-    humans = {a["question_id"]: [h["answer"] for h in a["answers"]] for a in annotations["annotations"]}
-    answers = {c: {p["question_id"]: p["answer"] for p in preds} for c, preds in predictions.items()}
-    by_image: dict[int, list] = {}
-    for record in records:
-        by_image.setdefault(record["image_id"], []).append(record)
-    chosen = _sample(sorted(by_image), params.report_samples, params.seed)
-    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
-             "questions": [{"question_id": r["question_id"], "question": r["question"],
-                            "humans": humans.get(r["question_id"], []),
-                            **{c: {"answer": answers[c][r["question_id"]],
-                                   "score": results[c]["perQuestion"][r["question_id"]]} for c in answers}}
-                           for r in by_image[image_id]]}
-            for image_id in chosen]
-
-
-def _caption_samples(spec, annotations, predictions, results, params) -> list[dict]:
-    references: dict[int, list[str]] = {}
-    for a in annotations["annotations"]:
-        references.setdefault(a["image_id"], []).append(a["caption"])
-    captions = {c: {p["image_id"]: p["caption"] for p in preds} for c, preds in predictions.items()}
-    chosen = _sample(sorted(references), params.report_samples, params.seed)
-    return [{"path": str(spec.images / spec.image_pattern.format(image_id=image_id)), "image_id": image_id,
-             "references": references[image_id][:3],
-             **{c: {"caption": captions[c].get(image_id, ""),
-                    "CIDEr": results[c]["perImage"].get(image_id, {}).get("CIDEr")} for c in captions}}
-            for image_id in chosen]
-
-
-def _sample(ids: list[int], count: int, seed: int) -> list[int]:
-    if count >= len(ids):
-        return ids
-    return sorted(np.random.default_rng(seed).choice(ids, size=count, replace=False).tolist())
 
 
 def _heldout_text(params: EvaluateParams) -> Path | None:

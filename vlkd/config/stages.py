@@ -1,35 +1,19 @@
-"""Typed view of params.yaml: the one place where defaults live.
-
-The defaults are the VLKD paper's recipe for real use (docs/method.md): a CLIP ViT-L-14 teacher,
-BART-large, the three objectives at weight 1 with a pooled-embedding prefix, direct zero-shot VQA with
-the paper's prompts, and the paper's benchmarks (VQAv2 val, OK-VQA val, COCO Karpathy test) in their
-published file layout under data/benchmarks. The project's params.yaml sets what the embedded synthetic
-world needs instead, each with a comment saying why.
-
-Inside a project (a folder with params.yaml, found from the working directory upwards) the file is
-read and validated; elsewhere the defaults below apply. CLI flags override both. Relative paths in
-params.yaml are relative to the folder that holds it.
-"""
+"""The VLKD pipeline's sections: the synthetic world, download, teacher, features, language model,
+distillation and evaluation."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from vlkd.errors import VlkdError
+from vlkd.config.base import Section
 
-PARAMS_FILE = "params.yaml"
 COCO_IMAGE = "COCO_val2014_{image_id:012d}.jpg"  # a COCO val2014 image's file name
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SynthParams(_Section):
+class SynthParams(Section):
     """The embedded synthetic world (vlkd synth)."""
 
     output: Path = Path("data/world")
@@ -50,7 +34,7 @@ class SynthParams(_Section):
     port: int = Field(18473, ge=1024, le=65535)
 
 
-class DownloadParams(_Section):
+class DownloadParams(Section):
     """The download stage (img2dataset into webdataset shards)."""
 
     url_list: Path = Path("data/urls.parquet")
@@ -88,7 +72,7 @@ class DownloadParams(_Section):
         return names
 
 
-class TeacherParams(_Section):
+class TeacherParams(Section):
     """The teacher stage: an open_clip model, or the embedded one trained on shards (the world's own
     pretraining pairs, or a corpus)."""
 
@@ -117,7 +101,7 @@ class TeacherParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class FeaturesParams(_Section):
+class FeaturesParams(Section):
     """The features stage: open_clip embeddings of every shard to Parquet."""
 
     # Any webdataset tars: a folder (vlkd's download: its complete shards; else every *.tar), a brace
@@ -145,7 +129,7 @@ class FeaturesParams(_Section):
     token_grid: int | None = Field(None, ge=1)
 
 
-class PlmParams(_Section):
+class PlmParams(Section):
     """The language-model stage: a BART checkpoint, or the embedded one pretrained on the world's text."""
 
     output: Path = Path("data/plm")
@@ -185,7 +169,7 @@ class PlmParams(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-class DistillParams(_Section):
+class DistillParams(Section):
     """VLKD: distil the frozen teacher, through its stored features, into the language model."""
 
     features: Path = Path("data/features")
@@ -248,7 +232,7 @@ class DistillParams(_Section):
         return self
 
 
-class BenchmarkSpec(_Section):
+class BenchmarkSpec(Section):
     """One evaluation set in the public formats (VQAv2/OK-VQA questions and annotations, COCO captions)."""
 
     task: Literal["vqa", "caption"]
@@ -280,7 +264,7 @@ PAPER_BENCHMARKS = {
 }
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     """Zero-shot evaluation of the student, with controls, on the benchmarks below."""
 
     student: Path = Path("data/student")
@@ -318,278 +302,3 @@ class EvaluateParams(_Section):
         if len(set(modes)) != len(modes):
             raise ValueError(f"names a mode twice ({modes}); list each of direct and describe at most once")
         return modes
-
-
-class GateMetric(_Section):
-    """A metric the refresh gate compares with the last promoted model's (flows/refresh.py)."""
-
-    metric: str = Field(min_length=1, description="dotted key in the metrics file, e.g. vqa.overall")
-    file: Path = Path("metrics/evaluate.json")  # a metrics file a stage writes, inside the project
-    higher_is_better: bool = True
-    tolerance: float = Field(0.0, ge=0, description="allowed worsening, in the metric's units")
-    relative_tolerance: float = Field(0.0, ge=0, description="allowed worsening, as a share of the promoted value")
-
-
-class ScheduleParams(_Section):
-    """When the served deployment retrains (flows/serve.py)."""
-
-    cron: str = "0 3 * * 1"  # minute hour day-of-month month day-of-week: Mondays at 03:00
-    timezone: str = "UTC"
-    active: bool = True  # false: the deployment is served with its schedule paused
-
-    @field_validator("cron")
-    @classmethod
-    def _five_fields(cls, cron: str) -> str:
-        if len(cron.split()) not in (5, 6):
-            raise ValueError(f"cron {cron!r} needs 5 fields (minute hour day month weekday), e.g. '0 3 * * 1'")
-        return cron
-
-
-class PipelineParams(_Section):
-    """The Prefect flows (flows/): locking, retries, pushing, the refresh gate, promotion, the schedule."""
-
-    lock_timeout: float = Field(60.0, ge=0, description="seconds a run waits for another run on the workspace")
-    retries: int = Field(2, ge=0, description="extra attempts of a stage after a transient failure")
-    retry_delay_seconds: float = Field(20.0, ge=0)
-    # Stages that do not need each other's outputs (the teacher's branch and the language model) run at the
-    # same time, up to this many; 1 runs them one after the other.
-    concurrent_stages: int = Field(1, ge=1)
-    push: bool = True  # `dvc push` to the default DVC remote after a successful run
-    report: Path = Path("data/eval/report.html")  # linked from the run's artifact
-    tag_prefix: str = Field("promoted/", pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
-                            description="promoted models are git tags <prefix>v1, v2, ...")
-    gate: list[GateMetric] = [
-        GateMetric(metric="vqa.overall", relative_tolerance=0.05),
-        GateMetric(metric="vqa-shifted.overall", relative_tolerance=0.05),
-        GateMetric(metric="captions.CIDEr", relative_tolerance=0.05),
-    ]
-    schedule: ScheduleParams = ScheduleParams()
-    # Credentials for DVC remotes from Prefect Secret blocks: environment variable -> block name, e.g.
-    # {AWS_SECRET_ACCESS_KEY: aws-secret-access-key}. Set in the stage commands' environment, never logged.
-    secrets: dict[str, str] = {}
-
-
-class VlmParams(_Section):
-    """The vision-language model CLIP-TD fine-tunes: a ViLT checkpoint, or the embedded one pretrained on the
-    shards with ViLT's own objectives (image-text matching and masked language modelling)."""
-
-    output: Path = Path("data/vlm")
-    # A hub name or folder of a ViLT checkpoint (loaded with `from_pretrained`); null: pretrain the embedded one.
-    model: str | None = "dandelin/vilt-b32-mlm"
-    shards: Path = Path("data/shards")
-    # The embedded model pretrains on the first `train_shards` complete shards (null: all), so a refresh's new
-    # shards leave it as it is.
-    train_shards: int | None = Field(None, ge=1)
-    vocab_size: int = Field(1000, ge=100, description="WordPiece tokenizer trained on the shards' captions")
-    image_size: int = Field(64, ge=32, multiple_of=32, description="images resized to this side")
-    patch_size: int = Field(8, ge=1)
-    hidden: int = Field(128, ge=16)
-    layers: int = Field(4, ge=1)
-    heads: int = Field(4, ge=1)
-    ffn_dim: int = Field(512, ge=16)
-    max_length: int = Field(40, ge=8, description="text tokens, [CLS] and [SEP] included")
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(64, ge=2)
-    lr: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
-    heldout_share: float = Field(0.02, ge=0, lt=1, description="pairs kept out of training for the metrics")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-
-class TaskSplit(_Section):
-    """One split of a fine-tuning task in its published format: VQAv2 questions + annotations, or SNLI-VE jsonl."""
-
-    images: Path
-    image_pattern: str = COCO_IMAGE  # vqa: a file name of image_id; ve: of Flickr30K_ID (e.g. "{image_id}.jpg")
-    questions: Path | None = None  # vqa
-    annotations: Path | None = None  # vqa
-    file: Path | None = None  # ve: snli_ve_*.jsonl
-
-
-class TaskSpec(_Section):
-    task: Literal["vqa", "ve"]
-    train: TaskSplit
-    test: TaskSplit  # in-domain
-    shifted: TaskSplit | None = None  # domain-shifted
-
-    @model_validator(mode="after")
-    def _files_of_the_format(self) -> TaskSpec:
-        for name in ("train", "test", "shifted"):
-            split = getattr(self, name)
-            if split is None:
-                continue
-            if self.task == "vqa" and (split.questions is None or split.annotations is None):
-                raise ValueError(f"a vqa task's {name} split needs `questions` and `annotations` (VQAv2 files)")
-            if self.task == "ve" and split.file is None:
-                raise ValueError(f"a ve task's {name} split needs `file` (an SNLI-VE jsonl file)")
-        return self
-
-
-VARIANTS = ("none", "naive", "clip-td", "select-only", "weight-only")
-
-
-class FinetuneParams(_Section):
-    """CLIP-TD: task fine-tuning of the vision-language model with targeted distillation of the frozen teacher,
-    over the low-shot protocol (fractions x seeds x variants)."""
-
-    vlm: Path = Path("data/vlm")
-    teacher: Path = Path("data/teacher")
-    output: Path = Path("data/finetune")
-    cache: Path = Path("data/cache/finetune")  # the teacher's targets for each task's training split (Parquet)
-    checkpoints: Path = Path("data/checkpoints/finetune")
-    data: Path = Path("data/benchmarks")  # the folder DVC watches for the tasks' files
-    tasks: dict[str, TaskSpec] = {}
-    fractions: list[float] = [0.01, 0.05, 0.1, 0.25, 1.0]
-    seeds: list[int] = [0, 1, 2]
-    variants: list[Literal[VARIANTS]] = ["none", "naive", "clip-td"]
-    ablations: list[Literal[VARIANTS]] = ["select-only", "weight-only"]
-    ablation_fractions: list[float] = [0.05, 1.0]
-    distill_weight: float = Field(1.0, ge=0, description="lambda")
-    text_tokens: int = Field(3, ge=1, description="k: words distilled per instance")
-    image_tokens: int = Field(2, ge=1, description="k: image cells distilled per instance")
-    temperature: float = Field(0.01, gt=0, description="of the softmax over candidates that gives the weight")
-    distance: Literal["l1", "mse", "cosine"] = "l1"
-    vqa_candidate: str = "{question} {answer}"  # the text CLIP scores against the image for each answer
-    answer_vocabulary: int = Field(3129, ge=2, description="most frequent training answers (VQAv2: 3129)")
-    epochs: int = Field(10, ge=1)
-    min_steps: int = Field(30, ge=1, description="at least this many steps, however small the subset")
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    lr: float = Field(5e-4, gt=0)
-    # The task classifier, new at every run, learns at lr x this (ViLT fine-tunes its heads at 10x)
-    head_lr_multiplier: float = Field(10.0, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_share: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    checkpoint_every: int = Field(200, ge=1)
-    save_fraction: float = 1.0  # the models of this fraction (first seed) are saved, one per variant
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-
-    @field_validator("fractions", "ablation_fractions")
-    @classmethod
-    def _fractions_in_range(cls, fractions: list[float]) -> list[float]:
-        for fraction in fractions:
-            if not 0 < fraction <= 1:
-                raise ValueError(f"a training fraction must lie in (0, 1], not {fraction}")
-        return fractions
-
-
-
-class Params(_Section):
-    synth: SynthParams = SynthParams()
-    download: DownloadParams = DownloadParams()
-    teacher: TeacherParams = TeacherParams()
-    features: FeaturesParams = FeaturesParams()
-    plm: PlmParams = PlmParams()
-    distill: DistillParams = DistillParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    vlm: VlmParams = VlmParams()
-    finetune: FinetuneParams = FinetuneParams()
-    pipeline: PipelineParams = PipelineParams()
-
-
-def find_params_file(start: Path | None = None) -> Path | None:
-    """The nearest params.yaml from `start` (default: the working directory) upwards."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        candidate = folder / PARAMS_FILE
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def load_params(path: Path | None = None) -> Params:
-    """Validated params from `path`, or from the project's params.yaml, or the defaults."""
-    path = path or find_params_file()
-    if path is None:
-        return Params()
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise VlkdError(f"cannot read {path}: {err.strerror}; check the path") from err
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "syntax error"
-        raise VlkdError(f"{path} is not valid YAML{where} ({problem}); fix the file") from err
-    if isinstance(raw, dict) and "base" in raw:
-        raise VlkdError(f"{path} is an overlay of {raw['base']}, not a whole params file; run it with `python -m "
-                        f"flows.pipeline --params {path}`, which writes it into params.yaml")
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as err:
-        raise VlkdError(f"{path}: {_first_problem(err)}; fix params.yaml") from err
-    params = _resolve_paths(params, Path(path).resolve().parent)
-    if (Path(path).resolve().parent / "dvc.yaml").is_file():  # only a pipeline watches folders
-        _check_watched(params, path)
-    return params
-
-
-def with_overrides(section: _Section, **flags) -> _Section:
-    """The section with every flag that was given (not None) replacing its value, validated."""
-    given = {name: value for name, value in flags.items() if value is not None}
-    try:
-        return type(section).model_validate({**section.model_dump(), **given})
-    except ValidationError as err:
-        raise VlkdError(f"bad option: {_first_problem(err)}; see --help") from err
-
-
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{where}: {first['msg']}{more}"
-
-
-def watched_files(params: Params) -> dict[str, tuple[Path, Path, str]]:
-    """{key: (file, folder, folder key)} of the inputs that dvc.yaml watches through a folder (a stage with
-    optional or many inputs depends on the folder that holds them)."""
-    files = {"plm.corpus": params.plm.corpus, "plm.heldout": params.plm.heldout}
-    watched = {key: (path, params.plm.text, "plm.text") for key, path in files.items() if path is not None}
-    for name, spec in params.evaluate.benchmarks.items():
-        for field in ("images", "questions", "annotations"):
-            path = getattr(spec, field)
-            if path is not None:
-                watched[f"evaluate.benchmarks.{name}.{field}"] = (path, params.evaluate.data, "evaluate.data")
-    for name, spec in params.finetune.tasks.items():
-        for split_name in ("train", "test", "shifted"):
-            split = getattr(spec, split_name)
-            for field in ("images", "questions", "annotations", "file"):
-                path = None if split is None else getattr(split, field)
-                if path is not None:
-                    watched[f"finetune.tasks.{name}.{split_name}.{field}"] = (path, params.finetune.data,
-                                                                             "finetune.data")
-    return watched
-
-
-def _check_watched(params: Params, source: Path) -> None:
-    for key, (path, folder, folder_key) in watched_files(params).items():
-        if not Path(path).resolve().is_relative_to(Path(folder).resolve()):
-            raise VlkdError(f"{source}: {key} ({path}) is outside {folder_key} ({folder}), the folder the pipeline "
-                            f"watches for its changes; move the file under it or set {folder_key} to a folder "
-                            "that holds it")
-
-
-def _resolve_paths(params: Params, root: Path) -> Params:
-    """Make every relative path (in sections and nested specs) relative to the folder of params.yaml."""
-    return _resolve_model(params, root)
-
-
-def _resolve_model(model: BaseModel, root: Path) -> BaseModel:
-    return model.model_copy(update={name: _resolve_value(value, root) for name, value in model})
-
-
-def _resolve_value(value, root: Path):
-    if isinstance(value, Path):
-        return value if value.is_absolute() else root / value
-    if isinstance(value, BaseModel):
-        return _resolve_model(value, root)
-    if isinstance(value, list):
-        return [_resolve_value(item, root) for item in value]
-    if isinstance(value, dict):
-        return {key: _resolve_value(item, root) for key, item in value.items()}
-    return value
