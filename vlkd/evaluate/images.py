@@ -9,9 +9,7 @@ training images, and a new student is evaluated without running the teacher agai
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import tarfile
 from pathlib import Path
@@ -26,6 +24,7 @@ from vlkd.data.webdataset import add_member
 from vlkd.errors import VlkdError
 from vlkd.io import remove_path, write_json_atomic
 from vlkd.models.teacher import Teacher
+from vlkd.record import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def _content_key(files: dict[int, Path]) -> str:
     """Names the cache entry after what is in it: image ids, file names, sizes and modification times."""
     record = [(image_id, str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)
               for image_id, path in sorted(files.items())]
-    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:16]
+    return fingerprint(record)[:16]
 
 
 def _pack(files: dict[int, Path], shards: Path) -> None:
