@@ -60,43 +60,50 @@ def file_sha256(path: Path) -> str:
 
 def files_sha256(paths: list[Path]) -> list[str]:
     """`file_sha256` of each path, with one connection to the cache."""
-    digests = []
-    with _hash_cache() as cache:
-        for path in paths:
-            stat = path.stat()
-            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-            row = cache.execute("SELECT sha256 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-                                key).fetchone() if cache is not None else None
-            digests.append(row[0] if row else sha256_file(path))
-            if cache is not None and not row:
-                cache.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", (*key, digests[-1]))
-    return digests
+    with _HashCache() as cache:
+        return [cache.sha256(path) for path in paths]
 
 
-class _hash_cache:  # noqa: N801 (used as a context manager, like a function)
-    """The cache's connection for one lookup (None when off or not writable: hashing still works)."""
+class _HashCache:
+    """The file-hash cache (SQLite). Each insert commits at once (autocommit), so no process holds the
+    write lock while it hashes a large file, and ranks or test workers sharing the cache never wait on
+    one another for long; a cache that cannot be opened, read or written is passed by: hashing works."""
 
-    def __enter__(self) -> sqlite3.Connection | None:
+    def __enter__(self) -> _HashCache:
         where = os.environ.get("VLKD_HASH_CACHE", str(Path.home() / ".cache" / "vlkd" / "file-hashes.sqlite"))
-        self.connection = None
-        if where == "off":
+        self.connection: sqlite3.Connection | None = None
+        if where != "off":
+            try:
+                Path(where).parent.mkdir(parents=True, exist_ok=True)
+                self.connection = sqlite3.connect(where, timeout=30, isolation_level=None)
+                self.connection.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
+                                        "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
+            except (OSError, sqlite3.Error) as err:
+                log.debug("file-hash cache %s unusable (%s); hashing without it", where, err)
+                self.connection = None
+        return self
+
+    def sha256(self, path: Path) -> str:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        row = self._execute("SELECT sha256 FROM files WHERE path=? AND size=? AND mtime_ns=? AND inode=?", key)
+        if row:
+            return row[0]
+        digest = sha256_file(path)
+        self._execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", (*key, digest))
+        return digest
+
+    def _execute(self, statement: str, values: tuple):
+        if self.connection is None:
             return None
         try:
-            Path(where).parent.mkdir(parents=True, exist_ok=True)
-            self.connection = sqlite3.connect(where, timeout=30)
-            self.connection.execute("CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, size INTEGER, "
-                                    "mtime_ns INTEGER, inode INTEGER, sha256 TEXT)")
-        except (OSError, sqlite3.Error) as err:
-            log.debug("file-hash cache %s unusable (%s); hashing without it", where, err)
-            self.connection = None
-        return self.connection
+            return self.connection.execute(statement, values).fetchone()
+        except sqlite3.Error as err:  # locked longer than the timeout, or the file went bad: hash without it
+            log.debug("file-hash cache passed by (%s)", err)
+            return None
 
     def __exit__(self, *exc) -> None:
         if self.connection is not None:
-            try:
-                self.connection.commit()
-            except sqlite3.Error as err:  # another process holds the lock for longer than the timeout
-                log.debug("file-hash cache not updated (%s)", err)
             self.connection.close()
 
 
