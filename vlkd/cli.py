@@ -211,6 +211,29 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
                f"{summary['bad_samples']['count']} bad sample(s), {this_run['images_per_second']} images/s")
 
 
+@main.command(name="filter")
+@click.option("--features", type=click.Path(path_type=Path), help="Feature folder [filter.features].")
+@click.option("--shards", type=click.Path(path_type=Path), help="The download's folder, for img2dataset's metadata "
+              "[filter.shards].")
+@click.option("--output", type=click.Path(path_type=Path), help="Filter folder [filter.output].")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def filter_(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
+    """Keep the corpus rows worth distilling (CLIP score, size, caption, language, duplicates); count the rest."""
+    started = time.perf_counter()
+    from vlkd.filter.run import filter_corpus
+
+    stage = with_overrides(params.filter, **flags)
+    summary = filter_corpus(stage)
+    _write_metrics(metrics_file, run_log, summary, started)
+    dropped = ", ".join(f"{reason} {count}" for reason, count in summary["dropped"].items() if count)
+    this_run = summary["this_run"]
+    click.echo(f"filter in {stage.output}: {summary['kept']} of {summary['rows']} rows kept "
+               f"({dropped or 'none dropped'}); {this_run['files_filtered']} file(s) filtered, "
+               f"{this_run['files_reused']} reused")
+
+
 @main.command()
 @click.option("--output", type=click.Path(path_type=Path), help="Language-model folder [plm.output].")
 @click.option("--model", help="Hub name or local directory of a BART checkpoint, e.g. facebook/bart-base; without "

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vlkd.config.base import Section
+from vlkd.config.filter import FilterParams
 from vlkd.config.finetune import VARIANTS, FinetuneParams, TaskSpec, TaskSplit, VlmParams
 from vlkd.config.pipeline import GateMetric, PipelineParams, ScheduleParams
 from vlkd.config.stages import (
@@ -38,7 +39,8 @@ from vlkd.errors import VlkdError
 PARAMS_FILE = "params.yaml"
 
 __all__ = ["COCO_IMAGE", "PAPER_BENCHMARKS", "PARAMS_FILE", "BenchmarkSpec", "DistillParams", "DownloadParams",
-           "EvaluateParams", "FeaturesParams", "FinetuneParams", "GateMetric", "Params", "PipelineParams",
+           "EvaluateParams", "FeaturesParams", "FilterParams", "FinetuneParams", "GateMetric", "Params",
+           "PipelineParams",
            "PlmParams", "ScheduleParams", "SynthParams", "TaskSpec", "TaskSplit", "TeacherParams", "VARIANTS",
            "VlmParams",
            "find_params_file", "load_params", "watched_files", "with_overrides"]
@@ -49,6 +51,7 @@ class Params(Section):
     download: DownloadParams = DownloadParams()
     teacher: TeacherParams = TeacherParams()
     features: FeaturesParams = FeaturesParams()
+    filter: FilterParams = FilterParams()
     plm: PlmParams = PlmParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
