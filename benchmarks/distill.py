@@ -219,7 +219,7 @@ def run_variant(spec: dict) -> dict:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     work = Path(spec["workdir"])
-    params = DistillParams(features=Path(spec["features"]), plm=Path(spec["plm"]), output=work / "student",
+    params = DistillParams(features=Path(spec["features"]), kept=None, plm=Path(spec["plm"]), output=work / "student",
                            checkpoints=work / "ckpt", plots=work / "plots", batch_size=spec["batch_size"],
                            device=spec["device"], compile=spec["compile"])
     ranks = Ranks(0, 1, device)

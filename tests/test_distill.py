@@ -62,7 +62,7 @@ def setup(tiny_world_shards, random_teacher, tmp_path_factory):
 
 def params(setup, tmp_path, **changes) -> DistillParams:
     features, plm, _ = setup
-    base = dict(features=features, plm=plm, output=tmp_path / "student", checkpoints=tmp_path / "ckpt",
+    base = dict(features=features, kept=None, plm=plm, output=tmp_path / "student", checkpoints=tmp_path / "ckpt",
                 plots=tmp_path / "plots", epochs=2, batch_size=6, lr=3e-3, warmup_steps=2,
                 checkpoint_every=2, device="cpu")
     return DistillParams(**{**base, **changes})
@@ -332,7 +332,7 @@ def test_two_process_ddp_run_on_cpu(setup, tmp_path):
     features, plm, _ = setup
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
-        f"distill:\n  features: {features}\n  plm: {plm}\n  output: {tmp_path / 'student'}\n"
+        f"distill:\n  features: {features}\n  kept: null\n  plm: {plm}\n  output: {tmp_path / 'student'}\n"
         f"  checkpoints: {tmp_path / 'ckpt'}\n  plots: {tmp_path / 'plots'}\n  epochs: 1\n  batch_size: 4\n"
         "  device: cpu\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -489,9 +489,15 @@ def test_distillation_with_text_retention_reads_the_language_models_corpus(setup
         train.distill(params(setup, tmp_path / "changed", plm=plm, retention_weight=1.0))
 
 
+def test_max_steps_fixes_the_budget_whatever_the_epochs(setup, tmp_path):
+    metrics = train.distill(params(setup, tmp_path, epochs=1, max_steps=7, ttdm_weight=1.0, itcl_weight=0.0,
+                                   icti_weight=0.0))
+    assert metrics["steps"] == 7 and metrics["epochs"] == 2  # 30 rows in batches of 6: 5 steps an epoch
+
+
 # -- continuing from a student: the rows it has not seen, plus a replayed sample ---------------------------
 def test_continuation_takes_the_unseen_rows_and_a_seeded_sample_of_the_seen_ones():
-    files = {"a.parquet": 10, "b.parquet": 10, "c.parquet": 5}
+    files = {"a.parquet": np.arange(10), "b.parquet": np.arange(10), "c.parquet": np.arange(5)}
     seen = {"a.parquet": 10, "b.parquet": 6}  # b grew by 4 rows, c is new
     chosen = continuation_rows(files, seen, replay=1.0, seed=0)
     assert (chosen.new, chosen.replayed) == (9, 9)
@@ -504,7 +510,8 @@ def test_continuation_takes_the_unseen_rows_and_a_seeded_sample_of_the_seen_ones
     assert all(np.array_equal(again.rows[name], rows) for name, rows in chosen.rows.items())
     assert continuation_rows(files, seen, replay=0.0, seed=0).replayed == 0
     assert continuation_rows(files, seen, replay=10.0, seed=0).replayed == 16  # every seen row, once
-    assert continuation_rows(files, files, replay=1.0, seed=0).total == 0
+    everything = {name: len(rows) for name, rows in files.items()}
+    assert continuation_rows(files, everything, replay=1.0, seed=0).total == 0
 
 
 def test_a_student_continues_on_the_rows_it_has_not_seen(setup, tmp_path):

@@ -35,6 +35,7 @@ TINY = {
     "download": {"shard_size": 20, "processes": 1, "threads": 4},
     "teacher": {"epochs": 1, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
     "features": {"batch_size": 32, "num_workers": 0, "device": "cpu"},
+    "filter": {"semdedup_clusters": 4},
     "plm": {"vocab_size": 300, "d_model": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "max_length": 32,
             "epochs": 1, "batch_size": 16, "warmup_steps": 1, "device": "cpu"},
     "distill": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "device": "cpu"},

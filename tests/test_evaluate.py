@@ -50,7 +50,8 @@ def trained(tiny_world_shards, random_teacher, tmp_path_factory):
     heldout = world / "text" / "heldout.txt"  # recorded as `vlkd plm` records it: evaluation measures retention on it
     (plm / "vlkd-plm.json").write_text(json.dumps({"params": {"heldout": str(heldout)},
                                                    "inputs": {"heldout": sha256_file(heldout)}}))
-    distill(DistillParams(features=root / "features", plm=plm, output=root / "student", checkpoints=root / "ckpt",
+    distill(DistillParams(features=root / "features", kept=None, plm=plm, output=root / "student",
+                          checkpoints=root / "ckpt",
                           plots=root / "curves", epochs=2, batch_size=6, device="cpu"))
     return world, teacher_folder(random_teacher), plm, root
 

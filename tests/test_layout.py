@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vlkd"
-STAGES = {"world", "corpus", "teacher", "features", "plm", "distill", "evaluate", "vlm", "finetune"}
+STAGES = {"world", "corpus", "teacher", "features", "filter", "plm", "distill", "evaluate", "vlm", "finetune"}
 COMPONENTS = {"models", "data", "config", "errors", "io", "record", "training"}
 GLUE = {"cli", "orchestrate", "__init__"}  # the CLI assembles the stages; orchestrate drives DVC
 

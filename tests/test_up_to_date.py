@@ -5,9 +5,10 @@ data file it reads, one of its params, or a code file it imports.
 The stage runs as `vlkd <stage>` in a new process with the copy's own vlkd first on PYTHONPATH, so an
 edited code file in the copy is the code that runs (and the code its record hashes). A stage recomputed
 when the record file in its output (`vlkd.record.RECORD`) is a new file with new contents; it skipped when
-that file is untouched. The features stage keeps a record per feature file, in the file's metadata.
+that file is untouched. The features stage keeps a record per feature file, in the file's metadata, and the
+filter one per feature file's kept rows.
 
-The stages whose output DVC keeps across runs (`persist: true`: teacher, features) are also run through
+The stages whose output DVC keeps across runs (`persist: true`: teacher, features, filter) are also run through
 `dvc repro --single-item`, where the stage's own decision is the one that counts; DVC deletes every other
 stage's outputs before running it, so for those the run by hand is the case to check. The download is
 not here: it fetches only URLs its shards lack whatever changed (a web corpus is a record of what the
@@ -23,6 +24,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from test_dvc_pipeline import dvc, dvc_env, make_tiny_project, ran
@@ -38,6 +40,8 @@ CHANGES = {
                 "code": "vlkd/teacher/retrieval.py"},
     "features": {"output": "data/features", "param": ("features.batch_size", 16), "data": "data/shards/00000.tar",
                  "code": "vlkd/data/feature_writer.py"},
+    "filter": {"output": "data/filtered", "param": ("filter.min_caption_words", 4), "data": "data/shards/00000.parquet",
+               "code": "vlkd/filter/rules.py"},
     "plm": {"output": "data/plm", "param": ("plm.seed", 3), "data": "data/world/text/heldout.txt",
             "code": "vlkd/plm/metrics.py"},
     "distill": {"output": "data/student", "param": ("distill.seed", 3), "data": "data/plm/config.json",
@@ -49,7 +53,7 @@ CHANGES = {
     "finetune": {"output": "data/finetune", "param": ("finetune.temperature", 0.05),
                  "data": "data/world/tasks/ve/snli_ve_train.jsonl", "code": "vlkd/finetune/clip_td.py"},
 }
-PERSISTED = ("teacher", "features")  # persist: true in dvc.yaml; features' records are per file
+PERSISTED = ("teacher", "features", "filter")  # persist: true in dvc.yaml; features' and filter's records are per file
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +83,11 @@ def _run(root: Path, stage: str) -> None:
 
 
 def _records(root: Path, stage: str) -> dict[str, tuple[int, int, bytes]]:
-    """Each record of the stage: (inode, mtime, bytes); a feature file's record is the file itself."""
+    """Each record of the stage: (inode, mtime, bytes); a feature file's record is the file itself, the
+    filter's the kept rows' file of each feature file (its metadata holds the chain of what it read)."""
     output = root / CHANGES[stage]["output"]
-    files = sorted(output.glob("*.parquet")) if stage == "features" else [output / RECORD]
+    files = {"features": lambda: sorted(output.glob("*.parquet")),
+             "filter": lambda: sorted((output / "kept").glob("*.parquet"))}.get(stage, lambda: [output / RECORD])()
     assert files and all(path.is_file() for path in files), f"{stage} wrote no record in {output}"
     return {path.name: (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) for path in files}
 
@@ -98,7 +104,9 @@ def _recomputed(before: dict, after: dict, only: set[str] | None = None) -> bool
 def _touch_data(path: Path) -> None:
     """A change of content that every reader still accepts: one more tar member (not a sample: no image),
     one more line, or the bytes of another image."""
-    if path.suffix == ".tar":
+    if path.suffix == ".parquet":  # the same table, other bytes
+        pq.write_table(pq.read_table(path).replace_schema_metadata({b"touched": b"1"}), path)
+    elif path.suffix == ".tar":
         with tarfile.open(path, "a") as tar:
             tar.addfile(tarfile.TarInfo(f"zz-extra-{len(tar.getmembers())}.txt"))
     elif path.suffix == ".png":

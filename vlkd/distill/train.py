@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -23,17 +24,25 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlkd.config import DistillParams
 from vlkd.data.feature_store import FeatureStore
+from vlkd.data.kept_rows import kept_rows
 from vlkd.distill.data import FeatureBatches
 from vlkd.distill.objective import LOSSES, Ranks, VlkdObjective, train_step
 from vlkd.distill.reading import CaptionReading
 from vlkd.distill.retention import RetentionBatches
-from vlkd.distill.rows import ROWS_SEEN, RowSelection, continuation_rows, read_rows_seen, rows_seen_record
+from vlkd.distill.rows import (
+    ROWS_SEEN,
+    RowSelection,
+    continuation_rows,
+    every_row,
+    read_rows_seen,
+    rows_seen_record,
+)
 from vlkd.distill.start import build_student, init_folder, needed_columns
 from vlkd.errors import VlkdError
 from vlkd.io import building_folder, write_json_atomic
 from vlkd.models.language_model import language_model_text
 from vlkd.models.student import STUDENT_CONFIG, Student, load_language_model
-from vlkd.record import StageRecord, fingerprint
+from vlkd.record import StageRecord, files_sha256, fingerprint
 from vlkd.training import (
     Checkpoint,
     EpochMeans,
@@ -76,7 +85,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     torch.manual_seed(params.seed)  # the new projections' initial weights: the same on every rank and run
     student = build_student(params, store, init).to(ranks.device)
     student.train()
-    selection = _row_selection(params, file_rows, seen, init)
+    selection = _row_selection(params, store, file_rows, seen, init)
     if selection is not None and selection.new == 0:
         return _nothing_new(student, params, store, init, rows_seen_record(file_rows, seen), ranks, record)
     batches = FeatureBatches(store, columns, params.batch_size, params.seed, ranks.rank, ranks.world_size,
@@ -87,7 +96,9 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     if steps_per_epoch == 0:
         raise VlkdError(f"{batches.steps_per_epoch} batches per epoch make no optimizer step of "
                         f"{params.grad_accum} micro-batches; lower distill.grad_accum or batch_size")
-    total_steps = params.epochs * steps_per_epoch
+    # max_steps (as transformers' TrainingArguments has it) fixes the budget in steps whatever the rows: a
+    # filtered corpus and the unfiltered one compared at the same compute.
+    total_steps = params.max_steps or params.epochs * steps_per_epoch
 
     objective: nn.Module = VlkdObjective(student, params, ranks)
     if ranks.world_size > 1:
@@ -128,7 +139,8 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
 
     elapsed = time.perf_counter() - started
     metrics = {
-        "steps": total_steps, "epochs": params.epochs, "feature_rows": store.num_rows, "ranks": ranks.world_size,
+        "steps": total_steps, "epochs": math.ceil(total_steps / steps_per_epoch), "feature_rows": store.num_rows,
+        "ranks": ranks.world_size,
         "trained_rows": _trained_rows(store, selection), "init": None if init is None else str(params.init),
         "final": {name: round(value, 5) for name, value in recent.items() if name in (*LOSSES, "loss")},
         "trainable_parameters": trainable(student.parameters()),
@@ -181,13 +193,23 @@ def _caption_reading(params: DistillParams, student: Student, device: torch.devi
     return CaptionReading(corpus, student.tokenizer, reader, params.reading_prompt, params.max_length, device)
 
 
-def _row_selection(params: DistillParams, file_rows: dict[str, int], seen: dict[str, int] | None,
-                   init: Path | None) -> RowSelection | None:
-    """None: every row. Continuing from a student that records what it has seen: its unseen rows and a
-    replayed sample of the rest, so the steps grow with the new rows, not with the corpus."""
+def _row_selection(params: DistillParams, store: FeatureStore, file_rows: dict[str, int],
+                   seen: dict[str, int] | None, init: Path | None) -> RowSelection | None:
+    """None: every row. With the filter's output (distill.kept), only the rows it kept. Continuing from a
+    student that records what it has seen: the unseen ones and a replayed sample of the rest, so the steps
+    grow with the new rows, not with the corpus."""
+    if params.kept is None:
+        if seen is None:
+            return None
+        available = {name: np.arange(rows) for name, rows in file_rows.items()}
+    else:
+        available = kept_rows(params.kept, dict(zip([p.name for p in store.files], files_sha256(store.files),
+                                                    strict=True)))
+        logger.info("the filter in %s kept %d of the %d feature rows", params.kept,
+                    sum(len(rows) for rows in available.values()), sum(file_rows.values()))
     if seen is None:
-        return None
-    selection = continuation_rows(file_rows, seen, params.replay, params.seed)
+        return every_row(available)
+    selection = continuation_rows(available, seen, params.replay, params.seed)
     logger.info("continuing from %s: %d new feature rows and %d replayed of the %d it has seen", init,
                 selection.new, selection.replayed, sum(seen.values()))
     return selection
@@ -228,6 +250,8 @@ def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, i
 def stage_inputs(params: DistillParams) -> dict:
     """What distillation reads: the feature files, the language model and the student it continues from."""
     inputs = {"features": Path(params.features), "plm": Path(params.plm)}
+    if params.kept is not None:
+        inputs["kept"] = Path(params.kept)
     if params.init is not None:
         inputs["init"] = Path(params.init)
     return inputs

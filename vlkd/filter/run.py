@@ -44,7 +44,7 @@ from vlkd.filter.rules import RowRules, Rows, clip_scores
 from vlkd.filter.state import load_or_fit
 from vlkd.filter.summary import SUMMARY, summarize
 from vlkd.io import write_json_atomic
-from vlkd.record import files_sha256, fingerprint, library_versions, stage_code
+from vlkd.record import file_sha256, files_sha256, fingerprint, library_versions, stage_code
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,10 @@ def filter_corpus(params: FilterParams) -> dict:
     digests = dict(zip([path.name for path in store.files], files_sha256(store.files), strict=True))
     chain, filtered, reused, rows_filtered = made_by, 0, 0, 0
     for path in tqdm(store.files, desc="filter", unit="file", leave=False):
-        chain = fingerprint([chain, path.name, digests[path.name]])
+        # the shard's metadata is an input of the size and duplicate rules, so its bytes are in the chain
+        metadata = file_sha256(metadata_path(path, params.shards)) if rules.needs_metadata and \
+            metadata_path(path, params.shards).is_file() else None
+        chain = fingerprint([chain, path.name, digests[path.name], metadata])
         record = {"features_sha256": digests[path.name], "chain": chain}
         if _is_done(output, path.name, chain):
             _index_kept(output, path, exact, semantic)
@@ -163,11 +166,10 @@ def read_rows(path: Path, params: FilterParams, needs_metadata: bool) -> Rows:
 
 def shard_metadata(feature_file: Path, shards: Path) -> dict[str, tuple[float, float, str | None]]:
     """{key: (original width, original height, sha256)} of the successes in the shard's img2dataset Parquet."""
-    shard = (read_metadata(feature_file) or {}).get("shard", feature_file.name)
-    path = Path(shards) / f"{Path(shard).name.split('.')[0]}.parquet"
+    path = metadata_path(feature_file, shards)
     if not path.is_file():
         raise VlkdError(f"{path} is missing: the filter's image-size and exact-duplicate rules read img2dataset's "
-                        f"metadata of shard {shard}; point filter.shards at the download's folder, or set "
+                        f"metadata of shard {path.stem}; point filter.shards at the download's folder, or set "
                         "filter.min_image_side and filter.max_aspect_ratio to null and filter.exact_duplicates to "
                         "false")
     names = pq.read_schema(path).names
@@ -180,6 +182,12 @@ def shard_metadata(feature_file: Path, shards: Path) -> dict[str, tuple[float, f
     return {row["key"]: (float(row["original_width"] or np.nan), float(row["original_height"] or np.nan),
                          row.get("sha256"))
             for row in rows if row.get("status", "success") == "success"}
+
+
+def metadata_path(feature_file: Path, shards: Path) -> Path:
+    """img2dataset's Parquet beside the shard a feature file was made from (its metadata names the tar)."""
+    shard = (read_metadata(feature_file) or {}).get("shard", feature_file.name)
+    return Path(shards) / f"{Path(shard).name.split('.')[0]}.parquet"
 
 
 def _made_by(params: FilterParams, state_digest: str) -> str:
