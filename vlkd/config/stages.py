@@ -32,6 +32,39 @@ class SynthParams(Section):
     # Fixed so the URL list (a DVC-tracked input) is identical from run to run; change it only if the
     # port is taken on your machine.
     port: int = Field(18473, ge=1024, le=65535)
+    # Web-like noise in the training corpus (urls.parquet and the images it points to; never the eval or
+    # shifted splits, the tasks, the text corpus or pretrain/), so a filter can be measured on a world as
+    # noisy as the web is. Each share is of the `images` rows, and noisy rows REPLACE clean rows: the list
+    # keeps `images` rows whatever the shares, so a filtered and an unfiltered run train on the same rows
+    # at most, and a noisy world's clean rows are byte for byte the same rows of the clean world (URL,
+    # captions, image file). Duplicates replace a row with a copy of another, clean row's image (listed
+    # as `duplicate_of` in noise.parquet), as re-uploads take a place in a crawl that a new image would.
+    # Every share 0 (the default): the world is byte-identical to one made before noise existed, and no
+    # noise.parquet is written. vlkd/world/noise.py makes each kind.
+    mismatched_captions: float = Field(
+        0.0, ge=0, le=1, description="share of training rows whose captions are another image's, of other objects "
+        "(alt-text scraped from the wrong element)")
+    near_duplicates: float = Field(
+        0.0, ge=0, le=1, description="share of training rows that are a near-duplicate of another training image "
+        "(re-encoded as a lower-quality JPEG, slightly cropped, shifted or resized) at a URL of its own")
+    exact_duplicates: float = Field(
+        0.0, ge=0, le=1, description="share of training rows whose image bytes are another row's, at a URL of "
+        "its own (mirrors, CDN copies)")
+    boilerplate_captions: float = Field(
+        0.0, ge=0, le=1, description="share of training rows whose captions are boilerplate ('image', "
+        "'stock photo', 'IMG_0412.jpg', 'click to enlarge', ...)")
+    small_images: float = Field(
+        0.0, ge=0, le=1, description="share of training rows whose image is tiny (16-32 px) or of an extreme "
+        "aspect ratio (3:1 to 5:1)")
+
+    @model_validator(mode="after")
+    def _noise_leaves_clean_rows(self) -> SynthParams:
+        names = ("mismatched_captions", "near_duplicates", "exact_duplicates", "boilerplate_captions", "small_images")
+        shares = {name: getattr(self, name) for name in names}
+        if sum(shares.values()) >= 1:
+            named = ", ".join(f"{name} {value}" for name, value in shares.items() if value)
+            raise ValueError(f"the noise shares must sum to less than 1 (some rows clean), got {named}")
+        return self
 
 
 class DownloadParams(Section):
@@ -173,6 +206,8 @@ class DistillParams(Section):
     """VLKD: distil the frozen teacher, through its stored features, into the language model."""
 
     features: Path = Path("data/features")
+    # The filter's folder (vlkd filter): only the rows it kept are trained on; null: every feature row.
+    kept: Path | None = Path("data/filtered")
     plm: Path = Path("data/plm")
     output: Path = Path("data/student")
     # Start from this student instead of a fresh one (e.g. the promoted model, when retraining on a
@@ -204,6 +239,7 @@ class DistillParams(Section):
     poisson_lambda: float = Field(3.0, gt=0)
     max_length: int = Field(64, ge=8, description="caption tokens, longer ones are truncated")
     epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps in all, whatever the epochs; null: epochs")
     batch_size: int = Field(64, ge=2)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
