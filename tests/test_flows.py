@@ -207,7 +207,8 @@ def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_row
     project = workspace(fresh, tmp_path)
     first = refresh(params_file=str(project / "params.yaml"), until="distill")  # nothing promoted: a full run
     assert first["promoted"] == "promoted/v1"
-    assert read(project, "metrics/distill.json")["trained_rows"] == {"all": 40}
+    kept = read(project, "metrics/filter.json")["kept"]
+    assert read(project, "metrics/distill.json")["trained_rows"] == {"new": kept, "replayed": 0}
     v1 = (project / "data" / "student" / "model.safetensors").read_bytes()
 
     result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60, "distill.replay": 0.5},
@@ -215,9 +216,14 @@ def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_row
     assert result["promoted"] == "promoted/v2"
     assert (project / "data" / "promoted" / "model.safetensors").read_bytes() == v1  # v1's student, from DVC
     assert (project / "data" / "promoted" / "README.md").is_file()
+    # The filter saw only the new shard, against every row it kept before; distillation trains on the new
+    # shard's kept rows and replays half as many kept rows of the others.
+    assert read(project, "metrics/runs/filter.json")["files_filtered"] == 1
+    new = read(project, "metrics/filter.json")["kept"] - kept
     distilled = read(project, "metrics/distill.json")
-    assert distilled["trained_rows"] == {"new": 20, "replayed": 10} and distilled["init"] == "data/promoted"
-    assert distilled["steps"] == 30 // 8  # one epoch over the new and replayed rows, batch 8
+    assert distilled["trained_rows"] == {"new": new, "replayed": round(new / 2)}
+    assert distilled["init"] == "data/promoted"
+    assert distilled["steps"] == (new + round(new / 2)) // 8  # one epoch over the new and replayed rows, batch 8
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert "data/promoted" in {dep["path"] for dep in lock["stages"]["distill"]["deps"]}
 

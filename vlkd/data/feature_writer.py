@@ -9,6 +9,11 @@ cannot resume; here memory is bounded by a batch, a killed run leaves whole file
 whose file exists for the same teacher is skipped, so a corpus refresh only computes the new shards.
 Several processes split the shard list deterministically (rank i of n takes every n-th shard); whichever
 finds the folder complete when it finishes writes its summary, so no rank waits for another.
+
+A shard that cannot be read to its end (`UnreadableShard`: cut short, not a tar) gets no feature file, so it
+is never done and every run tries it again: once it is whole, it is embedded. Its rows already encoded are
+dropped with the partial file; its owner leaves `NNNNN.unreadable.json` (the shard's sha256 and the problem),
+so whichever rank writes the summary names it, and the folder counts as complete without it.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from vlkd.data.feature_schema import (
     read_metadata,
 )
 from vlkd.data.feature_store import FEATURE_FILES
-from vlkd.data.webdataset import ShardSpec, iter_shard, list_shards
+from vlkd.data.webdataset import ShardSpec, UnreadableShard, iter_shard, list_shards, warn_unreadable
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
 from vlkd.record import files_sha256, fingerprint, library_versions, stage_code
@@ -67,6 +72,7 @@ class ShardBatch:
     tokens: torch.Tensor  # [n, context_length]
     bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of undecodable samples
     last: bool = False
+    unreadable: UnreadableShard | None = None  # the shard's last batch, empty: it cannot be read to its end
 
     def pin_memory(self) -> ShardBatch:  # called by DataLoader(pin_memory=True)
         self.images, self.tokens = self.images.pin_memory(), self.tokens.pin_memory()
@@ -88,25 +94,30 @@ class ShardBatches(IterableDataset):
 
     def _shard_batches(self, tar: Path) -> Iterator[ShardBatch]:
         keys, captions, all_captions, images, bad = [], [], [], [], []
-        for sample in iter_shard(tar):
-            try:
-                if sample.image is None:
-                    raise ValueError("no image in the shard for this key")
-                images.append(self.preprocess(Image.open(io.BytesIO(sample.image))))
-            except Exception as err:  # noqa: BLE001 (any decoder error means: skip this sample, keep its key)
-                bad.append((sample.key, f"{type(err).__name__}: {err}"[:200]))
-                continue
-            keys.append(sample.key)
-            captions.append(sample.caption)
-            all_captions.append(sample.captions)
-            if len(keys) == self.batch_size:
-                yield self._batch(tar, keys, captions, all_captions, images, bad, last=False)
-                keys, captions, all_captions, images, bad = [], [], [], [], []
+        try:
+            for sample in iter_shard(tar):
+                try:
+                    if sample.image is None:
+                        raise ValueError("no image in the shard for this key")
+                    images.append(self.preprocess(Image.open(io.BytesIO(sample.image))))
+                except Exception as err:  # noqa: BLE001 (any decoder error means: skip this sample, keep its key)
+                    bad.append((sample.key, f"{type(err).__name__}: {err}"[:200]))
+                    continue
+                keys.append(sample.key)
+                captions.append(sample.caption)
+                all_captions.append(sample.captions)
+                if len(keys) == self.batch_size:
+                    yield self._batch(tar, keys, captions, all_captions, images, bad, last=False)
+                    keys, captions, all_captions, images, bad = [], [], [], [], []
+        except UnreadableShard as err:  # an outcome, not a worker's traceback: the other shards go on
+            yield self._batch(tar, [], [], [], [], [], last=True, unreadable=err)
+            return
         yield self._batch(tar, keys, captions, all_captions, images, bad, last=True)
 
-    def _batch(self, tar, keys, captions, all_captions, images, bad, last) -> ShardBatch:
+    def _batch(self, tar, keys, captions, all_captions, images, bad, last, unreadable=None) -> ShardBatch:
         return ShardBatch(
             shard=tar, keys=keys, captions=captions, all_captions=all_captions, bad=bad, last=last,
+            unreadable=unreadable,
             images=torch.stack(images) if images else torch.empty(0),
             tokens=self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long),
         )
@@ -139,6 +150,10 @@ class ShardWriter:
         self.writer.close()
         self.partial.replace(self.path)
 
+    def discard(self) -> None:
+        self.writer.close()
+        self.partial.unlink()
+
 
 def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
@@ -146,6 +161,10 @@ def partial_path(path: Path) -> Path:
 
 def output_path(output: Path, tar: Path) -> Path:
     return output / f"{tar.stem}.parquet"
+
+
+def unreadable_path(output: Path, tar: Path) -> Path:
+    return output / f"{tar.stem}.unreadable.json"
 
 
 @dataclass(frozen=True)
@@ -168,7 +187,8 @@ def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, encoding
     A shard is done when its file was made by this teacher from the shard's present bytes by the same
     code (this module and what it imports), libraries and encoding settings: the per-file form of a stage's record
     (`vlkd.record`). Whoever calls it (the features stage, evaluate's image cache, a benchmark), the same
-    shard gives the same file."""
+    shard gives the same file. A shard that cannot be read to its end gets none and is named in the summary
+    (`unreadable_shards`); the other shards are embedded."""
     started = time.perf_counter()
     tars = list_shards(shards)
     if not tars:
@@ -191,25 +211,33 @@ def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, encoding
     log.info("features: %d shard(s) for rank %d of %d, %d already done", len(mine), rank, world_size,
              len(mine) - len(todo))
     device = resolve_device(encoding.device, "features.device")
-    encoded, bad = (_encode_shards(todo, output, teacher, encoding, device, made_by, shard_sha256) if todo
-                    else (0, []))
+    encoded, bad, unreadable_now = (_encode_shards(todo, output, teacher, encoding, device, made_by, shard_sha256)
+                                    if todo else (0, [], 0))
     seconds = time.perf_counter() - started
-    # Another rank may still be writing its shards; the last to finish sees them all (each looks after its
-    # own files are in place), and ranks that finish together write the same bytes.
-    complete = all(done(tar) for tar in tars)
+    # Another rank may still be writing its shards; the last to finish sees them all (each looks after its own
+    # files are in place or its unreadable shards written down), and ranks that finish together write the same bytes.
+    finished = {tar: done(tar) for tar in tars}
+    unreadable = {tar: problem for tar in tars if not finished[tar]
+                  and (problem := _unreadable_problem(output, tar, shard_sha256[tar])) is not None}
+    complete = all(finished[tar] or tar in unreadable for tar in tars)
+
+    def summary_of(scope: list[Path], *rank_of: int) -> dict:
+        return _summary(fingerprint, encoding, device, [output_path(output, tar) for tar in scope if finished[tar]],
+                        {tar.name: unreadable[tar] for tar in scope if tar in unreadable}, len(tars), *rank_of)
+
     if complete:
-        summary = _summary(fingerprint, encoding, device, [output_path(output, tar) for tar in tars], len(tars))
+        summary = summary_of(tars)
         write_json_atomic(output / SUMMARY, summary)
     else:
-        summary = _summary(fingerprint, encoding, device, [output_path(output, tar) for tar in mine], len(tars),
-                           rank, world_size)
+        summary = summary_of(mine, rank, world_size)
         log.info("rank %d of %d done; %s is written by the rank that finishes last", rank, world_size, SUMMARY)
     if bad:
         log.warning("%d undecodable sample(s) skipped, e.g. %s (%s); their keys are in %s", len(bad), bad[0][0],
                     bad[0][1], output / SUMMARY)
     summary["this_run"] = {
         "rank": rank, "world_size": world_size, "folder_complete": complete,
-        "shards_computed": len(todo), "shards_skipped": len(mine) - len(todo), "images_encoded": encoded,
+        "shards_computed": len(todo) - unreadable_now, "shards_unreadable": unreadable_now,
+        "shards_skipped": len(mine) - len(todo), "images_encoded": encoded,
         "seconds": round(seconds, 3), "images_per_second": round(encoded / seconds, 2) if encoded else 0.0,
     }
     return summary
@@ -218,25 +246,28 @@ def extract_features(shards: ShardSpec, output: Path, teacher: Teacher, encoding
 SUMMARY = "summary.json"
 
 
-def _summary(fingerprint: dict, encoding: Encoding, device: torch.device, files: list[Path], total_shards: int,
-             rank: int = 0, world_size: int = 1) -> dict:
-    """What the feature files hold, whichever run wrote them (a refresh summarises the same as a full run).
-    The folder's summary is the one a single process (rank 0 of 1) writes, however many ranks made it, so
-    the same shards give the same bytes; the device is its kind only, as ranks differ in their GPU index."""
+def _summary(fingerprint: dict, encoding: Encoding, device: torch.device, files: list[Path],
+             unreadable: dict[str, str], total_shards: int, rank: int = 0, world_size: int = 1) -> dict:
+    """What the feature files hold and which shards could not be read (tar name -> problem), whichever run
+    wrote them (a refresh summarises the same as a full run). The folder's summary is the one a single
+    process (rank 0 of 1) writes, however many ranks made it, so the same shards give the same bytes; the
+    device is its kind only, as ranks differ in their GPU index."""
     bad = [pair for path in files for pair in read_bad_samples(path)]
     return {
         "teacher": fingerprint,
         "rank": rank, "world_size": world_size, "device": device.type,
         "precision": resolve_precision(encoding.precision, device),
-        "shards": {"total": total_shards, "this_rank": len(files)},
+        "shards": {"total": total_shards, "this_rank": len(files) + len(unreadable)},
         "images": sum(pq.read_metadata(path).num_rows for path in files),
         "bad_samples": {"count": len(bad), "keys": [key for key, _ in bad[:MAX_LISTED_BAD_KEYS]],
                         "reasons": dict(bad[:20])},
+        "unreadable_shards": {"count": len(unreadable), "reasons": unreadable},
     }
 
 
 def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, encoding: Encoding, device: torch.device,
-                   made_by: str, shard_sha256: dict[Path, str]) -> tuple[int, list[tuple[str, str]]]:
+                   made_by: str, shard_sha256: dict[Path, str]) -> tuple[int, list[tuple[str, str]], int]:
+    """Embed `todo`; returns (images encoded, undecodable samples of the files written, unreadable shards)."""
     dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, encoding.batch_size)
     workers = min(encoding.num_workers, len(todo))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
@@ -245,9 +276,15 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, encoding: E
     writers: dict[Path, ShardWriter] = {}
     bad: list[tuple[str, str]] = []
     bad_in: dict[Path, list[tuple[str, str]]] = {}
-    encoded = 0
+    encoded = unreadable = 0
     with tqdm(total=len(todo), desc="features", unit="shard") as bar:
         for batch in loader:
+            if batch.unreadable is not None:
+                _skip_unreadable(batch.unreadable, writers.pop(batch.shard, None), output, shard_sha256[batch.shard])
+                bad_in.pop(batch.shard, None)
+                unreadable += 1
+                bar.update()
+                continue
             writer = writers.get(batch.shard)
             if writer is None:
                 writer = writers[batch.shard] = ShardWriter(
@@ -259,12 +296,30 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, encoding: E
                 image, text, tokens = _encode(model, batch, device, encoding)
                 writer.write(batch.keys, batch.captions, batch.all_captions, image, text, tokens)
                 encoded += len(batch.keys)
-            bad.extend(batch.bad)
             bad_in.setdefault(batch.shard, []).extend(batch.bad)
             if batch.last:
+                bad.extend(bad_in[batch.shard])
+                unreadable_path(output, batch.shard).unlink(missing_ok=True)  # before the file: never both
                 writers.pop(batch.shard).commit(bad_in.pop(batch.shard))
                 bar.update()
-    return encoded, bad
+    return encoded, bad, unreadable
+
+
+def _skip_unreadable(err: UnreadableShard, writer: ShardWriter | None, output: Path, shard_sha256: str) -> None:
+    """No feature file for a shard that cannot be read to its end (its rows so far go with the partial file),
+    and the problem written down for whichever rank writes the summary."""
+    if writer is not None:
+        writer.discard()
+    warn_unreadable(err)
+    write_json_atomic(unreadable_path(output, err.path),
+                      {"shard": err.path.name, "shard_sha256": shard_sha256, "problem": err.problem})
+
+
+def _unreadable_problem(output: Path, tar: Path, shard_sha256: str) -> str | None:
+    """The problem its owner found in the shard's present bytes, or None (not found unreadable, or since changed)."""
+    path = unreadable_path(output, tar)
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return record.get("problem") if record.get("shard_sha256") == shard_sha256 else None
 
 
 @torch.inference_mode()

@@ -7,6 +7,9 @@ Keys are webdataset's: a member's name up to the first dot of its file name (`we
 A plain `tarfile` stream rather than `webdataset.WebDataset`: the stages downstream must report the key
 of every sample they could not decode, and webdataset's error handlers drop a bad sample without it.
 Streaming keeps memory at one sample, whatever the shard's size.
+
+A shard that cannot be read to its end (cut short, as a killed copy leaves it; not a tar at all; an I/O
+error) is `UnreadableShard`: every stage skips it whole, names it with its reason and reads the others.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import json
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from braceexpand import braceexpand
@@ -41,6 +44,34 @@ class ShardSample:
     image: bytes | None  # encoded image, None when the shard holds none for this key
     caption: str
     captions: tuple[str, ...]  # every caption of the image, `caption` first (just `caption` without a list)
+
+
+class UnreadableShard(Exception):
+    """A shard that cannot be read to its end: cut short, not a tar, or an I/O error. Not a VlkdError, which
+    stops a stage: a stage skips the shard, names it with `problem` and goes on with the others. Skipped
+    whole: the samples read before the failure go with it, so no part of a shard enters a feature file (which
+    would mark the shard done) or a training set, and once the shard is whole a later run reads all of it."""
+
+    def __init__(self, path: Path, reason: str, samples: int) -> None:
+        super().__init__(path, reason, samples)  # the arguments again: DataLoader workers pickle it
+        self.path, self.reason, self.samples = path, reason, samples
+
+    @property
+    def problem(self) -> str:
+        where = f"cut short after {self.samples} sample(s)" if self.samples else "no sample could be read"
+        return f"{where} ({self.reason})"
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}"
+
+
+# What to do about an unreadable shard, wherever it is found.
+UNREADABLE_ADVICE = ("delete it (in a download's folder with its .parquet and _stats.json) and re-run `vlkd download` "
+                     "to fetch its images again, or put a whole copy in its place")
+
+
+def warn_unreadable(err: UnreadableShard) -> None:
+    log.warning("%s; skipped: %s", err, UNREADABLE_ADVICE)
 
 
 def list_shards(spec: ShardSpec) -> list[Path]:
@@ -94,9 +125,36 @@ def _shard_order(tar: Path) -> tuple[int, int, str]:
 
 
 def iter_shard(tar_path: Path) -> Iterator[ShardSample]:
-    """The samples of one shard in file order; files of one sample are consecutive in a webdataset tar."""
+    """The samples of one shard in file order. A shard that cannot be read to its end raises
+    `UnreadableShard` after the samples before the failure: whoever reads it drops those with it."""
+    samples = 0
+    try:
+        for sample in _samples(tar_path):
+            yield sample
+            samples += 1
+    except (tarfile.TarError, EOFError, OSError) as err:  # tarfile reports compression errors as ReadError
+        raise UnreadableShard(tar_path, f"{type(err).__name__}: {err}"[:200], samples) from err
+
+
+class _WholeTarInfo(tarfile.TarInfo):
+    """tarfile ends an archive quietly where a header after the first is missing, cut or garbled; a whole tar
+    ends with its end-of-archive block, so such a file was cut short (a cut in a header or between members)."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as err:
+            if tar.offset == 0:
+                raise  # the first header: tarfile's own ReadError ("empty file", "invalid header")
+            raise tarfile.ReadError(f"no end-of-archive block, {err}") from None
+
+
+def _samples(tar_path: Path) -> Iterator[ShardSample]:
+    """The samples of a tar; files of one sample are consecutive in a webdataset tar."""
     key, files = None, {}
-    with tarfile.open(tar_path, mode="r|*") as tar:  # `*`: compressed shards too, as webdataset reads them
+    # `*`: compressed shards too, as webdataset reads them
+    with tarfile.open(tar_path, mode="r|*", tarinfo=_WholeTarInfo) as tar:
         for member in tar:
             member_key, extension = base_plus_ext(member.name) if member.isfile() else (None, None)
             if member_key is None:  # not a sample's file (webdataset skips these too)
@@ -128,21 +186,43 @@ def _captions(meta: bytes | None, caption: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys([caption, *(text for text in listed if isinstance(text, str) and text)]))
 
 
-def read_pairs(shards: list[Path]) -> tuple[list[str], list[bytes], list[tuple[str, ...]], list[str]]:
-    """(keys, encoded images, each image's captions, bad keys) of every shard; a sample whose image is
-    missing or does not decode is a bad sample: counted, logged and left out."""
-    keys, images, captions, bad = [], [], [], []
+@dataclass
+class Pairs:
+    """The decodable image-caption pairs of some shards, and what was left out: the keys of bad samples
+    and the shards that cannot be read (tar name -> problem)."""
+
+    keys: list[str] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)  # encoded
+    captions: list[tuple[str, ...]] = field(default_factory=list)  # each image's captions
+    bad: list[str] = field(default_factory=list)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def read_pairs(shards: list[Path]) -> Pairs:
+    """The pairs of every shard. A sample whose image is missing or does not decode is a bad sample: counted,
+    logged and left out; a shard that cannot be read to its end is named and left out whole. That no shard
+    can be read is an error."""
+    pairs = Pairs()
     for tar in shards:
-        for sample in iter_shard(tar):
+        try:
+            samples = list(iter_shard(tar))  # the whole shard or none of it
+        except UnreadableShard as err:
+            warn_unreadable(err)
+            pairs.unreadable[tar.name] = err.problem
+            continue
+        for sample in samples:
             problem = decode_problem(sample.image)
             if problem:
                 log.warning("skipping sample %s in %s: %s", sample.key, tar.name, problem)
-                bad.append(sample.key)
+                pairs.bad.append(sample.key)
                 continue
-            keys.append(sample.key)
-            images.append(sample.image)
-            captions.append(sample.captions)
-    return keys, images, captions, bad
+            pairs.keys.append(sample.key)
+            pairs.images.append(sample.image)
+            pairs.captions.append(sample.captions)
+    if shards and len(pairs.unreadable) == len(shards):
+        raise VlkdError(f"none of the {len(shards)} shard(s) can be read, e.g. {shards[0]}: "
+                        f"{pairs.unreadable[shards[0].name]}; {UNREADABLE_ADVICE}")
+    return pairs
 
 
 def decode_problem(data: bytes | None) -> str | None:

@@ -35,8 +35,9 @@ class FeatureBatches:
         self.rows = store.num_rows if rows is None else sum(len(rows[path.name]) for path in self.files)
         self.steps_per_epoch = self.rows // world_size // batch_size
         if self.steps_per_epoch == 0:
-            raise VlkdError(f"{self.rows} feature rows in {store.files[0].parent} make no batch of {batch_size} "
-                            f"per rank on {world_size} rank(s); lower distill.batch_size or add data")
+            chosen = "" if rows is None else " to train on (kept by the filter, and unseen or replayed)"
+            raise VlkdError(f"{self.rows} feature rows{chosen} in {store.files[0].parent} make no batch of "
+                            f"{batch_size} per rank on {world_size} rank(s); lower distill.batch_size or add data")
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[dict]:
         """This rank's batches of `epoch`, from batch `skip` on."""

@@ -1,5 +1,6 @@
 """The features stage: the teacher the params name, frozen, embeds every shard of the corpus into feature
-files (`vlkd.data.feature_writer`: resumable, incremental, split across ranks)."""
+files (`vlkd.data.feature_writer`: resumable, incremental, split across ranks; a shard that cannot be read to
+its end gets none, and the summary names it)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from PIL import Image
 from vlkd.config.filter import FilterParams
 from vlkd.data.feature_schema import read_metadata
 from vlkd.data.kept_rows import REASONS, rejects_path
-from vlkd.data.webdataset import iter_shard
+from vlkd.data.webdataset import UnreadableShard, iter_shard, warn_unreadable
 from vlkd.filter.summary import score_histogram
 
 THUMBNAIL = 96
@@ -120,9 +120,12 @@ def _thumbnails(sample: list[tuple[str, dict]], params: FilterParams) -> dict[tu
         tar = Path(params.shards) / shard if shard else None
         if tar is None or not tar.is_file():
             continue
-        for sample_ in iter_shard(tar):
-            if sample_.key in keys and sample_.image:
-                found[(name, sample_.key)] = _png(sample_.image)
+        try:
+            for sample_ in iter_shard(tar):
+                if sample_.key in keys and sample_.image:
+                    found[(name, sample_.key)] = _png(sample_.image)
+        except UnreadableShard as err:  # the report shows those rows without their images
+            warn_unreadable(err)
     return found
 
 

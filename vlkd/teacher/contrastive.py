@@ -5,7 +5,8 @@ with worker processes; with the same seed two runs on a CPU give identical weigh
 workers' random streams come from one seeded generator, batches go to workers in a fixed order).
 
 The training set is held in memory as encoded bytes: the embedded model is for the synthetic world and
-small corpora; a real corpus calls for a pretrained teacher (`teacher.pretrained`).
+small corpora; a real corpus calls for a pretrained teacher (`teacher.pretrained`). An undecodable sample
+and a shard that cannot be read to its end are left out, counted and named in the training record.
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     device = torch.device(device)
     folder.mkdir(parents=True, exist_ok=True)
     shards = shards if shards is not None else list_shards(Path(params.shards))
-    keys, images, captions, bad = read_pairs(shards)
+    data = read_pairs(shards)
+    images = data.images
     if len(images) < 2:
         raise VlkdError(f"only {len(images)} usable image(s) in {params.shards}; contrastive training needs at "
                         "least 2: run `vlkd download` or check --shards")
@@ -109,7 +111,7 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     # The ResNet's convolutions in channels-last layout, the one oneDNN's (and cuDNN's) fastest kernels take
     # (docs/benchmarks.md, "One training step"). Only the memory layout changes, and only while training.
     model = model.to(memory_format=torch.channels_last)
-    pairs = _Pairs(images, captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
+    pairs = _Pairs(images, data.captions, open_clip.get_tokenizer(EMBEDDED_MODEL), transform)
     batch_size = min(params.batch_size, len(images))
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
                         drop_last=len(images) > batch_size, num_workers=WORKERS, generator=generator,
@@ -158,8 +160,9 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
         "train_images": len(images),
         "train_captions": len(pairs.tokens),
         "images_seen": seen,
-        "bad_samples": {"count": len(bad), "keys": bad[:BAD_KEYS_LISTED]},
+        "bad_samples": {"count": len(data.bad), "keys": data.bad[:BAD_KEYS_LISTED]},
+        "unreadable_shards": {"count": len(data.unreadable), "reasons": data.unreadable},
     }
-    log.info("trained in %.1f s: loss %.3f -> %.3f, %d bad sample(s)", seconds, epoch_losses[0],
-             epoch_losses[-1], len(bad))
+    log.info("trained in %.1f s: loss %.3f -> %.3f, %d bad sample(s), %d unreadable shard(s)", seconds,
+             epoch_losses[0], epoch_losses[-1], len(data.bad), len(data.unreadable))
     return model, record

@@ -2,7 +2,8 @@
 
     vlm.model names a checkpoint -> load it with `from_pretrained` (model and processor), no training
     vlm.model is null            -> a WordPiece tokenizer trained on the shards' captions, a ViLT built from
-                                    its config and pretrained with ITM + MLM (`pretrain`)
+                                    its config and pretrained with ITM + MLM (`pretrain`); undecodable
+                                    samples and shards that cannot be read are left out, counted and named
 
 The folder holds the ViltForMaskedLM and ViltProcessor (`save_pretrained`) and vlkd-vlm.json. A folder whose
 record (`vlkd.record`) matches this run's is kept as it is.
@@ -59,7 +60,8 @@ def _build(params: VlmParams, building: Path, shards: dict[str, str], device: to
 
     metrics: dict = {}
     if params.model is None:
-        _, images, captions, bad = read_pairs([Path(params.shards) / name for name in shards])
+        data = read_pairs([Path(params.shards) / name for name in shards])
+        images, captions = data.images, data.captions
         if len(images) < 2:
             raise VlkdError(f"{len(images)} decodable image(s) in {params.shards}; pretraining needs at least 2")
         tokenizer = train_tokenizer([text for texts in captions for text in texts], params.vocab_size,
@@ -75,7 +77,8 @@ def _build(params: VlmParams, building: Path, shards: dict[str, str], device: to
         metrics["training"] = pretrain(params, model, tokenizer, pixels[:train_count], captions[:train_count], device)
         metrics["heldout"] = heldout_metrics(params, model, tokenizer, pixels[train_count:], captions[train_count:],
                                              device)
-        metrics["bad_samples"] = {"count": len(bad), "keys": bad[:20]}
+        metrics["bad_samples"] = {"count": len(data.bad), "keys": data.bad[:20]}
+        metrics["unreadable_shards"] = {"count": len(data.unreadable), "reasons": data.unreadable}
         masked_lm, name, source = model.masked_lm, EMBEDDED_NAME, f"pretrained on {params.shards}"
     else:
         try:
