@@ -19,7 +19,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 # (checked below), and the error type.
 ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
          "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
-         "filter": ["vlkd/filter/run.py"], "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"], "evaluate": ["vlkd/evaluate/run.py"],
+         "filter": ["vlkd/filter/run.py"], "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"],
+         "evaluate": ["vlkd/evaluate/run.py"],
          "vlm": ["vlkd/vlm/build.py"], "finetune": ["vlkd/finetune/run.py"]}
 
 
