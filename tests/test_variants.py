@@ -165,6 +165,6 @@ def test_the_world_is_planned_only_when_a_stage_reads_it(tmp_path):
                            "teacher.eval_captions": "data/coco/captions.json", "plm.text": "data/text",
                            "plm.corpus": None, "plm.heldout": None, "evaluate.data": "data/benchmarks",
                            "evaluate.benchmarks": {}, "finetune.data": "data/benchmarks", "finetune.tasks": {}})
-    assert [stage.name for stage in plan(root)] == ["download", "teacher", "features", "plm", "distill", "evaluate",
-                                                    "vlm", "finetune"]
+    assert [stage.name for stage in plan(root)] == ["download", "teacher", "features", "filter", "plm", "distill",
+                                                    "evaluate", "vlm", "finetune"]
     assert [stage.name for stage in plan(root, "synth")] == ["synth"]

@@ -75,10 +75,16 @@ def write_scenes(path: Path, scenes: Sequence[Scene], size: int) -> None:
     write_lines(path, rows)
 
 
-def write_urls(path: Path, base_url: str, captions: Sequence[list[str]]) -> None:
+def train_urls(base_url: str, count: int) -> list[str]:
+    """The URLs of the first `count` training images (images/train/NNNNNN.png) on the world's server."""
+    return [f"{base_url}/images/train/{image_name(i)}" for i in range(count)]
+
+
+def write_urls(path: Path, urls: Sequence[str], captions: Sequence[list[str]]) -> None:
+    """The training list: url, caption (the first of the row's captions), captions."""
     schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("captions", pa.list_(pa.string()))])
     columns = {
-        "url": [f"{base_url}/images/train/{image_name(i)}" for i in range(len(captions))],
+        "url": list(urls),
         "caption": [texts[0] for texts in captions],
         "captions": list(captions),
     }

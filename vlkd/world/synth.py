@@ -4,13 +4,19 @@ Everything is drawn from seeded random streams, so the same `SynthParams` give b
 This module is the stage (`vlkd synth`): it writes the world's files in order and its manifest. The
 parts, one job each: what is in an image and which scenes each part of the world draws (scenes.py),
 the images (drawing.py), the words (language.py), the noise in the human answers (answers.py), the
-file formats (files.py) and the fine-tuning tasks (tasks.py).
+file formats (files.py), the fine-tuning tasks (tasks.py) and the web-like noise in the training
+corpus (noise.py).
 
 Layout under the output folder (see `generate_world`):
 
     world.json                      manifest: params, splits, vocabulary, sha256 of every other file
-    urls.parquet                    url, caption, captions (list) for every training image
+    urls.parquet                    url, caption, captions (list): one row per training image, row i's
+                                    url images/train/i unless noise gave the row an image of its own
+    noise.parquet                   only with noise: url, noise (its kind), duplicate_of (the original's
+                                    url, for duplicates) for every noisy row of urls.parquet
     images/{train,eval,shifted}/    NNNNNN.png, RGB, image_size x image_size
+    images/web/                     only with noise: the noisy rows' own images (duplicates, small
+                                    images), NNNNNN = the row; images/train keeps every clean image
     scenes/{train,eval,shifted}.jsonl   one JSON object per image (SCENE_FIELDS), line i = image i
     vqa/, captions/                 eval split: VQA questions/annotations and COCO captions
     tasks/                          the fine-tuning tasks, with copies of their images (vlkd/world/tasks.py)
@@ -41,6 +47,7 @@ from vlkd.world.files import (
     SCENE_FIELDS,
     add_pair,
     coco_captions,
+    train_urls,
     vqa_files,
     write_images,
     write_json,
@@ -49,6 +56,7 @@ from vlkd.world.files import (
     write_urls,
 )
 from vlkd.world.language import caption_scene, text_corpus
+from vlkd.world.noise import NOISE_KINDS, add_noise, is_noisy
 from vlkd.world.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -84,8 +92,13 @@ def _write_split(root: Path, split: str, scenes: Sequence[Scene], params: SynthP
     rng = stream(params.seed, split, "words")
     if split == "train":
         captions = [caption_scene(scene, rng, params.captions_per_image) for scene in scenes]
-        write_urls(root / "urls.parquet", _base_url(params), captions)
-        return entry | {"urls": "urls.parquet", "captions_per_image": params.captions_per_image}
+        urls = train_urls(_base_url(params), len(scenes))
+        entry |= {"urls": "urls.parquet", "captions_per_image": params.captions_per_image}
+        if is_noisy(params):  # drawn after the clean rows, from streams of its own
+            urls, captions, noise = add_noise(root, scenes, captions, _base_url(params), params)
+            entry |= noise
+        write_urls(root / entry["urls"], urls, captions)
+        return entry
     prefix = "" if split == "eval" else f"{split}/"
     entry |= {
         "questions": f"{prefix}vqa/questions.json",
@@ -139,13 +152,19 @@ def _file_hashes(root: Path) -> dict[str, str]:
     }
 
 
+def _clean_defaults(params: SynthParams) -> set[str]:
+    """The params a clean world's manifest leaves out: the noise shares, all 0, so that the world is byte
+    for byte the one made before they existed (a DVC-tracked output the recorded pipeline starts from)."""
+    return set() if is_noisy(params) else set(NOISE_KINDS.values())
+
+
 def _manifest(
     root: Path, params: SynthParams, splits: dict[str, Any], text: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "seed": params.seed,
-        "params": params.model_dump(mode="json", exclude={"output"}),
+        "params": params.model_dump(mode="json", exclude={"output"} | _clean_defaults(params)),
         "port": params.port,
         "base_url": _base_url(params),
         "splits": splits,
