@@ -96,7 +96,7 @@ def score_rules(work: Path, params: dict) -> dict:
     """Each rule's dropped rows by kind of noise, and each kind's recall, from noise.parquet."""
     noise = {row["url"]: row["noise"] for row in pq.read_table(work / "data/world/noise.parquet").to_pylist()}
     url_of = {}
-    for meta in sorted((work / params["download"]["output"]).glob("*.parquet")):
+    for meta in sorted((work / params["download"]["output"]).glob("[0-9]*.parquet")):  # not failed.parquet
         for row in pq.read_table(meta, columns=["key", "url"]).to_pylist():
             url_of[row["key"]] = row["url"]
     filtered = work / params["filter"]["output"]
@@ -113,13 +113,45 @@ def score_rules(work: Path, params: dict) -> dict:
                            for key in pq.read_table(path, columns=["key"]).column("key").to_pylist())
     clean_dropped = kinds_dropped.pop("clean", 0)
     clean_total += clean_dropped
+    kept_urls = {url_of.get(key) for path in sorted((filtered / "kept").glob("*.parquet"))
+                 for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()}
     rules = {reason: {"dropped": sum(kinds.values()), "noise": sum(n for k, n in kinds.items() if k != "clean"),
                       "target": TARGETS.get(reason), "of_target": kinds.get(TARGETS.get(reason), 0),
                       "by_kind": dict(kinds)} for reason, kinds in sorted(dropped.items())}
     recall = {kind: {"rows": total, "dropped": kinds_dropped.get(kind, 0),
                      "by_its_rule": sum(rules[r]["by_kind"].get(kind, 0) for r in rules if TARGETS.get(r) == kind)}
               for kind, total in sorted(kinds_total.items())}
-    return {"rules": rules, "recall": recall, "clean": {"rows": clean_total, "dropped": clean_dropped}}
+    return {"rules": rules, "recall": recall, "clean": {"rows": clean_total, "dropped": clean_dropped},
+            "duplicate_pairs": duplicate_pairs(work, kept_urls), "clean_repeats": clean_repeats(work, kept_urls)}
+
+
+def duplicate_pairs(work: Path, kept: set) -> dict:
+    """A copy and its original are one image: the filter resolves the pair when it keeps at most one of them
+    (which one depends on the order of the rows, so the row-wise table above cannot say)."""
+    counts = Counter()
+    for row in pq.read_table(work / "data/world/noise.parquet").to_pylist():
+        if row["duplicate_of"] is not None:
+            both = row["url"] in kept and row["duplicate_of"] in kept
+            counts[f"{row['noise']} {'both kept' if both else 'resolved'}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def clean_repeats(work: Path, kept: set) -> dict:
+    """Clean rows whose scene (background, and each object's colour, shape, size and position) repeats an
+    earlier training row's: semantic duplicates of the clean world itself, which SemDeDup is right to drop
+    but noise.parquet does not list."""
+    seen, repeats = set(), []
+    for line in (work / "data/world/scenes/train.jsonl").read_text().splitlines():
+        scene = json.loads(line)
+        content = (scene["background"], tuple(sorted((o["colour"], o["shape"], o["size"], o["position"])
+                                                     for o in scene["objects"])))
+        if content in seen:
+            repeats.append(scene["file_name"])
+        seen.add(content)
+    urls = {url for url in kept if url}
+    prefix = next(iter(urls)).rsplit("/images/", 1)[0] if urls else ""
+    dropped = sum(f"{prefix}/images/train/{name}" not in kept for name in repeats)
+    return {"rows": len(repeats), "dropped": dropped}
 
 
 def train_students(work: Path, params: dict, seeds: list[int], steps: int) -> dict:
@@ -136,9 +168,10 @@ def train_students(work: Path, params: dict, seeds: list[int], steps: int) -> di
                                           checkpoints=f"runs/{name}/checkpoints", plots=f"runs/{name}/curves")
                 changed["evaluate"].update(student=f"runs/{name}/student", output=f"runs/{name}/eval",
                                            curves=f"runs/{name}/curves", seed=seed)
-                (work / f"runs/{name}/params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-                vlkd(work, f"runs/{name}/params.yaml", "distill", "--metrics", f"runs/{name}/distill.json")
-                vlkd(work, f"runs/{name}/params.yaml", "evaluate", "--metrics", f"runs/{name}/evaluate.json")
+                # beside params.yaml: a params file's relative paths are relative to its folder
+                (work / f"params-{name}.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+                vlkd(work, f"params-{name}.yaml", "distill", "--metrics", f"runs/{name}/distill.json")
+                vlkd(work, f"params-{name}.yaml", "evaluate", "--metrics", f"runs/{name}/evaluate.json")
             results[name] = {"distill": json.loads((run / "distill.json").read_text()),
                              "scores": scores(json.loads(metrics.read_text()))}
     return results
@@ -163,6 +196,12 @@ def interval(values: list[float]) -> str:
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
 
 
+def spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
 def print_rules(scored: dict) -> None:
     print("\n| rule | dropped | noise | of its kind | kind |\n|---|---:|---:|---:|---|")
     for reason, row in scored["rules"].items():
@@ -170,8 +209,10 @@ def print_rules(scored: dict) -> None:
     print("\n| noise | rows | dropped (any rule) | by its rule |\n|---|---:|---:|---:|")
     for kind, row in scored["recall"].items():
         print(f"| {kind} | {row['rows']} | {row['dropped']} | {row['by_its_rule']} |")
-    clean = scored["clean"]
+    clean, repeats = scored["clean"], scored["clean_repeats"]
     print(f"| clean | {clean['rows']} | {clean['dropped']} | |")
+    print(f"| clean, repeating an earlier scene | {repeats['rows']} | {repeats['dropped']} | |")
+    print("\n" + ", ".join(f"{name}: {count}" for name, count in scored["duplicate_pairs"].items()))
 
 
 def print_students(students: dict, seeds: list[int]) -> None:
@@ -185,8 +226,6 @@ def print_students(students: dict, seeds: list[int]) -> None:
             if any(a is None or b is None for a, b in pairs):
                 continue
             filtered, unfiltered = [a for a, _ in pairs], [b for _, b in pairs]
-            spread = (lambda v: f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}" if len(v) > 1
-                      else f"{v[0]:.2f}")
             print(f"| {label} | {condition} | {spread(filtered)} | {spread(unfiltered)} | "
                   f"{interval([a - b for a, b in pairs])} |")
 

@@ -208,7 +208,8 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
                                                     "finishes last writes summary.json)")
     click.echo(f"features in {stage.output}{share}: {this_run['shards_computed']} shard(s) computed, "
                f"{this_run['shards_skipped']} skipped, {summary['images']} images, "
-               f"{summary['bad_samples']['count']} bad sample(s), {this_run['images_per_second']} images/s")
+               f"{summary['bad_samples']['count']} bad sample(s), {summary['unreadable_shards']['count']} "
+               f"unreadable shard(s), {this_run['images_per_second']} images/s")
 
 
 @main.command(name="filter")
