@@ -118,6 +118,9 @@ def test_each_rule_drops_its_row_and_nothing_else(corpus, tmp_path):
     duplicates = pq.read_table(rejects_path(output, "00000.parquet")).to_pylist()[-2:]
     assert [d["duplicate_of"] for d in duplicates] == [f"00000.parquet/{keys[0]}", f"00000.parquet/{keys[1]}"]
     assert duplicates[1]["similarity"] >= 0.99
+    report = (output / "report.html").read_text()
+    assert "<svg" in report and "threshold 0.500" in report  # the histogram with its threshold drawn
+    assert all(f"<b>{reason.replace('_', ' ')}</b>" in report for reason in broken)  # a sample of each reason
 
 
 @pytest.mark.parametrize("caption", ["image", "Untitled", "IMG_0412.jpg", "DSC_1234", "click to enlarge",

@@ -11,6 +11,7 @@ order keeps a little more (a chain a~b~c with a !~ c keeps a and c) and is what 
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 
 import numpy as np
@@ -99,6 +100,7 @@ class SemanticIndex:
 def fit_centroids(sample: np.ndarray, clusters: int, seed: int) -> np.ndarray:
     """Spherical k-means of `sample` (faiss, as SemDeDup clusters), on one thread: the same sample gives
     the same centroids bit for bit, which a multi-threaded reduction does not promise."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it loads, at INFO
     import faiss
 
     clusters = min(clusters, len(sample))

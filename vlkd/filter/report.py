@@ -94,20 +94,27 @@ def _cards(output: Path, files: list[str], params: FilterParams) -> str:
 
 
 def _sample_rejects(output: Path, files: list[str], params: FilterParams) -> list[tuple[str, dict]]:
-    """Up to rejects_sample rejected rows, the reasons taken in turn so a rare reason is shown too."""
-    by_reason: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    """Up to rejects_sample rejected rows, the reasons taken in turn so a rare reason is shown too. Reads
+    the reason column of every file and only the chosen rows whole (a corpus can reject millions)."""
+    by_reason: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name in files:
-        for row in pq.read_table(rejects_path(output, name)).to_pylist():
-            by_reason[row["reason"]].append((name, row))
+        reasons = pq.read_table(rejects_path(output, name), columns=["reason"]).column("reason").to_pylist()
+        for index, reason in enumerate(reasons):
+            by_reason[reason].append((name, index))
     rng = np.random.default_rng(params.seed)
     pools = {reason: [by_reason[reason][i] for i in rng.permutation(len(by_reason[reason]))]
              for reason in REASONS if by_reason.get(reason)}
-    sample: list[tuple[str, dict]] = []
-    while len(sample) < params.rejects_sample and any(pools.values()):
+    chosen: list[tuple[str, int]] = []
+    while len(chosen) < params.rejects_sample and any(pools.values()):
         for pool in pools.values():
-            if pool and len(sample) < params.rejects_sample:
-                sample.append(pool.pop())
-    return sample
+            if pool and len(chosen) < params.rejects_sample:
+                chosen.append(pool.pop())
+    rows = {}
+    for name in sorted({name for name, _ in chosen}):
+        indices = [index for file, index in chosen if file == name]
+        table = pq.read_table(rejects_path(output, name)).take(indices)
+        rows.update({(name, index): row for index, row in zip(indices, table.to_pylist(), strict=True)})
+    return [(name, rows[(name, index)]) for name, index in chosen]
 
 
 def _thumbnails(sample: list[tuple[str, dict]], params: FilterParams) -> dict[tuple[str, str], str]:

@@ -65,10 +65,7 @@ def filter_corpus(params: FilterParams) -> dict:
     digests = dict(zip([path.name for path in store.files], files_sha256(store.files), strict=True))
     chain, filtered, reused, rows_filtered = made_by, 0, 0, 0
     for path in tqdm(store.files, desc="filter", unit="file", leave=False):
-        # the shard's metadata is an input of the size and duplicate rules, so its bytes are in the chain
-        metadata = file_sha256(metadata_path(path, params.shards)) if rules.needs_metadata and \
-            metadata_path(path, params.shards).is_file() else None
-        chain = fingerprint([chain, path.name, digests[path.name], metadata])
+        chain = fingerprint([chain, path.name, digests[path.name], _metadata_digest(path, params, rules)])
         record = {"features_sha256": digests[path.name], "chain": chain}
         if _is_done(output, path.name, chain):
             _index_kept(output, path, exact, semantic)
@@ -188,6 +185,12 @@ def metadata_path(feature_file: Path, shards: Path) -> Path:
     """img2dataset's Parquet beside the shard a feature file was made from (its metadata names the tar)."""
     shard = (read_metadata(feature_file) or {}).get("shard", feature_file.name)
     return Path(shards) / f"{Path(shard).name.split('.')[0]}.parquet"
+
+
+def _metadata_digest(feature_file: Path, params: FilterParams, rules: RowRules) -> str | None:
+    """The shard's metadata is an input of the size and duplicate rules, so its bytes are in the chain."""
+    path = metadata_path(feature_file, params.shards)
+    return file_sha256(path) if rules.needs_metadata and path.is_file() else None
 
 
 def _made_by(params: FilterParams, state_digest: str) -> str:
