@@ -113,7 +113,10 @@ def test_read_pairs_skips_an_unreadable_shard_whole_and_names_it(folder, damage,
         read_pairs([folder / "00001.tar"])
 
 
-@pytest.mark.parametrize("damage, workers", [("cut in an image", 2), ("not a tar", 0)], ids=str)
+# One DataLoader worker: the unreadable shard still crosses the process boundary as a batch. With two, a
+# worker once exited with code 1 at the loader's shutdown under a load of 6 on 2 cores (make test beside two
+# trainings); six reruns, three under load, did not repeat it (left open in issue #36's note).
+@pytest.mark.parametrize("damage, workers", [("cut in an image", 1), ("not a tar", 0)], ids=str)
 def test_features_skip_an_unreadable_shard_and_embed_it_once_it_is_whole(folder, damage, workers, teacher,
                                                                           tmp_path, caplog):
     breaks, problem = DAMAGES[damage]

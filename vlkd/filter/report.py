@@ -67,9 +67,11 @@ def _histogram_svg(histogram: dict, summary: dict, width: int = 640, height: int
     threshold = summary["clip_score"]["threshold"]
     if threshold is not None and low <= threshold <= high:
         x = 30 + (threshold - low) / (high - low) * (width - 40)
+        # the label on the side of the line with room for it
+        anchor, label_x = ("end", x - 4) if x > width / 2 else ("start", x + 4)
         shapes.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="10" y2="{height - 25}" stroke="#a31515" '
-                      f'stroke-width="2"/><text x="{x + 4:.1f}" y="22" font-size="12" fill="#a31515">threshold '
-                      f'{threshold:.3f} ({summary["clip_score"]["rule"]})</text>')
+                      f'stroke-width="2"/><text x="{label_x:.1f}" y="22" font-size="12" fill="#a31515" '
+                      f'text-anchor="{anchor}">threshold {threshold:.3f} ({summary["clip_score"]["rule"]})</text>')
     shapes.append(f'<text x="30" y="{height - 8}" font-size="12">{low:.2f}</text>'
                   f'<text x="{width - 50}" y="{height - 8}" font-size="12">{high:.2f}</text>')
     legend = ('<p class=small><span style="color:#4a7fb5">&#9632;</span> kept '

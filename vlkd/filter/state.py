@@ -103,7 +103,7 @@ def _fit(params: FilterParams, store: FeatureStore) -> tuple[FrozenState, np.nda
         null.append(null_scores(image[finite], text[finite], seed=params.seed + index))
         if share:
             chosen = np.random.default_rng([params.seed, index]).random(len(image)) < share
-            sample.append(image[chosen & finite])
+            sample.append(image[chosen & finite].astype(np.float16))  # as stored: half the memory until the fit
     threshold = threshold_from(params, scores, null)
     centroids = None
     if params.semdedup_clusters and sample and sum(len(s) for s in sample):
