@@ -489,6 +489,23 @@ def test_distillation_with_text_retention_reads_the_language_models_corpus(setup
         train.distill(params(setup, tmp_path / "changed", plm=plm, retention_weight=1.0))
 
 
+def test_a_fresh_student_on_the_rows_the_filter_kept_and_on_none(setup, tmp_path):
+    from vlkd.config import FilterParams
+    from vlkd.filter.run import filter_corpus
+
+    features = setup[0]
+    rules = dict(features=features, min_image_side=None, max_aspect_ratio=None, exact_duplicates=False,
+                 clip_score_min=None, semdedup_clusters=None, languages=None)
+    summary = filter_corpus(FilterParams(output=tmp_path / "kept", min_caption_words=8, **rules))
+    assert 6 <= summary["kept"] < 30  # some of the 30 rows have a caption of eight words or more
+    metrics = train.distill(params(setup, tmp_path / "some", kept=tmp_path / "kept", batch_size=3, epochs=1))
+    assert metrics["trained_rows"] == {"new": summary["kept"], "replayed": 0}
+    assert metrics["steps"] == summary["kept"] // 3
+    filter_corpus(FilterParams(output=tmp_path / "none", min_caption_words=100, **rules))
+    with pytest.raises(VlkdError, match="kept none of the 30 feature rows"):
+        train.distill(params(setup, tmp_path / "nothing", kept=tmp_path / "none"))
+
+
 def test_max_steps_fixes_the_budget_whatever_the_epochs(setup, tmp_path):
     metrics = train.distill(params(setup, tmp_path, epochs=1, max_steps=7, ttdm_weight=1.0, itcl_weight=0.0,
                                    icti_weight=0.0))

@@ -86,6 +86,8 @@ VARIANT = {
     # Image tokens pooled to a 2 x 2 grid (the way to keep tokens affordable at scale), read by a patch prefix:
     # evaluation must embed its images with the same grid, or the student's teacher check refuses them.
     "features": {"image_tokens": True, "token_grid": 2},
+    # The paper's filter, but the test images are 32 px and a random teacher's scores and neighbours mean nothing.
+    "filter": {"min_image_side": None, "clip_score_min": None, "semdedup_clusters": None},
     "plm": {"model": "data/models/bart", "text": "data/text", "corpus": None, "heldout": "data/text/heldout.txt"},
     "distill": {"prefix": "patch", "prefix_tokens": 1, "retention_weight": 0.0, "reading_weight": 0.0,
                 "whole_caption_share": 0.0,

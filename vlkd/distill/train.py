@@ -208,7 +208,11 @@ def _row_selection(params: DistillParams, store: FeatureStore, file_rows: dict[s
         logger.info("the filter in %s kept %d of the %d feature rows", params.kept,
                     sum(len(rows) for rows in available.values()), sum(file_rows.values()))
     if seen is None:
-        return every_row(available)
+        selection = every_row(available)
+        if not selection.total:
+            raise VlkdError(f"the filter in {params.kept} kept none of the {sum(file_rows.values())} feature rows "
+                            "(its summary.json says why); loosen the filter's rules or set distill.kept: null")
+        return selection
     selection = continuation_rows(available, seen, params.replay, params.seed)
     logger.info("continuing from %s: %d new feature rows and %d replayed of the %d it has seen", init,
                 selection.new, selection.replayed, sum(seen.values()))
