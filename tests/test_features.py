@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +45,22 @@ def shards(tiny_world_shards, tmp_path):
 @pytest.fixture(scope="module")
 def teacher(random_teacher):
     return load_teacher(TEST_MODEL, str(random_teacher))
+
+
+def test_decoding_workers_do_not_inherit_this_process_exit_hooks(shards, tmp_path, teacher):
+    """A worker forked from this process would run the hooks its threads registered to run at exit (a
+    thread pool's, a Prefect run's); one that raises ends the worker with code 1 and no traceback, and the
+    DataLoader fails a finished run, as CI saw. threading's private registry is the one such hooks use."""
+    def failing_hook():
+        raise RuntimeError("an exit hook of the parent process")
+
+    threading._register_atexit(failing_hook)
+    try:
+        summary = extract_features(shards, tmp_path / "features", teacher, replace(PARAMS, num_workers=2))
+    finally:
+        threading._threading_atexits[:] = [hook for hook in threading._threading_atexits  # partials
+                                           if hook.func is not failing_hook]
+    assert summary["images"] == sum(1 for tar in list_shards(shards) for _ in iter_shard(tar))
 
 
 def test_rows_equal_encode_image_and_encode_text(shards, tmp_path, teacher):

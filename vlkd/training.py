@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import random
 from collections.abc import Iterable
@@ -46,6 +47,21 @@ def deterministic_cuda() -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def worker_context(dataset: object, workers: int):
+    """How DataLoader workers start: forked from a fork server, a fresh interpreter that has imported only
+    torch and the dataset's module, not from this process. A fork of this process inherits its at-exit
+    hooks, thread locks and stream objects (a Prefect run's log workers, a thread pool, a test runner's
+    capture); a worker that trips on one while it exits ends with code 1 and no traceback (multiprocessing's
+    forked child exits with 1 when its own shutdown raises), and the DataLoader then fails a run whose work
+    was all done. The server starts once per process; a worker then costs a fork and unpickling the
+    dataset, where "spawn" would cost an interpreter start and torch's import per worker and loader."""
+    if not workers:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", type(dataset).__module__])  # no effect once the server runs
+    return context
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

@@ -50,7 +50,7 @@ from vlkd.data.webdataset import ShardSpec, UnreadableShard, iter_shard, list_sh
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
 from vlkd.record import files_sha256, fingerprint, library_versions, stage_code
-from vlkd.training import autocast, resolve_device, resolve_precision
+from vlkd.training import autocast, resolve_device, resolve_precision, worker_context
 
 if TYPE_CHECKING:  # the type only: data/ never runs models/ (the teacher is handed in)
     from vlkd.models.teacher import Teacher
@@ -271,7 +271,8 @@ def _encode_shards(todo: list[Path], output: Path, teacher: Teacher, encoding: E
     dataset = ShardBatches(todo, teacher.preprocess, teacher.tokenizer, encoding.batch_size)
     workers = min(encoding.num_workers, len(todo))
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=2 if workers else None, persistent_workers=False)
+                        prefetch_factor=2 if workers else None, persistent_workers=False,
+                        multiprocessing_context=worker_context(dataset, workers))
     model = teacher.model.to(device)
     writers: dict[Path, ShardWriter] = {}
     bad: list[tuple[str, str]] = []

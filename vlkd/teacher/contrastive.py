@@ -28,7 +28,7 @@ from vlkd.data.webdataset import list_shards, read_pairs
 from vlkd.errors import VlkdError
 from vlkd.io import write_json_atomic
 from vlkd.models.teacher import EMBEDDED_CONFIG, EMBEDDED_MODEL, save_checkpoint
-from vlkd.training import EpochMeans, Optimization, autocast, progress, resolve_precision
+from vlkd.training import EpochMeans, Optimization, autocast, progress, resolve_precision, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def train_contrastive(params: TeacherParams, folder: Path, device: torch.device 
     batch_size = min(params.batch_size, len(images))
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=True,
                         drop_last=len(images) > batch_size, num_workers=WORKERS, generator=generator,
-                        persistent_workers=WORKERS > 0, pin_memory=device.type == "cuda")
+                        persistent_workers=WORKERS > 0, pin_memory=device.type == "cuda",
+                        multiprocessing_context=worker_context(pairs, WORKERS))
     loss_fn = open_clip.loss.ClipLoss()
     total = params.epochs * len(loader)
     optimization = Optimization(model, params.lr, params.weight_decay, params.warmup_steps, total,
