@@ -177,7 +177,7 @@ def stacked_per_question_conditions(table, row_of: dict[int, int], usable: list[
     (row i for question i), so the generator gets the batches the old code sliced off these tensors."""
     import torch
 
-    from vlkd.evaluate import run
+    from vlkd.inference import answering
 
     if not usable:
         return dict.fromkeys(("image", "blank", "shuffled", "text_only"))
@@ -186,9 +186,9 @@ def stacked_per_question_conditions(table, row_of: dict[int, int], usable: list[
     shuffled = torch.stack([table[row_of[other[r["image_id"]]]] if other[r["image_id"]] in row_of else blank
                             for r in usable])
     in_order = torch.arange(len(usable))
-    return {"image": run._FeatureRows(own, in_order),
-            "blank": run._FeatureRows(blank.expand(len(usable), *blank.shape), in_order),
-            "shuffled": run._FeatureRows(shuffled, in_order), "text_only": None}
+    return {"image": answering.FeatureRows(own, in_order),
+            "blank": answering.FeatureRows(blank.expand(len(usable), *blank.shape), in_order),
+            "shuffled": answering.FeatureRows(shuffled, in_order), "text_only": None}
 
 
 def run_case(spec: dict) -> dict:

@@ -15,10 +15,12 @@ from vlkd.cli import main
 from vlkd.config import BenchmarkSpec, DistillParams, EvaluateParams
 from vlkd.data.feature_store import FeatureStore
 from vlkd.data.feature_writer import Encoding, extract_features
+from vlkd.data.image_features import BLANK_KEY
 from vlkd.data.vqa_metric import score_vqa
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
-from vlkd.evaluate.images import BLANK_KEY, image_features
+from vlkd.evaluate.images import image_features
+from vlkd.inference import answering
 from vlkd.io import sha256_file
 from vlkd.models import student as student_module
 from vlkd.models.infill import fill_prompt
@@ -194,7 +196,7 @@ def record_model_batches(monkeypatch) -> tuple[dict[str, list[torch.Tensor]], di
     were gathered from}), filled while the evaluation runs."""
     batches: dict[str, list[torch.Tensor]] = {}
     table_rows: dict[str, int] = {}
-    answers, generate = run._Generator.answers, Student.generate
+    answers, generate = answering.Generator.answers, Student.generate
     running = []
 
     def recording_answers(self, prompts, features, what):
@@ -211,7 +213,7 @@ def record_model_batches(monkeypatch) -> tuple[dict[str, list[torch.Tensor]], di
             batches.setdefault(running[-1], []).append(image_features)
         return generate(self, image_features, prompts, *args)
 
-    monkeypatch.setattr(run._Generator, "answers", recording_answers)
+    monkeypatch.setattr(answering.Generator, "answers", recording_answers)
     monkeypatch.setattr(Student, "generate", recording_generate)
     return batches, table_rows
 
@@ -273,7 +275,7 @@ def test_rows_are_grouped_by_value_in_the_order_torch_unique_gives():
     table[9] = torch.tensor([[-0.0, 1.0], [2.0, -0.0], [1.0, 1.0]])
     table[30] = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 1.0]])  # equal to row 9 as torch.unique has it
     rows = [row for row in range(40) if row % 7]
-    groups = run._rows_by_value(table, rows)
+    groups = answering.rows_by_value(table, rows)
     distinct, inverse = torch.unique(table[rows], dim=0, return_inverse=True)
     assert torch.equal(torch.stack([table[group[0]] for group in groups]), distinct)
     group_of = {row: k for k, group in enumerate(groups) for row in group}
@@ -287,13 +289,13 @@ def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_p
     params = eval_params(trained, tmp_path / "eval", vqa_modes=["direct"], num_beams=2)
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     answered = []
-    answers = run._Generator.answers
+    answers = answering.Generator.answers
 
     def counting_answers(self, prompts, features, what):
         answered.append(what)
         return answers(self, prompts, features, what)
 
-    monkeypatch.setattr(run._Generator, "answers", counting_answers)
+    monkeypatch.setattr(answering.Generator, "answers", counting_answers)
     first = run.evaluate(params)
     assert len(answered) == 4 and first["vqa"]["questions"] > 0  # image, blank, shuffled, text_only
     predictions = tmp_path / "eval" / "vqa" / "predictions.json"
@@ -302,7 +304,7 @@ def test_an_unchanged_rerun_is_skipped_and_a_changed_param_is_not(trained, tmp_p
     with monkeypatch.context() as tripwires:
         for name in ("_vqa", "_captions", "_retention", "score_vqa"):
             tripwires.setattr(run, name, lambda *a, name=name, **k: pytest.fail(f"an unchanged rerun ran {name}"))
-        tripwires.setattr(run._Generator, "answers", lambda *a: pytest.fail("an unchanged rerun generated"))
+        tripwires.setattr(answering.Generator, "answers", lambda *a: pytest.fail("an unchanged rerun generated"))
         assert run.evaluate(params) == first
     assert predictions.stat().st_mtime_ns == written
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vlkd"
-STAGES = {"world", "corpus", "teacher", "features", "filter", "plm", "distill", "evaluate", "vlm", "finetune"}
-COMPONENTS = {"models", "data", "config", "errors", "io", "record", "training"}
+STAGES = {"world", "corpus", "teacher", "features", "filter", "plm", "distill", "evaluate", "package", "vlm",
+          "finetune"}
+COMPONENTS = {"models", "data", "inference", "config", "errors", "io", "record", "training"}
 GLUE = {"cli", "orchestrate", "__init__"}  # the CLI assembles the stages; orchestrate drives DVC
 
 

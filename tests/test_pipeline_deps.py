@@ -20,7 +20,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 ENTRY = {"synth": ["vlkd/world/synth.py"], "download": ["vlkd/corpus/download.py", "vlkd/world/server.py"],
          "teacher": ["vlkd/teacher/build.py"], "features": ["vlkd/features/extract.py"],
          "filter": ["vlkd/filter/run.py"], "plm": ["vlkd/plm/build.py"], "distill": ["vlkd/distill/train.py"],
-         "evaluate": ["vlkd/evaluate/run.py"],
+         "evaluate": ["vlkd/evaluate/run.py"], "package": ["vlkd/package/build.py"],
          "vlm": ["vlkd/vlm/build.py"], "finetune": ["vlkd/finetune/run.py"]}
 
 

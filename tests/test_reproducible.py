@@ -15,7 +15,8 @@ import pytest
 import yaml
 from test_dvc_pipeline import dvc, free_port, make_tiny_project, ran
 
-STAGES = ["synth", "download", "teacher", "features", "filter", "plm", "distill", "evaluate", "vlm", "finetune"]
+STAGES = ["synth", "download", "teacher", "features", "filter", "plm", "distill", "evaluate", "package", "vlm",
+          "finetune"]
 
 
 @pytest.fixture(scope="module")

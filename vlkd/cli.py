@@ -320,6 +320,23 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
 
 
 @main.command()
+@click.option("--output", type=click.Path(path_type=Path), help="Model folder [package.output].")
+@metrics_option
+@click.pass_obj
+@_reports_errors
+def package(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
+    """The student, its teacher and its language model as one folder with a model card (vlkd.load_model)."""
+    from vlkd.package.build import package as run_package
+
+    started = time.perf_counter()
+    stage = with_overrides(params.package, **flags)
+    model = run_package(stage)
+    _write_metrics(metrics_file, run_log, {"student_sha256": model["identity"]["student_sha256"]}, started)
+    click.echo(f"model in {stage.output} (student {model['identity']['student_sha256'][:12]}): "
+               f"vlkd.load_model(\"{stage.output}\") or vlkd predict; card in {stage.output / 'README.md'}")
+
+
+@main.command()
 @click.option("--output", type=click.Path(path_type=Path), help="Vision-language model folder [vlm.output].")
 @click.option("--model", help="Hub name or folder of a ViLT checkpoint, e.g. dandelin/vilt-b32-mlm; without one the "
               "embedded ViLT is pretrained on the shards [vlm.model].")
@@ -398,6 +415,43 @@ def vqa_score(questions: Path, annotations: Path, predictions: Path, output: Pat
     result = score_vqa_files(questions, annotations, predictions, output, normalize)
     click.echo(f"VQA accuracy {result['overall']:.2f} over {result['questions']} questions "
                f"({normalize} normalisation); metrics in {output}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=Path("data/model"), show_default=True,
+              help="A packaged model (`vlkd package`), or a student folder with --teacher.")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Predictions: .parquet or .jsonl.")
+@click.option("--task", type=click.Choice(["vqa", "caption"]), default="vqa", show_default=True)
+@click.option("--question", help="The question asked of every image (a .parquet/.jsonl source has its own).")
+@click.option("--mode", type=click.Choice(["direct", "describe"]), help="How VQA is asked [the evaluation's first "
+              "of evaluate.vqa_modes].")
+@click.option("--teacher", type=click.Path(path_type=Path), help="With a bare student folder: its teacher folder.")
+@click.option("--plm", type=click.Path(path_type=Path), help="With a bare student folder: the language model "
+              "before distillation (describe mode).")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Images embedded and answered at a time (bounds memory).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.pass_obj
+@_reports_errors
+def predict(params: Params, source: Path, model_dir: Path, output: Path, task: str, question: str | None,
+            mode: str | None, teacher: Path | None, plm: Path | None, chunk_size: int, device: str,
+            precision: str) -> None:
+    """Answer questions about, or caption, SOURCE: a folder of images, webdataset shards, or a .parquet/.jsonl
+    file of image paths and questions. An image that cannot be decoded gets an empty answer and its reason."""
+    quiet_transformers()
+    from vlkd.inference.asking import Asking
+    from vlkd.inference.model import load_model
+    from vlkd.inference.predict import predict as run_predict
+    from vlkd.inference.predict import summary_path
+
+    asking = None if teacher is None else Asking.of(params.evaluate)  # a bare student: asked as params.yaml says
+    model = load_model(model_dir, device=device, precision=precision, teacher=teacher, plm=plm, asking=asking)
+    summary = run_predict(model, source, output, task, mode, question, chunk_size)
+    click.echo(f"{summary['answered']} of {summary['rows']} image(s) answered ({summary['not_decoded']} not "
+               f"decodable) by student {summary['model']['student_sha256'][:12]}; predictions in {output}, "
+               f"summary in {summary_path(output)}")
 
 
 @main.command("caption-score")

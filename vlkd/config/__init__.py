@@ -30,6 +30,7 @@ from vlkd.config.stages import (
     DownloadParams,
     EvaluateParams,
     FeaturesParams,
+    PackageParams,
     PlmParams,
     SynthParams,
     TeacherParams,
@@ -39,7 +40,8 @@ from vlkd.errors import VlkdError
 PARAMS_FILE = "params.yaml"
 
 __all__ = ["COCO_IMAGE", "PAPER_BENCHMARKS", "PARAMS_FILE", "BenchmarkSpec", "DistillParams", "DownloadParams",
-           "EvaluateParams", "FeaturesParams", "FilterParams", "FinetuneParams", "GateMetric", "Params",
+           "EvaluateParams", "FeaturesParams", "FilterParams", "FinetuneParams", "GateMetric", "PackageParams",
+           "Params",
            "PipelineParams",
            "PlmParams", "ScheduleParams", "SynthParams", "TaskSpec", "TaskSplit", "TeacherParams", "VARIANTS",
            "VlmParams",
@@ -55,6 +57,7 @@ class Params(Section):
     plm: PlmParams = PlmParams()
     distill: DistillParams = DistillParams()
     evaluate: EvaluateParams = EvaluateParams()
+    package: PackageParams = PackageParams()
     vlm: VlmParams = VlmParams()
     finetune: FinetuneParams = FinetuneParams()
     pipeline: PipelineParams = PipelineParams()

@@ -338,3 +338,18 @@ class EvaluateParams(Section):
         if len(set(modes)) != len(modes):
             raise ValueError(f"names a mode twice ({modes}); list each of direct and describe at most once")
         return modes
+
+
+class PackageParams(Section):
+    """The distilled model as one folder a user loads (`vlkd.load_model`, `vlkd predict`): the student, the
+    teacher that embeds its images, the language model describe mode answers with, how the evaluation asked
+    it, and a model card with its lineage and scorecard."""
+
+    student: Path = Path("data/student")
+    teacher: Path = Path("data/teacher")  # the student's teacher (checked against the student's record)
+    plm: Path = Path("data/plm")
+    evaluation: Path = Path("data/eval")  # the scorecard: evaluate's metrics.json
+    url_list: Path = Path("data/urls.parquet")  # the corpus's URL list: its hash is the lineage's root
+    shards: Path = Path("data/shards")  # the download's summary.json: shards and rows
+    filter: Path | None = Path("data/filtered")  # the filter's summary.json; null: the corpus was not filtered
+    output: Path = Path("data/model")

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from vlkd.config import BenchmarkSpec, EvaluateParams
 from vlkd.data.text import read_documents
@@ -40,8 +39,15 @@ from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.report import caption_samples, vqa_samples, write_report
+from vlkd.inference.answering import (
+    FeatureRows,
+    Generator,
+    described_answers,
+    long_tensor,
+)
+from vlkd.inference.asking import Asking
 from vlkd.io import building_folder, write_json_atomic
-from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
+from vlkd.models.infill import fill_prompt
 from vlkd.models.language_model import infilling_loss, language_model_text
 from vlkd.models.student import PROJECTIONS, STUDENT_CONFIG, Student, load_language_model
 from vlkd.models.teacher import check_teacher, load_teacher, resolve_teacher
@@ -83,59 +89,6 @@ def evaluate(params: EvaluateParams) -> dict:
         write_json_atomic(building / MANIFEST, {"metrics": metrics})
         record.write(building)
     return metrics
-
-
-@dataclass(frozen=True)
-class _FeatureRows:
-    """One condition's image features for a list of prompts, without a copy per prompt: `table` holds each
-    image's features once ([images + 1, ...], the blank image last) and prompt i uses row `rows[i]` of it.
-    VQAv2 has ~5 questions per image, so a tensor per question would be ~5x the images' features for each
-    condition (hundreds of GB with patch tokens); `_Generator` gathers each batch from the table."""
-
-    table: torch.Tensor
-    rows: torch.Tensor  # LongTensor [prompts]
-
-
-class _Generator:
-    """Batched beam search over prompts for one model and one benchmark's feature table, answers cut out of
-    the outputs. Each distinct input (table row and prompt, or the prompt alone without an image) is
-    generated once per generator and a repeat gets its answer: under the blank control every question has
-    the same image and under text only none, and question templates repeat (the embedded world's 991
-    questions are 103 distinct ones; VQAv2's "What color is the ...?" likewise), so a control costs its
-    distinct questions, and the shuffled control reuses what the image condition generated."""
-
-    def __init__(self, student: Student, plm: tuple, params: EvaluateParams, max_new_tokens: int):
-        self.student, self.plm, self.params, self.max_new_tokens = student, plm, params, max_new_tokens
-        self._answers: dict[tuple[int | None, str], str] = {}
-        self._table: torch.Tensor | None = None
-
-    def answers(self, prompts: list[str], features: _FeatureRows | None, what: str) -> list[str]:
-        """`features` None: the language model alone, no image."""
-        rows: list[int | None] = [None] * len(prompts) if features is None else features.rows.tolist()
-        if features is not None:
-            if self._table is not None and features.table is not self._table:
-                raise ValueError("a _Generator answers from one feature table; make another for another table")
-            self._table = features.table
-        inputs = list(zip(rows, prompts, strict=True))
-        todo = list(dict.fromkeys(key for key in inputs if key not in self._answers))
-        size = self.params.batch_size
-        for begin in tqdm(range(0, len(todo), size), desc=what, unit="batch", disable=None, leave=False):
-            batch = todo[begin:begin + size]
-            texts_in = [prompt for _, prompt in batch]
-            if features is None:
-                texts = self._text_only(texts_in)
-            else:
-                texts = self.student.generate(features.table[_long([row for row, _ in batch])], texts_in,
-                                              self.params.num_beams, self.max_new_tokens)
-            for key, text in zip(batch, texts, strict=True):
-                self._answers[key] = extract_infill(key[1], text)
-        return [self._answers[key] for key in inputs]
-
-    def _text_only(self, prompts: list[str]) -> list[str]:
-        bart, tokenizer = self.plm
-        encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(bart.device)
-        return generate_texts(bart, tokenizer, dict(encoded), self.params.num_beams,
-                              encoded.input_ids.shape[1] + self.max_new_tokens)
 
 
 def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,
@@ -197,14 +150,14 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
               usable: list[dict], prompts: list[str], conditions: dict, student: Student, plm: tuple,
               params: EvaluateParams) -> _ModeRun:
     """One way of asking (direct or describe) under every condition."""
-    answerer = _Generator(student, plm, params, params.vqa_max_new_tokens)  # direct, and describe's answers
-    describer = _Generator(student, plm, params, params.caption_max_new_tokens)
+    answerer = Generator(student, plm, Asking.of(params), params.vqa_max_new_tokens)  # direct, and describe's answers
+    describer = Generator(student, plm, Asking.of(params), params.caption_max_new_tokens)
     results, predictions, descriptions = {}, {}, {}
     for condition, condition_features in conditions.items():
         what = f"{name} {mode} {condition}"
         if mode == "describe":
-            answers, descriptions[condition] = _described_answers(usable, prompts, condition_features, describer,
-                                                                  answerer, params, what)
+            answers, descriptions[condition] = described_answers(usable, prompts, condition_features, describer,
+                                                                  answerer, Asking.of(params), what)
         else:
             answers = answerer.answers(prompts, condition_features, what)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
@@ -234,43 +187,18 @@ def _write_vqa_files(folder: Path, run: _ModeRun) -> None:
 
 
 def _vqa_conditions(table: torch.Tensor, row_of: dict[int, int], usable: list[dict],
-                    other: dict[int, int]) -> dict[str, _FeatureRows | None]:
+                    other: dict[int, int]) -> dict[str, FeatureRows | None]:
     """Each VQA condition as rows of the per-image table, one per usable question (None: no image)."""
     if not usable:
         return dict.fromkeys(("image", "blank", "shuffled", "text_only"))
     blank_row = len(table) - 1
     return {
-        "image": _FeatureRows(table, _long([row_of[r["image_id"]] for r in usable])),
-        "blank": _FeatureRows(table, torch.full((len(usable),), blank_row, dtype=torch.long)),
+        "image": FeatureRows(table, long_tensor([row_of[r["image_id"]] for r in usable])),
+        "blank": FeatureRows(table, torch.full((len(usable),), blank_row, dtype=torch.long)),
         # An image whose deranged partner could not be decoded gets the blank image.
-        "shuffled": _FeatureRows(table, _long([row_of.get(other[r["image_id"]], blank_row) for r in usable])),
+        "shuffled": FeatureRows(table, long_tensor([row_of.get(other[r["image_id"]], blank_row) for r in usable])),
         "text_only": None,
     }
-
-
-def _described_answers(records: list[dict], prompts: list[str], features: _FeatureRows | None, describer: _Generator,
-                       answerer: _Generator, params: EvaluateParams, what: str) -> tuple[list[str], dict[int, str]]:
-    """VQA mode `describe`: the model under test describes each image (the caption prompt, with that
-    condition's features, or the language model alone for text_only), and the language model before
-    distillation answers "<description>. <vqa prompt>" from text, as it was pretrained to."""
-    first_row: dict[int, int] = {}
-    for row, record in enumerate(records):
-        first_row.setdefault(record["image_id"], row)
-    image_ids = list(first_row)
-    prompt = fill_prompt(params.describe_prompt)
-    if features is None:  # text_only: one prompt, no image, so one description for every image
-        descriptions = describer.answers([prompt], None, f"{what} describe") * len(image_ids)
-    else:  # identical features (the blank control, the same row for every image) are described once
-        table_rows = features.rows[[first_row[i] for i in image_ids]].tolist()
-        groups = _rows_by_value(features.table, sorted(set(table_rows)))
-        described = describer.answers([prompt] * len(groups), _FeatureRows(features.table, _long(
-            [group[0] for group in groups])), f"{what} describe")
-        description_of_row = {row: text for group, text in zip(groups, described, strict=True) for row in group}
-        descriptions = [description_of_row[row] for row in table_rows]
-    by_image = dict(zip(image_ids, descriptions, strict=True))
-    contexts = [f"{by_image[record['image_id']].rstrip('. ')}. {prompt}" for record, prompt in
-                zip(records, prompts, strict=True)]
-    return answerer.answers(contexts, None, f"{what} answer"), by_image
 
 
 def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, params: EvaluateParams,
@@ -285,9 +213,9 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
     usable = [image_id for image_id in image_ids if image_id in row_of]
     prompt = fill_prompt(params.caption_prompt)
     blank_rows = torch.full((len(usable),), len(table) - 1, dtype=torch.long)
-    conditions = {"image": _FeatureRows(table, _long([row_of[i] for i in usable])) if usable else None,
-                  "blank": _FeatureRows(table, blank_rows) if usable else None, "text_only": None}
-    generator = _Generator(student, plm, params, params.caption_max_new_tokens)
+    conditions = {"image": FeatureRows(table, long_tensor([row_of[i] for i in usable])) if usable else None,
+                  "blank": FeatureRows(table, blank_rows) if usable else None, "text_only": None}
+    generator = Generator(student, plm, Asking.of(params), params.caption_max_new_tokens)
     results, predictions = {}, {}
     for condition, condition_features in conditions.items():
         captions = dict(zip(usable, generator.answers([prompt] * len(usable), condition_features,
@@ -327,33 +255,6 @@ def _per_image_table(features: dict[int, torch.Tensor], blank: torch.Tensor) -> 
     built: the features are held twice only while it is."""
     image_ids = sorted(features)
     return torch.stack([features[i] for i in image_ids] + [blank]), {i: row for row, i in enumerate(image_ids)}
-
-
-def _long(rows: list[int]) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def _rows_by_value(table: torch.Tensor, rows: list[int]) -> list[list[int]]:
-    """`rows` of `table` grouped by equal features, the groups in ascending lexicographic order of their
-    flattened features: the grouping and order `torch.unique(dim=0)` gives, which describe mode's batches
-    always had (a batch's composition can change a model's floating-point results). Computed on row
-    numbers, one feature column at a time, so no features are copied."""
-    flat = table.reshape(len(table), -1)
-    groups: list[list[int]] = []
-    pending = [(_long(rows), 0)]  # a stack whose top holds the smallest features not yet grouped
-    while pending:
-        members, column = pending.pop()
-        if len(members) <= 1 or column == flat.shape[1]:
-            groups += [members.tolist()] if len(members) else []
-            continue
-        values, order = flat[members, column].sort(stable=True)
-        members = members[order]
-        counts = torch.unique_consecutive(values, return_counts=True)[1].tolist()
-        if len(counts) == 1 and all(torch.equal(flat[members[0]], flat[row]) for row in members[1:]):
-            groups.append(members.tolist())  # identical features: one group, without walking every column
-            continue
-        pending += [(part, column + 1) for part in reversed(torch.split(members, counts))]
-    return groups
 
 
 def _derangement(image_ids: list[int], seed: int) -> dict[int, int]:
