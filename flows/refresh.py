@@ -3,8 +3,9 @@
     lock the workspace -> point download.url_list at the new list (and any other overrides) -> the
     pipeline (download fetches only URLs no shard holds; features computes only new shards) -> compare
     the gated metrics (pipeline.gate) with those of the last promoted model, read from its git tag ->
-    promote: commit dvc.lock, params.yaml, dvc.yaml and the metric files, tag promoted/vN
-    -> an artifact with the before/after table, promoted or not
+    compare the whole run with it (every metric, the answers that changed, the curves: reports/refresh/
+    comparison.html and .json, vlkd/orchestrate/compare.py) -> promote: commit dvc.lock, params.yaml,
+    dvc.yaml and the metric files, tag promoted/vN -> an artifact with the before/after tables, promoted or not
 
 A rejected model stays in the workspace for inspection; the promoted one is one command away (the
 flow logs it and returns it as `restore`):
@@ -19,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -27,25 +27,29 @@ from flows.pipeline import _owner, arguments, print_result, run_pipeline
 from vlkd.config import PARAMS_FILE, load_params
 from vlkd.errors import VlkdError
 from vlkd.orchestrate import stages as dvc
+from vlkd.orchestrate.compare import compare_with_promoted
+from vlkd.orchestrate.comparison_report import answer_counts, markdown_summary, write_comparison
 from vlkd.orchestrate.gate import GateReport, compare, relative_name
 from vlkd.orchestrate.lock import WorkspaceLock
-from vlkd.orchestrate.metrics import markdown_table, read_metrics, text_table
+from vlkd.orchestrate.metrics import read_metrics, text_table
 from vlkd.orchestrate.params import find_project, parse_assignments, preview
 from vlkd.orchestrate.promote import (
     clear_folder,
     dirty_tracked,
-    git,
     last_promoted,
     locked_outputs,
     metrics_at,
     place_output_at,
     promote,
+    recorded_param,
     require_repo,
     restore_command_at,
 )
 
 GATE_ARTIFACT = "vlkd-gate"
 GATE_COLUMNS = ["metric", "promoted", "new", "change", "allowed worsening", "verdict"]
+# A view of two recorded runs, rewritten by every refresh: not a DVC output, ignored by git.
+COMPARISON_FOLDER = "reports/refresh"
 
 
 def url_list_override(root: Path, url_list: str) -> str:
@@ -107,8 +111,10 @@ def refresh(url_list: str | None = None, params_file: str = PARAMS_FILE, overrid
         after = read_metrics(root, files)
         report = compare(before, after, settings.gate, root, last.tag if last else None)
         logger.info("gate: %s", report.summary())
+        stages = dvc.list_stages(root)
+        comparison, page = compare_runs(root, last.tag if last else None, report, params, stages)
         promoted = None
-        paths = record_paths(root, dvc.list_stages(root))
+        paths = record_paths(root, stages)
         if report.passed:
             left_out = dirty_tracked(root, exclude=paths)
             if left_out:
@@ -130,9 +136,25 @@ def refresh(url_list: str | None = None, params_file: str = PARAMS_FILE, overrid
         result.update(gate=report.rows(), gate_passed=report.passed, gate_summary=report.summary(),
                       baseline=last.tag if last else None, promoted=promoted.tag if promoted else None,
                       current=current,
-                      restore=restore_command_at(root, current, paths) if current else None)
-        publish_gate(report, result)
+                      restore=restore_command_at(root, current, paths) if current else None,
+                      comparison=str(page), changed_answers=answer_counts(comparison))
+        publish_gate(report, result, markdown_summary(comparison, page))
     return result
+
+
+def compare_runs(root: Path, baseline: str | None, report: GateReport, params, stages: list[dvc.Stage]
+                 ) -> tuple[dict[str, Any], Path]:
+    """This run against the promoted model it would replace, written to COMPARISON_FOLDER; (the
+    comparison, its HTML page). Each piece it could not compare is logged in one line."""
+    logger = get_run_logger()
+    comparison = compare_with_promoted(root, baseline, report,
+                                       [name for stage in stages for name in stage.metrics], params.evaluate,
+                                       [folder for stage in stages for folder in stage.plots])
+    page = write_comparison(comparison, root / COMPARISON_FOLDER)
+    for line in [*answer_counts(comparison), *comparison["notes"]]:
+        logger.info("comparison: %s", line)
+    logger.info("comparison with %s: %s", baseline or "nothing promoted yet", page)
+    return comparison, page
 
 
 def continue_from(root: Path, tag: str, params) -> None:
@@ -143,7 +165,8 @@ def continue_from(root: Path, tag: str, params) -> None:
     if params.distill.init is None:
         logger.info("distill.init is null: distillation starts a fresh student")
         return
-    output = _recorded(root, tag, "distill", "output") or relative_name(params.distill.output, root)
+    recorded = recorded_param(root, tag, "distill", "output")
+    output = recorded if isinstance(recorded, str) else relative_name(params.distill.output, root)
     init = relative_name(params.distill.init, root)
     if output not in locked_outputs(root, tag):
         clear_folder(params.distill.init)
@@ -153,17 +176,9 @@ def continue_from(root: Path, tag: str, params) -> None:
     logger.info("distill.init %s: the student %s promoted (%s), to continue from", init, tag, output)
 
 
-def _recorded(root: Path, ref: str, section: str, key: str) -> str | None:
-    """A path the params.yaml committed at `ref` gave (relative to the project), if it gave one."""
-    done = git(root, "show", f"{ref}:{PARAMS_FILE}", check=False)
-    try:
-        value = (yaml.safe_load(done.stdout) or {}).get(section, {}).get(key) if done.returncode == 0 else None
-    except (yaml.YAMLError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def publish_gate(report: GateReport, result: dict[str, Any]) -> None:
+def publish_gate(report: GateReport, result: dict[str, Any], comparison_markdown: str) -> None:
+    """The gate's table artifact, and a markdown artifact: the verdict, then `comparison_markdown` (every
+    metric with the gated ones first, the changed answers, where the full comparison is)."""
     if result["promoted"]:
         verdict = f"**Promoted** as `{result['promoted']}`"
     elif result["gate_passed"] and result["current"]:
@@ -177,11 +192,9 @@ def publish_gate(report: GateReport, result: dict[str, Any]) -> None:
                               description=f"Refresh gate against {report.baseline or 'nothing promoted yet'}")
     create_markdown_artifact(
         key=f"{GATE_ARTIFACT}-summary",
-        description="vlkd refresh: gated metrics before and after, and the promotion",
+        description="vlkd refresh: every metric before and after (gated first), the changed answers, the promotion",
         markdown=(f"# vlkd refresh\n\n{verdict}: {report.summary()}.{restore}\n\n"
-                  f"## Gated metrics (promoted `{report.baseline or '-'}` → new)\n\n"
-                  f"{markdown_table(rows, GATE_COLUMNS)}\n\n"
-                  f"Stages re-run: {', '.join(result['ran']) or 'none'}\n"),
+                  f"Stages re-run: {', '.join(result['ran']) or 'none'}\n\n{comparison_markdown}\n"),
     )
 
 
@@ -204,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngate: {result['gate_summary']}")
     print(f"promoted model: {result['current'] or 'none'}"
           + ("" if result["promoted"] or result["gate_passed"] else " (this run's model was not promoted)"))
+    for line in result["changed_answers"]:
+        print(line)
+    print(f"comparison with {result['baseline'] or 'nothing promoted yet'} (every metric, changed answers, "
+          f"curves): {result['comparison']} (comparison.json beside it)")
     return 0
 
 

@@ -198,7 +198,21 @@ def test_refresh_with_new_rows_downloads_and_embeds_only_them_and_promotes(promo
     gate = {row["metric"]: row for row in result["gate"]}
     assert gate["url_list.successes (metrics/download.json)"]["promoted"] == 40
     assert gate["url_list.successes (metrics/download.json)"]["new"] == 60
-    assert "Promoted" in artifact(f"{GATE_ARTIFACT}-summary", state).data
+    summary = artifact(f"{GATE_ARTIFACT}-summary", state).data
+    assert "Promoted" in summary
+    # the comparison with promoted/v1: every metric (gated first), and one line for what it cannot compare
+    assert result["comparison"] == str(project / "reports" / "refresh" / "comparison.html")
+    comparison = read(project, "reports/refresh/comparison.json")
+    assert comparison["baseline"] == "promoted/v1"
+    rows = {(row["file"], row["metric"]): row for row in comparison["metrics"]}
+    assert comparison["metrics"][0]["metric"] == "url_list.successes" and comparison["metrics"][0]["gated"]
+    assert rows["metrics/download.json", "url_list.successes"]["change"] == 20
+    images = rows["metrics/features.json", "images"]
+    assert (images["promoted"], images["new"], images["verdict"]) == (40, 60, None)  # not gated: no verdict
+    assert comparison["answers"] == {}  # the flow ran up to the features: no evaluation to compare
+    assert "this run has no evaluation (data/eval does not exist): no answers to compare" in comparison["notes"]
+    assert "| url_list.successes | metrics/download.json | 40 | 60 | +20 |" in summary
+    assert result["comparison"] in summary
 
 
 def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_rows(fresh, tmp_path):
@@ -207,9 +221,12 @@ def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_row
     project = workspace(fresh, tmp_path)
     first = refresh(params_file=str(project / "params.yaml"), until="distill")  # nothing promoted: a full run
     assert first["promoted"] == "promoted/v1"
+    alone = read(project, "reports/refresh/comparison.json")
+    assert alone["baseline"] is None and alone["notes"][0] == "nothing promoted yet: this run is shown alone"
     kept = read(project, "metrics/filter.json")["kept"]
     assert read(project, "metrics/distill.json")["trained_rows"] == {"new": kept, "replayed": 0}
     v1 = (project / "data" / "student" / "model.safetensors").read_bytes()
+    v1_steps = read(project, "metrics/distill.json")["steps"]
 
     result = refresh(params_file=str(project / "params.yaml"), overrides={"synth.images": 60, "distill.replay": 0.5},
                      until="distill")
@@ -226,6 +243,10 @@ def test_refresh_continues_distillation_from_the_promoted_student_on_the_new_row
     assert distilled["steps"] == (new + round(new / 2)) // 8  # one epoch over the new and replayed rows, batch 8
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert "data/promoted" in {dep["path"] for dep in lock["stages"]["distill"]["deps"]}
+    # the comparison draws both runs' curves: v1's from its tag, this run's from the workspace
+    curves = {curve["name"]: curve for curve in read(project, "reports/refresh/comparison.json")["curves"]}
+    assert (len(curves["train/loss"]["promoted"]), len(curves["train/loss"]["new"])) == (v1_steps, distilled["steps"])
+    assert "<polyline" in (project / "reports" / "refresh" / "comparison.html").read_text()
 
 
 def test_gate_rejects_a_worse_model_and_the_promoted_one_can_be_restored(promoted, tmp_path):

@@ -38,7 +38,7 @@ def packaged(trained, evaluated, tiny_world_shards, tmp_path_factory):  # noqa: 
     world, teacher, plm, root = trained
     output = tmp_path_factory.mktemp("package") / "model"
     package(PackageParams(student=root / "student", teacher=teacher, plm=plm, evaluation=evaluated.output,
-                          url_list=world / "urls.parquet", shards=tiny_world_shards[1], filter=None, output=output))
+                          url_list=world / "urls.parquet", shards=tiny_world_shards[1], output=output))
     return output
 
 

@@ -48,6 +48,9 @@ CHANGES = {
                 "code": "vlkd/distill/rows.py"},
     "evaluate": {"output": "data/eval", "param": ("evaluate.seed", 3), "data": "data/world/images/eval/000000.png",
                  "code": "vlkd/evaluate/caption_metric.py"},
+    # The package's params are the paths of what it reads: a changed input is the data case.
+    "package": {"output": "data/model", "param": None, "data": "data/eval/metrics.json",
+                "code": "vlkd/package/card.py"},
     "vlm": {"output": "data/vlm", "param": ("vlm.seed", 3), "data": "data/shards/00000.tar",
             "code": "vlkd/vlm/pretrain.py"},
     "finetune": {"output": "data/finetune", "param": ("finetune.temperature", 0.05),
@@ -133,11 +136,13 @@ def test_a_stage_by_hand_skips_when_nothing_changed_and_recomputes_for_any_one_c
     _run(project, stage)
     assert _records(project, stage) == settled, f"{stage} recomputed with nothing changed"
 
-    key, value = change["param"]
-    apply_overrides(project, {key: value})
-    _run(project, stage)
-    after_param = _records(project, stage)
-    assert _recomputed(settled, after_param), f"{stage} did not recompute when {key} changed"
+    after_param = settled
+    if change["param"]:
+        key, value = change["param"]
+        apply_overrides(project, {key: value})
+        _run(project, stage)
+        after_param = _records(project, stage)
+        assert _recomputed(settled, after_param), f"{stage} did not recompute when {key} changed"
 
     if change["data"]:
         _touch_data(project / change["data"])
@@ -182,7 +187,8 @@ def _repro(project: Path, stage: str) -> list[str]:
 # The stages whose record lists what they read (`stage_inputs`); features keeps a record per shard's file,
 # synth reads nothing, the download is above.
 DECLARING = {"teacher": "vlkd.teacher.build", "plm": "vlkd.plm.build", "distill": "vlkd.distill.train",
-             "evaluate": "vlkd.evaluate.run", "vlm": "vlkd.vlm.build", "finetune": "vlkd.finetune.run"}
+             "evaluate": "vlkd.evaluate.run", "package": "vlkd.package.build", "vlm": "vlkd.vlm.build",
+             "finetune": "vlkd.finetune.run"}
 
 
 def _paths(inputs: dict) -> list[Path]:
@@ -212,6 +218,7 @@ def test_every_input_a_stage_records_is_one_dvc_watches(project, stage, monkeypa
 
 
 def _resolve(dep: str, params) -> str:
-    """dvc.yaml's ${section.key} as params.yaml sets it."""
-    section, key = dep.removeprefix("${").removesuffix("}").split(".")
-    return str(getattr(getattr(params, section), key))
+    """dvc.yaml's ${section.key}, or ${section.key}/a/file, as params.yaml sets it."""
+    name, _, rest = dep.removeprefix("${").partition("}")
+    section, key = name.split(".")
+    return str(getattr(getattr(params, section), key)) + rest

@@ -327,11 +327,12 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
 def package(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """The student, its teacher and its language model as one folder with a model card (vlkd.load_model)."""
     from vlkd.package.build import package as run_package
+    from vlkd.package.build import package_metrics
 
     started = time.perf_counter()
     stage = with_overrides(params.package, **flags)
     model = run_package(stage)
-    _write_metrics(metrics_file, run_log, {"student_sha256": model["identity"]["student_sha256"]}, started)
+    _write_metrics(metrics_file, run_log, package_metrics(stage.output), started)
     click.echo(f"model in {stage.output} (student {model['identity']['student_sha256'][:12]}): "
                f"vlkd.load_model(\"{stage.output}\") or vlkd predict; card in {stage.output / 'README.md'}")
 

@@ -351,5 +351,5 @@ class PackageParams(Section):
     evaluation: Path = Path("data/eval")  # the scorecard: evaluate's metrics.json
     url_list: Path = Path("data/urls.parquet")  # the corpus's URL list: its hash is the lineage's root
     shards: Path = Path("data/shards")  # the download's summary.json: shards and rows
-    filter: Path | None = Path("data/filtered")  # the filter's summary.json; null: the corpus was not filtered
+    filter: Path = Path("data/filtered")  # the filter's summary.json, read when the student trained on its kept rows
     output: Path = Path("data/model")

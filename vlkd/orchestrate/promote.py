@@ -171,16 +171,41 @@ def place_output_at(root: Path, ref: str, output: str, folder: Path, keep: Itera
     --rev <ref>`, from the cache or the default remote), replacing what it held except the files `keep`."""
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         fetched = Path(scratch) / "out"
-        done = subprocess.run([sys.executable, "-m", "dvc", "get", ".", output, "--rev", ref, "-o", str(fetched)],
-                              cwd=root, capture_output=True, text=True)
-        if done.returncode != 0:
-            errors = [line for line in (done.stderr + done.stdout).splitlines() if line.startswith("ERROR")]
-            reason = errors[-1].removeprefix("ERROR:").strip() if errors else f"exit status {done.returncode}"
+        reason = fetch_at(root, ref, output, fetched)
+        if reason is not None:
             raise VlkdError(f"cannot fetch {output} as {ref} recorded it ({reason}); `dvc pull` its data, or "
                             f"empty {folder} (keeping README.md) to start fresh")
         clear_folder(folder, keep)
         for path in fetched.iterdir():
             shutil.move(str(path), folder / path.name)
+
+
+def fetch_at(root: Path, ref: str, path: str, target: Path) -> str | None:
+    """Copy the DVC-tracked `path` (an output, or a file inside one) as the commit `ref` recorded it to
+    `target` (`dvc get . <path> --rev <ref>`: from the cache, else the default remote). None when it did;
+    otherwise DVC's reason, in one line."""
+    done = subprocess.run([sys.executable, "-m", "dvc", "get", ".", path, "--rev", ref, "-o", str(target)],
+                          cwd=root, capture_output=True, text=True)
+    if done.returncode == 0:
+        return None
+    errors = [line for line in (done.stderr + done.stdout).splitlines() if line.startswith("ERROR")]
+    return errors[-1].removeprefix("ERROR:").strip() if errors else f"exit status {done.returncode}"
+
+
+def recorded_param(root: Path, ref: str, section: str, key: str) -> object | None:
+    """params.yaml's `section.key` as committed at `ref`; None where the commit has no such value (or no
+    readable params.yaml)."""
+    import yaml
+
+    from vlkd.config import PARAMS_FILE
+
+    done = git(root, "show", f"{ref}:{PARAMS_FILE}", check=False)
+    try:
+        params = yaml.safe_load(done.stdout) if done.returncode == 0 else None
+    except yaml.YAMLError:
+        return None
+    values = params.get(section) if isinstance(params, dict) else None
+    return values.get(key) if isinstance(values, dict) else None
 
 
 def clear_folder(folder: Path, keep: Iterable[str] = ("README.md",)) -> None:

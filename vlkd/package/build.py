@@ -25,7 +25,7 @@ from vlkd.config import PackageParams
 from vlkd.errors import VlkdError
 from vlkd.inference.asking import Asking
 from vlkd.inference.identity import MODEL_RECORD, student_sha256
-from vlkd.io import building_folder, sha256_file, write_json_atomic
+from vlkd.io import building_folder, project_relative, sha256_file, write_json_atomic
 from vlkd.models.student import STUDENT_CONFIG
 from vlkd.models.teacher import MANIFEST as TEACHER_MANIFEST
 from vlkd.models.teacher import SOURCE_TAG, check_teacher, load_teacher, resolve_teacher
@@ -66,12 +66,23 @@ def package(params: PackageParams) -> dict:
             "distill": _read_json(params.student / RECORD, "vlkd distill")["params"],
             "scorecard": evaluation,
         }
+        model = project_relative(model, params.output)  # the same bytes wherever the project lies
         write_json_atomic(building / MODEL_RECORD, model)
-        (building / CARD).write_text(model_card(model, {**fingerprint, "source": teacher["source"],
-                                                        "pretrained": teacher["pretrained"]}))
+        described = project_relative({**fingerprint, "source": teacher["source"], "pretrained": teacher["pretrained"]},
+                                     params.output)
+        (building / CARD).write_text(model_card(model, described))
         record.write(building)
     log.info("model packaged in %s (student %s)", params.output, model["identity"]["student_sha256"][:12])
     return model
+
+
+def package_metrics(folder: Path) -> dict:
+    """What the package holds: files and bytes per part (hard links count as the bytes they name)."""
+    parts = {}
+    for part in ("student", "teacher", "plm"):
+        files = [path for path in (folder / part).rglob("*") if path.is_file()]
+        parts[part] = {"files": len(files), "bytes": sum(path.stat().st_size for path in files)}
+    return {"parts": parts, "bytes": sum(part["bytes"] for part in parts.values())}
 
 
 def _package_teacher(folder: Path, manifest: dict, target: Path) -> None:
@@ -97,7 +108,7 @@ def _lineage(params: PackageParams) -> dict:
     download = _read_json(params.shards / "summary.json", "vlkd download")
     lineage = {"url_list": {"path": params.url_list.as_posix(), "sha256": sha256_file(params.url_list)},
                "shards": download.get("shards", {}), "url_rows": download.get("url_list", {}).get("rows")}
-    if params.filter is not None:
+    if _filtered(params):
         summary = _read_json(params.filter / "summary.json", "vlkd filter")
         lineage["filter"] = {key: summary.get(key) for key in ("rows", "kept", "dropped", "clip_score")}
     rows = params.student / "feature-rows.json"  # the feature rows the student has trained on, per file
@@ -105,6 +116,11 @@ def _lineage(params: PackageParams) -> dict:
         files = json.loads(rows.read_text()).get("files", {})
         lineage["distilled"] = {"feature_files": len(files), "rows": sum(files.values())}
     return lineage
+
+
+def _filtered(params: PackageParams) -> bool:
+    """Whether the student trained on the filter's kept rows (its distill params name them) or on every row."""
+    return _read_json(params.student / RECORD, "vlkd distill")["params"].get("kept") is not None
 
 
 def _read_json(path: Path, command: str) -> dict:
@@ -141,7 +157,7 @@ def stage_inputs(params: PackageParams) -> dict:
     inputs: dict = {"student": params.student, "teacher": params.teacher, "plm": params.plm,
                     "evaluation": params.evaluation, "url_list": params.url_list,
                     "shards_summary": params.shards / "summary.json"}
-    if params.filter is not None:
+    if _filtered(params):
         inputs["filter_summary"] = params.filter / "summary.json"
     for name, path in inputs.items():
         if not Path(path).exists():
