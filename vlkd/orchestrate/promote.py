@@ -141,6 +141,15 @@ def _lock_at(root: Path, ref: str) -> dict:
     return lock if isinstance(lock, dict) else {}
 
 
+def locked_md5(root: Path, ref: str, output: str) -> str | None:
+    """The md5 DVC recorded for the output `output` in dvc.lock at `ref` (a folder's without its `.dir`)."""
+    for stage in (_lock_at(root, ref).get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == output and out.get("md5"):
+                return str(out["md5"]).removesuffix(".dir")
+    return None
+
+
 def locked_stages(root: Path, ref: str) -> list[str]:
     """The stages the dvc.lock at `ref` records."""
     return list(_lock_at(root, ref).get("stages") or {})
