@@ -143,7 +143,7 @@ def user_run(tmp_path_factory, prefect_server):
 
 def test_a_variant_file_runs_every_stage_on_the_users_corpus_without_the_world(user_run):
     root, result = user_run
-    stages = ["download", "teacher", "features", "filter", "plm", "distill", "evaluate", "vlm", "finetune"]
+    stages = ["download", "teacher", "features", "filter", "plm", "distill", "evaluate", "package", "vlm", "finetune"]
     assert [stage["stage"] for stage in result["stages"]] == stages
     assert result["ran"] == stages
     assert not (root / "data/world").exists()

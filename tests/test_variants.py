@@ -160,11 +160,12 @@ def test_a_file_outside_the_folder_dvc_watches_is_refused(project, tmp_path):
 def test_the_world_is_planned_only_when_a_stage_reads_it(tmp_path):
     root = make_tiny_project(tmp_path / "project")
     assert [stage.name for stage in plan(root)][0] == "synth"
-    apply_overrides(root, {"download.url_list": "data/corpus/urls.tsv", "teacher.shards": "data/shards",
+    apply_overrides(root, {"download.url_list": "data/corpus/urls.tsv", "package.url_list": "data/corpus/urls.tsv",
+                           "teacher.shards": "data/shards",
                            "teacher.eval_images": "data/coco/val2014",
                            "teacher.eval_captions": "data/coco/captions.json", "plm.text": "data/text",
                            "plm.corpus": None, "plm.heldout": None, "evaluate.data": "data/benchmarks",
                            "evaluate.benchmarks": {}, "finetune.data": "data/benchmarks", "finetune.tasks": {}})
     assert [stage.name for stage in plan(root)] == ["download", "teacher", "features", "filter", "plm", "distill",
-                                                    "evaluate", "vlm", "finetune"]
+                                                    "evaluate", "package", "vlm", "finetune"]
     assert [stage.name for stage in plan(root, "synth")] == ["synth"]
