@@ -127,6 +127,8 @@ def test_the_model_card_names_teacher_lineage_params_and_scorecard_with_controls
         assert heading in card
     assert record["lineage"]["url_list"]["sha256"][:16] in card
     assert "not filtered" in card and "30 images in 3 shards" in card
+    distilled = json.loads((trained[3] / "student" / "distill-metrics.json").read_text())
+    assert f"distilled for {distilled['steps']} steps (2 epochs) on {distilled['trained_rows']['all']} of the" in card
     vqa = record["scorecard"]["vqa"]["modes"]["direct"]
     assert f"| vqa | direct | {vqa['overall']:.2f} | {vqa['controls']['blank']['overall']:.2f} |" in card
     assert "from vlkd import load_model" in card

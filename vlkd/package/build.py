@@ -111,10 +111,13 @@ def _lineage(params: PackageParams) -> dict:
     if _filtered(params):
         summary = _read_json(params.filter / "summary.json", "vlkd filter")
         lineage["filter"] = {key: summary.get(key) for key in ("rows", "kept", "dropped", "clip_score")}
-    rows = params.student / "feature-rows.json"  # the feature rows the student has trained on, per file
-    if rows.is_file():
-        files = json.loads(rows.read_text()).get("files", {})
-        lineage["distilled"] = {"feature_files": len(files), "rows": sum(files.values())}
+    run = _read_json(params.student / "distill-metrics.json", "vlkd distill")  # the run that made this student
+    trained = run.get("trained_rows", {})
+    lineage["distilled"] = {"steps": run.get("steps"), "epochs": run.get("epochs"),
+                            "feature_rows": run.get("feature_rows"),
+                            # every row ({"all": n}), or the selected ones ({"new", "replayed"})
+                            "trained_rows": trained.get("all", trained.get("new", 0) + trained.get("replayed", 0)),
+                            "continued_from_a_student": run.get("init") is not None}
     return lineage
 
 

@@ -58,9 +58,10 @@ def _lineage(lineage: dict) -> str:
         lines.append(f"- filtered: {kept.get('kept')} of {kept.get('rows')} rows kept (dropped: {dropped or 'none'})")
     else:
         lines.append("- not filtered: distillation read every row")
-    if "distilled" in lineage:
-        lines.append(f"- distilled on {lineage['distilled']['rows']} feature rows of "
-                     f"{lineage['distilled']['feature_files']} files")
+    run = lineage["distilled"]
+    continued = ", continuing a promoted student" if run["continued_from_a_student"] else ""
+    lines.append(f"- distilled for {run['steps']} steps ({run['epochs']} epochs) on {run['trained_rows']} of the "
+                 f"{run['feature_rows']} feature rows{continued}")
     return "\n".join(lines) + "\n"
 
 
