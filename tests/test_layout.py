@@ -13,7 +13,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "vlkd"
 STAGES = {"world", "corpus", "teacher", "features", "filter", "plm", "distill", "evaluate", "package", "vlm",
           "finetune"}
 COMPONENTS = {"models", "data", "inference", "config", "errors", "io", "record", "training"}
-GLUE = {"cli", "orchestrate", "__init__"}  # the CLI assembles the stages; orchestrate drives DVC
+# The CLI assembles the stages (cli_common: what every command shares; cli_tools: predict and the scorers);
+# orchestrate drives DVC.
+GLUE = {"cli", "cli_common", "cli_tools", "orchestrate", "__init__"}
 
 
 def part_of(module: str) -> str:

@@ -5,71 +5,18 @@ Bad input ends in one line on stderr (what, where, what to do) and exit code 2, 
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import click
 
+from vlkd.cli_common import metrics_option, quiet_transformers, reports_errors, write_metrics
+from vlkd.cli_tools import caption_score, predict, vqa_score
 from vlkd.config import VARIANTS, Params, load_params, with_overrides
 from vlkd.errors import VlkdError
-from vlkd.io import write_json_atomic
-
-
-def _reports_errors(command):
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except VlkdError as err:
-            click.echo("vlkd: error: " + " ".join(str(err).split()), err=True)
-            sys.exit(2)
-    return wrapper
-
-
-def metrics_option(command):
-    """--metrics (what the stage made: part of the run's record, the same bytes for the same inputs) and
-    --run-log (how this run went: seconds, throughput, what it computed or skipped)."""
-    command = click.option(
-        "--run-log", "run_log", type=click.Path(path_type=Path),
-        help="Write this run's facts (seconds, throughput, what was computed or skipped) to this JSON file; "
-        "they are kept out of the stage's outputs and metrics, which depend on the inputs only.")(command)
-    return click.option(
-        "--metrics", "metrics_file", type=click.Path(path_type=Path),
-        help="Also write the stage's metrics to this JSON file (for `dvc metrics`, outside the stage's "
-        "outputs).")(command)
-
-
-def quiet_transformers() -> None:
-    """No progress bars for loading and saving a few-MB model: they would bury the stage's own lines."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-
-
-def _peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process and of its largest finished child (DataLoader workers,
-    img2dataset's processes), in MiB; Linux reports KiB."""
-    import resource
-
-    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "peak_rss_children_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)}
-
-
-def _write_metrics(path: Path | None, run_log: Path | None, result: dict, started: float) -> None:
-    """The stage's metrics without `this_run`, and `this_run` in the run log with the whole command's seconds."""
-    this_run = {**result.get("this_run", {}), "seconds": round(time.perf_counter() - started, 3),
-                **_peak_memory()}
-    if "torch" in sys.modules:  # CPU results are identical only for the same number of threads
-        this_run["torch_threads"] = sys.modules["torch"].get_num_threads()
-    for target, record in ((path, {k: v for k, v in result.items() if k != "this_run"}), (run_log, this_run)):
-        if target is not None:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(target, record)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -77,7 +24,7 @@ def _write_metrics(path: Path | None, run_log: Path | None, result: dict, starte
               help="params.yaml to read (default: the nearest one from the working directory upwards).")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.pass_context
-@_reports_errors
+@reports_errors
 def main(ctx: click.Context, params_file: Path | None, verbose: bool) -> None:
     """vlkd: image URLs with captions in, a CLIP-distilled generative vision-language model out."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -92,7 +39,7 @@ def main(ctx: click.Context, params_file: Path | None, verbose: bool) -> None:
 @click.option("--images", type=int, help="Training images [synth.images].")
 @click.option("--seed", type=int, help="Random seed [synth.seed].")
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def synth(params: Params, output: Path | None, images: int | None, seed: int | None) -> None:
     """Generate the synthetic world: images, URL list, VQA and COCO files, text corpus."""
     from vlkd.world.synth import generate_world
@@ -117,7 +64,7 @@ def synth(params: Params, output: Path | None, images: int | None, seed: int | N
 @click.option("--retry-failed", is_flag=True, help="Also re-attempt URLs whose earlier download failed.")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def download(params: Params, url_list: Path | None, output: Path | None, url_col: str | None,
              caption_col: str | None, captions_col: str | None, input_format: str | None,
              column_names: str | None, retry_failed: bool, metrics_file: Path | None,
@@ -135,7 +82,7 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
     # other list is downloaded as it is.
     with world_server(stage.url_list):
         summary = run_download(stage.url_list, stage.output, stage, retry_failed=retry_failed)
-    _write_metrics(metrics_file, run_log, summary, started)
+    write_metrics(metrics_file, run_log, summary, started)
     click.echo(json.dumps(summary["url_list"], indent=2))
     click.echo(f"shards in {stage.output}: {summary['shards']['count']}, "
                f"{summary['shards']['samples']} samples")
@@ -151,7 +98,7 @@ def download(params: Params, url_list: Path | None, output: Path | None, url_col
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[teacher.device]")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the teacher folder: an open_clip model, or train the embedded one on the shards."""
     started = time.perf_counter()
@@ -159,7 +106,7 @@ def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 
     stage = with_overrides(params.teacher, **flags)
     manifest = build_teacher(stage)
-    _write_metrics(metrics_file, run_log, read_json(stage.output / METRICS), started)
+    write_metrics(metrics_file, run_log, read_json(stage.output / METRICS), started)
     click.echo(f"teacher {manifest['model']} (weights {manifest['weights_sha256'][:12]}) in {stage.output}")
 
 
@@ -187,7 +134,7 @@ def teacher(params: Params, metrics_file: Path | None, run_log: Path | None, **f
               "instead of stopping (the DVC stage does: a changed teacher re-embeds every shard).")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def features(params: Params, rank: int, world_size: int, metrics_file: Path | None, run_log: Path | None,
              replace_other_teachers: bool, shards: tuple[Path, ...], **flags) -> None:
     """Embed every shard with the frozen teacher into Parquet (resumable, incremental)."""
@@ -203,7 +150,7 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
     # keeps its own run log, as ranks share the command line.
     if world_size > 1 and run_log is not None:
         run_log = run_log.with_name(f"{run_log.stem}.rank-{rank}-of-{world_size}{run_log.suffix}")
-    _write_metrics(metrics_file if this_run["folder_complete"] else None, run_log, summary, started)
+    write_metrics(metrics_file if this_run["folder_complete"] else None, run_log, summary, started)
     share = "" if this_run["folder_complete"] else (f" (rank {rank} of {world_size}: its shards; the rank that "
                                                     "finishes last writes summary.json)")
     click.echo(f"features in {stage.output}{share}: {this_run['shards_computed']} shard(s) computed, "
@@ -219,7 +166,7 @@ def features(params: Params, rank: int, world_size: int, metrics_file: Path | No
 @click.option("--output", type=click.Path(path_type=Path), help="Filter folder [filter.output].")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def filter_(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Keep the corpus rows worth distilling (CLIP score, size, caption, language, duplicates); count the rest."""
     started = time.perf_counter()
@@ -227,7 +174,7 @@ def filter_(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 
     stage = with_overrides(params.filter, **flags)
     summary = filter_corpus(stage)
-    _write_metrics(metrics_file, run_log, summary, started)
+    write_metrics(metrics_file, run_log, summary, started)
     dropped = ", ".join(f"{reason} {count}" for reason, count in summary["dropped"].items() if count)
     this_run = summary["this_run"]
     click.echo(f"filter in {stage.output}: {summary['kept']} of {summary['rows']} rows kept "
@@ -246,7 +193,7 @@ def filter_(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[plm.device]")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def plm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the language-model folder: a BART checkpoint, or pretrain the embedded one on the corpus."""
     started = time.perf_counter()
@@ -255,7 +202,7 @@ def plm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags
     quiet_transformers()
     stage = with_overrides(params.plm, **flags)
     manifest = build_plm(stage)
-    _write_metrics(metrics_file, run_log, manifest["metrics"], started)
+    write_metrics(metrics_file, run_log, manifest["metrics"], started)
     qa = manifest["metrics"].get("qa", {})
     scores = (f", text-only QA {qa['with_description']['accuracy']:.3f} (blind {qa['blind']['accuracy']:.3f})"
               if "with_description" in qa else "")
@@ -273,7 +220,7 @@ def plm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[distill.device]")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def distill(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """VLKD: distil the teacher's stored features into the language model (TTDM, ITCL, ICTI).
 
@@ -287,7 +234,7 @@ def distill(params: Params, metrics_file: Path | None, run_log: Path | None, **f
     stage = with_overrides(params.distill, **flags)
     metrics = run_distill(stage)
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_metrics(metrics_file, run_log, metrics, started)
+        write_metrics(metrics_file, run_log, metrics, started)
         click.echo(f"student in {stage.output}: {metrics['steps']} steps, final losses {metrics['final']}")
 
 
@@ -300,7 +247,7 @@ def distill(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[evaluate.device]")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Zero-shot VQA and captions of the student with controls, text retention, and an HTML report."""
     started = time.perf_counter()
@@ -309,7 +256,7 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
     quiet_transformers()
     stage = with_overrides(params.evaluate, **flags)
     metrics = run_evaluate(stage)
-    _write_metrics(metrics_file, run_log, metrics, started)
+    write_metrics(metrics_file, run_log, metrics, started)
     for name, result in metrics.items():
         if "overall" in result:
             controls = ", ".join(f"{c} {v['overall']:.2f}" for c, v in result["controls"].items())
@@ -323,7 +270,7 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
 @click.option("--output", type=click.Path(path_type=Path), help="Model folder [package.output].")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def package(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """The student, its teacher and its language model as one folder with a model card (vlkd.load_model)."""
     from vlkd.package.build import package as run_package
@@ -332,7 +279,7 @@ def package(params: Params, metrics_file: Path | None, run_log: Path | None, **f
     started = time.perf_counter()
     stage = with_overrides(params.package, **flags)
     model = run_package(stage)
-    _write_metrics(metrics_file, run_log, package_metrics(stage.output), started)
+    write_metrics(metrics_file, run_log, package_metrics(stage.output), started)
     click.echo(f"model in {stage.output} (student {model['identity']['student_sha256'][:12]}): "
                f"vlkd.load_model(\"{stage.output}\") or vlkd predict; card in {stage.output / 'README.md'}")
 
@@ -345,7 +292,7 @@ def package(params: Params, metrics_file: Path | None, run_log: Path | None, **f
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="[vlm.device]")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def vlm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags) -> None:
     """Make the vision-language model CLIP-TD fine-tunes: a ViLT checkpoint, or pretrain the embedded one."""
     started = time.perf_counter()
@@ -354,7 +301,7 @@ def vlm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags
     quiet_transformers()
     stage = with_overrides(params.vlm, **flags)
     manifest = build_vlm(stage)
-    _write_metrics(metrics_file, run_log, manifest["metrics"], started)
+    write_metrics(metrics_file, run_log, manifest["metrics"], started)
     heldout = manifest["metrics"].get("heldout", {})
     scores = (f", held-out ITM accuracy {heldout['itm_accuracy']:.3f}, masked words {heldout['mlm_accuracy']:.3f}"
               if "itm_accuracy" in heldout else "")
@@ -376,7 +323,7 @@ def vlm(params: Params, metrics_file: Path | None, run_log: Path | None, **flags
               "instead of stopping (the DVC stage does: a changed teacher changes every target).")
 @metrics_option
 @click.pass_obj
-@_reports_errors
+@reports_errors
 def finetune(params: Params, metrics_file: Path | None, run_log: Path | None, replace_other_teachers: bool,
              fractions: tuple[float, ...], seeds: tuple[int, ...], variants: tuple[str, ...], **flags) -> None:
     """CLIP-TD: fine-tune the vision-language model on each task with targeted distillation of the teacher,
@@ -388,7 +335,7 @@ def finetune(params: Params, metrics_file: Path | None, run_log: Path | None, re
     given = {"fractions": list(fractions) or None, "seeds": list(seeds) or None, "variants": list(variants) or None}
     stage = with_overrides(params.finetune, **flags, **given)
     metrics = run_finetune(stage, replace_other_teachers)
-    _write_metrics(metrics_file, run_log, metrics, started)
+    write_metrics(metrics_file, run_log, metrics, started)
     for task, table in metrics.items():
         for split in ("test", "shifted"):
             if split not in table:
@@ -399,75 +346,8 @@ def finetune(params: Params, metrics_file: Path | None, run_log: Path | None, re
     click.echo(f"report: {stage.output / 'report.html'}")
 
 
-@main.command("vqa-score")
-@click.option("--questions", type=click.Path(path_type=Path), required=True, help="VQA questions JSON.")
-@click.option("--annotations", type=click.Path(path_type=Path), required=True, help="VQA annotations JSON.")
-@click.option("--predictions", type=click.Path(path_type=Path), required=True,
-              help='Results JSON: [{"question_id": ..., "answer": ...}, ...].')
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Metrics JSON to write.")
-@click.option("--normalize", type=click.Choice(["official", "always"]), default="official", show_default=True,
-              help="official: normalise answers only where the humans disagree (the official script); "
-              "always: normalise every answer.")
-@_reports_errors
-def vqa_score(questions: Path, annotations: Path, predictions: Path, output: Path, normalize: str) -> None:
-    """The official VQA accuracy of a results file: overall, per answer type, per question type."""
-    from vlkd.data.vqa_metric import score_vqa_files
-
-    result = score_vqa_files(questions, annotations, predictions, output, normalize)
-    click.echo(f"VQA accuracy {result['overall']:.2f} over {result['questions']} questions "
-               f"({normalize} normalisation); metrics in {output}")
-
-
-@main.command()
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), default=Path("data/model"), show_default=True,
-              help="A packaged model (`vlkd package`), or a student folder with --teacher.")
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Predictions: .parquet or .jsonl.")
-@click.option("--task", type=click.Choice(["vqa", "caption"]), default="vqa", show_default=True)
-@click.option("--question", help="The question asked of every image (a .parquet/.jsonl source has its own).")
-@click.option("--mode", type=click.Choice(["direct", "describe"]), help="How VQA is asked [the evaluation's first "
-              "of evaluate.vqa_modes].")
-@click.option("--teacher", type=click.Path(path_type=Path), help="With a bare student folder: its teacher folder.")
-@click.option("--plm", type=click.Path(path_type=Path), help="With a bare student folder: the language model "
-              "before distillation (describe mode).")
-@click.option("--chunk-size", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Images embedded and answered at a time (bounds memory).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.pass_obj
-@_reports_errors
-def predict(params: Params, source: Path, model_dir: Path, output: Path, task: str, question: str | None,
-            mode: str | None, teacher: Path | None, plm: Path | None, chunk_size: int, device: str,
-            precision: str) -> None:
-    """Answer questions about, or caption, SOURCE: a folder of images, webdataset shards, or a .parquet/.jsonl
-    file of image paths and questions. An image that cannot be decoded gets an empty answer and its reason."""
-    quiet_transformers()
-    from vlkd.inference.asking import Asking
-    from vlkd.inference.model import load_model
-    from vlkd.inference.predict import predict as run_predict
-    from vlkd.inference.predict import summary_path
-
-    asking = None if teacher is None else Asking.of(params.evaluate)  # a bare student: asked as params.yaml says
-    model = load_model(model_dir, device=device, precision=precision, teacher=teacher, plm=plm, asking=asking)
-    summary = run_predict(model, source, output, task, mode, question, chunk_size)
-    click.echo(f"{summary['answered']} of {summary['rows']} image(s) answered ({summary['not_decoded']} not "
-               f"decodable) by student {summary['model']['student_sha256'][:12]}; predictions in {output}, "
-               f"summary in {summary_path(output)}")
-
-
-@main.command("caption-score")
-@click.option("--annotations", type=click.Path(path_type=Path), required=True, help="COCO captions JSON.")
-@click.option("--predictions", type=click.Path(path_type=Path), required=True,
-              help='Results JSON: [{"image_id": ..., "caption": ...}, ...].')
-@click.option("--output", type=click.Path(path_type=Path), required=True, help="Metrics JSON to write.")
-@_reports_errors
-def caption_score(annotations: Path, predictions: Path, output: Path) -> None:
-    """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE where Java allows) with pycocoevalcap."""
-    from vlkd.evaluate.caption_metric import score_caption_files
-
-    result = score_caption_files(annotations, predictions, output)
-    shown = ", ".join(f"{key} {value:.4f}" for key, value in result.items() if isinstance(value, float))
-    click.echo(f"{shown} over {result['images']} images; metrics in {output}")
+for command in (predict, vqa_score, caption_score):
+    main.add_command(command)
 
 
 if __name__ == "__main__":
