@@ -553,6 +553,8 @@ def test_a_student_that_has_seen_every_row_is_written_unchanged(setup, tmp_path)
     train.distill(params(setup, tmp_path / "v1", epochs=1, batch_size=10))
     metrics = train.distill(params(setup, tmp_path / "v2", init=tmp_path / "v1" / "student"))
     assert metrics["steps"] == 0 and metrics["trained_rows"] == {"new": 0, "replayed": 0}
+    # every output dvc.yaml declares exists, or `dvc repro` fails the stage: the curves folder, empty
+    assert list((tmp_path / "v2" / "plots" / "plots" / "metrics").iterdir()) == []
     before = load_file(str(tmp_path / "v1" / "student" / "model.safetensors"))
     after = load_file(str(tmp_path / "v2" / "student" / "model.safetensors"))
     for name, tensor in before.items():

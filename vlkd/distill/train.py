@@ -237,14 +237,18 @@ def _rows_text(store: FeatureStore, selection: RowSelection | None) -> str:
 
 def _nothing_new(student: Student, params: DistillParams, store: FeatureStore, init: Path, rows_seen: dict,
                  ranks: Ranks, record: StageRecord) -> dict:
-    """Every row was seen by the init student: it is the result, written unchanged (with its record)."""
-    logger.info("every feature row in %s was seen by the student in %s: nothing to distil, it is written as it is",
-                params.features, init)
+    """No kept row is new to the init student (every row was seen, or the filter dropped the new ones): it is
+    the result, written unchanged (with its record), and its curves folder is written empty, since DVC
+    requires every declared output, plots included, to exist after the command."""
+    kept = "" if params.kept is None else f" that the filter in {params.kept} kept"
+    logger.info("no feature row%s in %s is new to the student in %s: nothing to distil, it is written as it is",
+                kept, params.features, init)
     metrics = {"steps": 0, "epochs": 0, "feature_rows": store.num_rows, "ranks": ranks.world_size,
                "trained_rows": {"new": 0, "replayed": 0}, "init": str(params.init), "final": {},
                "trainable_parameters": trainable(student.parameters())}
     if ranks.is_main:
         _save_student(student, params, metrics, rows_seen, record)
+        (params.plots / "plots" / "metrics").mkdir(parents=True, exist_ok=True)
     if ranks.world_size > 1:
         dist.barrier()
     metrics["this_run"] = {"resumed_from_step": 0, "training_seconds": 0.0, "epoch_means": [], "samples_per_s": 0.0}
