@@ -220,6 +220,15 @@ def per_k(seconds: float | None, rows: int | None) -> str:
     return f"{1000 * seconds / rows:.2f}" if seconds and rows else "-"
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def corpus_seconds(run_record: dict) -> float:
+    """Seconds of the stages that grow with the corpus, as DVC ran them."""
+    return sum(run_record["stages"][name]["seconds"] for name in CORPUS_STAGES)
+
+
 def stage_table(records: list[dict]) -> str:
     lines = ["| N | stage | rows | s (dvc repro) | s (command) | dvc's own s | s / 1k rows | peak MiB | output MiB |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -228,22 +237,25 @@ def stage_table(records: list[dict]) -> str:
             own = stage["seconds"] - stage["command_seconds"] if stage["command_seconds"] else None
             lines.append(
                 f"| {record['rows']:,} | {name} | {stage['rows'] or '-'} | {stage['seconds']:.1f} | "
-                f"{stage['command_seconds'] or '-'} | {'-' if own is None else f'{own:.1f}'} | "
+                f"{_seconds(stage['command_seconds'])} | {_seconds(own)} | "
                 f"{per_k(stage['command_seconds'], stage['rows']) if name in CORPUS_STAGES else '-'} | "
                 f"{stage['peak_mib'] or '-'} | {stage['bytes'] / 2**20:.1f} |")
     return "\n".join(lines)
 
 
 def refresh_table(records: list[dict]) -> str:
-    lines = ["| N | world s (N, 1.05 N) | full: flow s | refresh: flow s | refresh / full | download: refresh / full "
-             "| dvc status s (full, refresh) | dvc push s (full, refresh) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N | world s (N, 1.05 N) | full: flow s | refresh: flow s | refresh / full (flow) | corpus stages: "
+             "full s, refresh s, share | download: refresh / full | dvc status s (full, refresh) | "
+             "dvc push s (full, refresh) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for record in records:
         full, again = record["full"], record["refresh"]
         download = again["stages"]["download"]["seconds"] / full["stages"]["download"]["seconds"]
         worlds = ", ".join(f"{seconds:.0f}" for seconds in record["world_seconds"].values())
+        corpus_full, corpus_again = corpus_seconds(full), corpus_seconds(again)
         lines.append(f"| {record['rows']:,} | {worlds} | {full['wall']:.1f} | {again['wall']:.1f} | "
-                     f"{again['wall'] / full['wall']:.3f} | {download:.3f} | "
+                     f"{again['wall'] / full['wall']:.3f} | {corpus_full:.1f}, {corpus_again:.1f}, "
+                     f"{corpus_again / corpus_full:.3f} | {download:.3f} | "
                      f"{full['dvc_status']:.2f}, {again['dvc_status']:.2f} | {full['dvc_push']:.1f}, "
                      f"{again['dvc_push']:.1f} |")
     lines.append("")
@@ -251,9 +263,10 @@ def refresh_table(records: list[dict]) -> str:
     lines.append("|---:|---|---|---:|---:|---:|")
     for record in records:
         for name, stage in record["refresh"]["stages"].items():
-            first = record["full"]["stages"][name]["seconds"]
+            first = record["full"]["stages"][name]
+            share = "-" if first["status"] != "ran" else f"{stage['seconds'] / first['seconds']:.3f}"
             lines.append(f"| {record['rows']:,} | {name} | {stage['status']} | {stage['seconds']:.1f} | "
-                         f"{stage['rows'] or '-'} | {stage['seconds'] / first:.3f} |")
+                         f"{stage['rows'] or '-'} | {share} |")
     return "\n".join(lines)
 
 
@@ -279,6 +292,60 @@ def goals(records: list[dict]) -> list[str]:
     lines.append(f"download refresh / full at {large['rows']:,}: {download:.3f} "
                  f"{'met' if download <= GOAL_REFRESH_SHARE else 'MISSED'}")
     return lines
+
+
+CORPORA = {"CC3M": 3_318_333, "LAION-400M": 400_000_000}
+
+
+def linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least squares seconds = fixed + per_row * rows; (fixed, per_row)."""
+    n = len(points)
+    mean_x, mean_y = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    per_row = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    return mean_y - per_row * mean_x, per_row
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def _size(count: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count:.0f} B"
+
+
+def extrapolation_table(records: list[dict], workers: int = 16) -> str:
+    """From the measured slopes: each corpus stage's time and disk for CC3M and LAION-400M on this machine,
+    and on `workers` workers if the stage's work splits evenly (img2dataset's processes or Spark/Ray workers
+    for the download; torchrun ranks for features and distillation). Extrapolated, not measured."""
+    names = list(CORPORA)
+    lines = [f"| stage | fixed s | ms per row | {' | '.join(f'{n}: this machine' for n in names)} | "
+             f"{' | '.join(f'{n}: {workers} workers' for n in names)} | bytes per row | "
+             f"{' | '.join(f'{n}: disk' for n in names)} |",
+             "|---|---:|---:|" + "---:|" * (3 * len(names) + 1)]
+    largest = max(records, key=lambda r: r["rows"])
+    for name in CORPUS_STAGES:
+        points = [(r["full"]["stages"][name]["rows"], r["full"]["stages"][name]["command_seconds"]) for r in records]
+        fixed, per_row = linear_fit(points)
+        stage = largest["full"]["stages"][name]
+        here = [fixed + per_row * rows for rows in CORPORA.values()]
+        spread = [fixed + per_row * rows / workers for rows in CORPORA.values()]
+        if name == "distill":  # its output is the student, whatever the rows
+            disk = ["-", *("-" for _ in CORPORA)]
+        else:
+            per_row_bytes = stage["bytes"] / stage["rows"]
+            disk = [f"{per_row_bytes:,.0f}", *(_size(per_row_bytes * rows) for rows in CORPORA.values())]
+        lines.append(f"| {name} | {fixed:.1f} | {1000 * per_row:.2f} | "
+                     f"{' | '.join(_duration(t) for t in here)} | {' | '.join(_duration(t) for t in spread)} | "
+                     f"{' | '.join(disk)} |")
+    return "\n".join(lines)
 
 
 def loglog_svg(records: list[dict], width: int = 520, height: int = 340) -> str:
@@ -330,7 +397,8 @@ def report(results: Path, plot: Path | None) -> None:
     print(stage_table(records), end="\n\n")
     print(refresh_table(records), end="\n\n")
     if len(records) > 1:
-        print("\n".join(f"- {line}" for line in goals(records)))
+        print("\n".join(f"- {line}" for line in goals(records)), end="\n\n")
+        print(extrapolation_table(records))
         if plot is not None:
             plot.write_text(loglog_svg(records))
             print(f"\nplot: {plot}")
