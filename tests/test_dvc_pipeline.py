@@ -45,8 +45,7 @@ TINY = {
                  "caption_max_new_tokens": 5, "device": "cpu"},
     "vlm": {"vocab_size": 200, "image_size": 32, "patch_size": 8, "hidden": 32, "layers": 1, "heads": 2,
             "ffn_dim": 64, "epochs": 1, "batch_size": 8, "warmup_steps": 1, "device": "cpu"},
-    # one fraction: the protocol's cells repeat the same code (tests/test_finetune.py covers the fractions)
-    "finetune": {"fractions": [1.0], "seeds": [0], "variants": ["none", "clip-td"], "ablations": [],
+    "finetune": {"fractions": [0.5, 1.0], "seeds": [0], "variants": ["none", "clip-td"], "ablations": [],
                  "epochs": 1, "min_steps": 2, "batch_size": 8, "device": "cpu"},
     "pipeline": {"lock_timeout": 5, "retries": 1, "retry_delay_seconds": 0},
 }
