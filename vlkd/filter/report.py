@@ -133,6 +133,9 @@ def _thumbnails(sample: list[tuple[str, dict]], params: FilterParams) -> dict[tu
             for sample_ in iter_shard(tar):
                 if sample_.key in keys and sample_.image:
                     found[(name, sample_.key)] = _png(sample_.image)
+                    keys.discard(sample_.key)
+                    if not keys:  # stop reading the shard: a refresh rewrites this report every time
+                        break
         except UnreadableShard as err:  # the report shows those rows without their images
             warn_unreadable(err)
     return found
