@@ -444,9 +444,13 @@ def test_only_transient_stage_failures_are_retried():
                                                  "ERROR: failed to reproduce 'distill': ..., exited with -9"]))
     dvc_lock = failure("features", Completed(255, ["ERROR: Unable to acquire lock. Most likely another DVC process "
                                                    "is running or was terminated abruptly."]))
+    no_output = failure("distill", Completed(255, ["ERROR: failed to reproduce 'distill': output "
+                                                   "'metrics/distill/plots/metrics' does not exist"]))
     assert bad_input.permanent and bad_input.reason == "vlkd: error: checkpoint x does not exist"
     assert not crashed.permanent and not dvc_lock.permanent and "Unable to acquire lock" in dvc_lock.reason
-    assert [_transient(None, None, Failed(data=err)) for err in (bad_input, crashed, dvc_lock)] == [False, True, True]
+    assert no_output.permanent  # the command succeeded without writing it: running it again writes none either
+    assert ([_transient(None, None, Failed(data=err)) for err in (bad_input, crashed, dvc_lock, no_output)]
+            == [False, True, True, False])
     assert _transient(None, None, Failed(data=VlkdError("bad params"))) is False
 
 

@@ -165,6 +165,9 @@ def repro(root: Path, stage: str, on_line: Callable[[str], None], env: Mapping[s
     return StageRun(stage, status, done.seconds, done.lines)
 
 
+_MISSING_OUTPUT = re.compile(r"output '[^']+' does not exist")
+
+
 def failure(stage: str, done: Completed) -> StageFailed:
     """What went wrong, in one line, and whether running again could help."""
     errors = [line for line in done.lines if line.startswith("vlkd: error:")]
@@ -174,7 +177,9 @@ def failure(stage: str, done: Completed) -> StageFailed:
     codes = [int(match.group(1)) for match in exited if match]
     dvc_errors = [line for line in done.lines if line.startswith("ERROR:")]
     reason = dvc_errors[-1] if dvc_errors else (done.tail(1)[0] if done.lines else f"exit code {done.returncode}")
-    permanent = bool(codes) and codes[-1] == BAD_INPUT_EXIT
+    # A command that exited 0 without writing an output dvc.yaml declares will not write it when run again.
+    missing_output = bool(dvc_errors) and _MISSING_OUTPUT.search(dvc_errors[-1]) is not None
+    permanent = (bool(codes) and codes[-1] == BAD_INPUT_EXIT) or missing_output
     return StageFailed(stage, done.returncode, reason, permanent, done.tail())
 
 
