@@ -69,10 +69,10 @@ GOAL_STATUS_SECONDS = 5.0
 GOAL_REFRESH_SHARE = 0.10
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
+def run(command: list[str], cwd: Path) -> float:
     """Run a command to completion (its output kept for an error); returns its seconds."""
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed in {cwd}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return time.perf_counter() - started
