@@ -20,11 +20,12 @@ from vlkd.data.vqa_metric import score_vqa
 from vlkd.distill.train import distill
 from vlkd.evaluate import run
 from vlkd.evaluate.images import image_features
+from vlkd.evaluate.ladder import fitted_evidence, reading_length
 from vlkd.inference import answering
 from vlkd.io import sha256_file
 from vlkd.models import student as student_module
 from vlkd.models.infill import fill_prompt
-from vlkd.models.student import Student
+from vlkd.models.student import Student, load_language_model
 from vlkd.models.teacher import load_teacher
 from vlkd.record import RECORD
 from vlkd.teacher.build import MANIFEST, SOURCE_FILE
@@ -366,3 +367,52 @@ def test_missing_inputs_give_one_clear_line(trained, tmp_path):
         annotations=world / "vqa" / "annotations.json", image_pattern=WORLD_IMAGE)})
     with pytest.raises(Exception, match="evaluation image\\(s\\) missing, e.g. .*000003.png"):
         run.evaluate(params)
+
+
+def test_the_ladder_reads_each_images_description_and_captions_and_closes_the_gap_from_blank(trained, tmp_path,
+                                                                                          monkeypatch):
+    """The ladder's rungs: the language model before distillation reads "<evidence>. <vqa prompt>", where the
+    evidence is the image's true description, or its reference captions (whole ones, the first always), and
+    the answers are scored officially; each mode's gap closed is (image - blank) / (rung - blank)."""
+    world = trained[0]
+    params = eval_params(trained, tmp_path / "eval", vqa_modes=["direct", "describe"], num_beams=1)
+    vqa = params.benchmarks["vqa"].model_copy(update={"captions": world / "captions" / "annotations.json",
+                                                      "descriptions": world / "vqa" / "descriptions.json"})
+    params = params.model_copy(update={"benchmarks": {"vqa": vqa}})
+    read: list[str] = []
+    text_only = answering.Generator._text_only
+
+    def recording(self, prompts):
+        read.extend(prompts)
+        return text_only(self, prompts)
+
+    monkeypatch.setattr(answering.Generator, "_text_only", recording)
+    metrics = run.evaluate(params)["vqa"]
+
+    questions_file = json.loads((world / "vqa" / "questions.json").read_text())
+    annotations = json.loads((world / "vqa" / "annotations.json").read_text())
+    descriptions = {d["image_id"]: d["description"]
+                    for d in json.loads((world / "vqa" / "descriptions.json").read_text())}
+    captions: dict[int, list[str]] = {}
+    for annotation in json.loads((world / "captions" / "annotations.json").read_text())["annotations"]:
+        captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    # The tiny language model reads at most its positions: the evidence is fitted to them (test_ladder.py).
+    bart, tokenizer = load_language_model(params.plm, "test")
+    prompts = {q["question_id"]: fill_prompt(params.vqa_prompt, question=q["question"])
+               for q in questions_file["questions"]}
+    prompt_tokens = max(len(tokenizer(prompt).input_ids) for prompt in prompts.values())
+    length = reading_length(params.plm, tokenizer, bart) - params.vqa_max_new_tokens
+    for q in questions_file["questions"]:
+        for evidence in ([descriptions[q["image_id"]]], captions[q["image_id"]]):
+            text, _ = fitted_evidence(evidence, tokenizer, prompt_tokens, length)
+            assert text.split()[:2] == evidence[0].split()[:2]
+            assert f"{text}. {prompts[q['question_id']]}" in read
+    for rung in ("description", "captions"):
+        written = json.loads((tmp_path / "eval" / "vqa" / "ladder" / f"predictions_{rung}.json").read_text())
+        assert metrics["ladder"][rung]["overall"] == score_vqa(questions_file, annotations, written)["overall"]
+        for mode, scores in metrics["modes"].items():
+            blank, top = scores["controls"]["blank"]["overall"], metrics["ladder"][rung]["overall"]
+            expected = round((scores["overall"] - blank) / (top - blank), 4) if top - blank > 1e-9 else None
+            assert scores["gap_closed"][rung]["overall"] == expected, (mode, rung)
+    assert set(metrics["gap_closed"]["description"]["perQuestionType"]) == set(metrics["perQuestionType"])
+    assert "The ladder of ceilings" in (tmp_path / "eval" / "report.html").read_text()

@@ -23,6 +23,7 @@ from vlkd.config.filter import FilterParams
 from vlkd.config.finetune import VARIANTS, FinetuneParams, TaskSpec, TaskSplit, VlmParams
 from vlkd.config.pipeline import GateMetric, PipelineParams, ScheduleParams
 from vlkd.config.stages import (
+    BENCHMARK_FILES,
     COCO_IMAGE,
     PAPER_BENCHMARKS,
     BenchmarkSpec,
@@ -39,8 +40,9 @@ from vlkd.errors import VlkdError
 
 PARAMS_FILE = "params.yaml"
 
-__all__ = ["COCO_IMAGE", "PAPER_BENCHMARKS", "PARAMS_FILE", "BenchmarkSpec", "DistillParams", "DownloadParams",
-           "EvaluateParams", "FeaturesParams", "FilterParams", "FinetuneParams", "GateMetric", "PackageParams",
+__all__ = ["BENCHMARK_FILES", "COCO_IMAGE", "PAPER_BENCHMARKS", "PARAMS_FILE", "BenchmarkSpec", "DistillParams",
+           "DownloadParams", "EvaluateParams", "FeaturesParams", "FilterParams", "FinetuneParams", "GateMetric",
+           "PackageParams",
            "Params",
            "PipelineParams",
            "PlmParams", "ScheduleParams", "SynthParams", "TaskSpec", "TaskSplit", "TeacherParams", "VARIANTS",
@@ -122,7 +124,7 @@ def watched_files(params: Params) -> dict[str, tuple[Path, Path, str]]:
     files = {"plm.corpus": params.plm.corpus, "plm.heldout": params.plm.heldout}
     watched = {key: (path, params.plm.text, "plm.text") for key, path in files.items() if path is not None}
     for name, spec in params.evaluate.benchmarks.items():
-        for field in ("images", "questions", "annotations"):
+        for field in BENCHMARK_FILES:
             path = getattr(spec, field)
             if path is not None:
                 watched[f"evaluate.benchmarks.{name}.{field}"] = (path, params.evaluate.data, "evaluate.data")

@@ -268,6 +268,9 @@ class DistillParams(Section):
         return self
 
 
+BENCHMARK_FILES = ("images", "questions", "annotations", "captions", "descriptions")
+
+
 class BenchmarkSpec(Section):
     """One evaluation set in the public formats (VQAv2/OK-VQA questions and annotations, COCO captions)."""
 
@@ -276,6 +279,11 @@ class BenchmarkSpec(Section):
     image_pattern: str = COCO_IMAGE  # file name of an image id
     questions: Path | None = None  # vqa
     annotations: Path  # vqa annotations, or COCO caption annotations
+    # The ladder of ceilings (vlkd.evaluate.ladder), each rung where the benchmark has its file: COCO caption
+    # annotations of the images (VQA: the language model reads them), and a JSON list of {"image_id",
+    # "description"} with each image's true, complete description (the embedded world has them).
+    captions: Path | None = None
+    descriptions: Path | None = None
 
     @model_validator(mode="after")
     def _vqa_needs_questions(self) -> BenchmarkSpec:
@@ -287,14 +295,17 @@ class BenchmarkSpec(Section):
 _COCO = Path("data/benchmarks/coco")
 # The paper's benchmarks in their published layout: COCO val2014 images (VQAv2, OK-VQA and the Karpathy
 # test split are all drawn from them), the VQAv2 and OK-VQA question/annotation files as released, and
-# the Karpathy test split as COCO caption annotations (e.g. LAVIS's coco_karpathy_test_gt.json).
+# the Karpathy test split as COCO caption annotations (e.g. LAVIS's coco_karpathy_test_gt.json). COCO's
+# val2014 captions are the VQA benchmarks' caption rung of the ladder.
 PAPER_BENCHMARKS = {
     "vqav2": BenchmarkSpec(task="vqa", images=_COCO / "val2014",
                            questions=Path("data/benchmarks/vqav2/v2_OpenEnded_mscoco_val2014_questions.json"),
-                           annotations=Path("data/benchmarks/vqav2/v2_mscoco_val2014_annotations.json")),
+                           annotations=Path("data/benchmarks/vqav2/v2_mscoco_val2014_annotations.json"),
+                           captions=_COCO / "annotations/captions_val2014.json"),
     "okvqa": BenchmarkSpec(task="vqa", images=_COCO / "val2014",
                            questions=Path("data/benchmarks/okvqa/OpenEnded_mscoco_val2014_questions.json"),
-                           annotations=Path("data/benchmarks/okvqa/mscoco_val2014_annotations.json")),
+                           annotations=Path("data/benchmarks/okvqa/mscoco_val2014_annotations.json"),
+                           captions=_COCO / "annotations/captions_val2014.json"),
     "coco-captions": BenchmarkSpec(task="caption", images=_COCO / "val2014",
                                    annotations=_COCO / "annotations/captions_karpathy_test.json"),
 }
@@ -324,6 +335,10 @@ class EvaluateParams(Section):
     caption_prompt: str = "A picture of <mask>"
     describe_prompt: str = "A picture of <mask>"
     num_beams: int = Field(5, ge=1)
+    # free: BART rewrites the whole prompt with the mask filled in and the answer is cut out of it (the paper
+    # is silent on how its answer is read); forced: the decoder is given the prompt up to its <mask> and
+    # writes only what follows (vlkd.models.infill.generate_texts).
+    decoding: Literal["free", "forced"] = "free"
     vqa_max_new_tokens: int = Field(10, ge=1)
     caption_max_new_tokens: int = Field(30, ge=1)
     normalize: Literal["official", "always"] = "official"

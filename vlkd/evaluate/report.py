@@ -36,6 +36,14 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
              f"describing with <code>{html.escape(params.describe_prompt)}</code>), {params.num_beams} beams, "
              f"VQA normalisation {params.normalize}</p>",
              _summary_table(metrics, params), _retention(metrics.get("retention", {}))]
+    ladders = [_ladder(name, metrics[name]) for name, spec in params.benchmarks.items()
+               if spec.task == "vqa" and metrics[name].get("ladder")]
+    if ladders:
+        parts.append("<h2>The ladder of ceilings</h2><p class=small>The same questions, scored the same way, from "
+                     "better evidence than the student's image prefix (top) down to the controls: where a point is "
+                     "lost. description: the language model before distillation reads the image's true scene in "
+                     "words; captions: it reads the image's human captions; gap closed: (student - blank) / "
+                     "(rung - blank).</p>" + "".join(ladders))
     for name, spec in params.benchmarks.items():
         cards = _vqa_cards(samples[name]) if spec.task == "vqa" else _caption_cards(samples[name])
         parts.append(f"<h2>{html.escape(name)}: samples</h2><div class=cards>{cards}</div>")
@@ -77,6 +85,34 @@ def _vqa_rows(name: str, mode: str, scores: dict) -> list[str]:
         rows.append(_row("", f"  {kind}", {"image": value, **{c: control["perAnswerType"].get(kind, "")
                                                               for c, control in controls.items()}}))
     return rows
+
+
+def _ladder(name: str, result: dict, width: int = 560, bar: int = 16) -> str:
+    """One VQA benchmark's ladder as horizontal bars (accuracy 0-100), with the gap each mode closes."""
+    first = result["mode"]
+    rows = [(f"{rung} (language model)", scores["overall"], "#6a8caf") for rung, scores in result["ladder"].items()]
+    rows += [(f"student, {mode}", scores["overall"], "#1f5fbf") for mode, scores in result["modes"].items()]
+    rows += [(control.replace("_", " "), scores["overall"], "#b0b0b0")
+             for control, scores in result["modes"][first]["controls"].items()]
+    label, height = 190, bar + 6
+    svg = [f"<svg width={width} height={height * len(rows) + 24} role=img aria-label='{html.escape(name)} ladder'>"]
+    for k, (text, value, colour) in enumerate(rows):
+        y, length = 4 + k * height, (width - label - 60) * max(0.0, min(value, 100.0)) / 100
+        svg.append(f"<text x=4 y={y + bar - 4} font-size=12>{html.escape(text)}</text><rect x={label} y={y} "
+                   f"width={length:.1f} height={bar} fill='{colour}'/><text x={label + length + 4:.1f} "
+                   f"y={y + bar - 4} font-size=12>{value:.2f}</text>")
+    axis_y = height * len(rows) + 8
+    svg.append(f"<line x1={label} y1={axis_y} x2={width - 60} y2={axis_y} stroke='#999'/><text x={label} "
+               f"y={axis_y + 13} font-size=10>0</text><text x={width - 75} y={axis_y + 13} font-size=10>100</text>"
+               "</svg>")
+    gaps = "; ".join(f"{mode}: " + ", ".join(f"{rung} {_share(gap['overall'])}"
+                                             for rung, gap in scores["gap_closed"].items())
+                     for mode, scores in result["modes"].items())
+    return f"<h3>{html.escape(name)}</h3>{''.join(svg)}<p class=small>gap closed, {html.escape(gaps)}</p>"
+
+
+def _share(value: float | None) -> str:
+    return "no gap" if value is None else f"{value:.0%}"
 
 
 def _row(name: str, metric: str, by_condition: dict) -> str:

@@ -32,12 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlkd.config import BenchmarkSpec, EvaluateParams
+from vlkd.config import BENCHMARK_FILES, BenchmarkSpec, EvaluateParams
 from vlkd.data.text import read_documents
 from vlkd.data.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import image_features
+from vlkd.evaluate.ladder import gap_closed, reading_rungs
 from vlkd.evaluate.report import caption_samples, vqa_samples, write_report
 from vlkd.inference.answering import (
     FeatureRows,
@@ -112,10 +113,16 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         run.predictions["prior"], run.results["prior"] = prior, prior_result
         _write_vqa_files(mode_folder(folder, mode, params.vqa_modes), run)
         runs[mode] = run
+    reader = Generator(student, plm, Asking.of(params), params.vqa_max_new_tokens)  # the language model alone
+    rungs = reading_rungs(name, spec, usable, prompts, questions, annotations, reader, params.plm, params.normalize)
+    _write_predictions(folder / "ladder", {rung: result.pop("predictions") for rung, result in rungs.items()})
     headline = runs[params.vqa_modes[0]]
-    metrics = {**_mode_metrics(headline.results, per_question_type=True), "mode": params.vqa_modes[0],
+    metrics = {**_mode_metrics(headline.results, rungs, per_question_type=True), "mode": params.vqa_modes[0],
                "questions": len(records), "images_not_decoded": len(image_ids) - len(row_of),
-               "modes": {mode: _mode_metrics(run.results) for mode, run in runs.items()}}
+               "modes": {mode: _mode_metrics(run.results, rungs) for mode, run in runs.items()},
+               "ladder": {rung: {key: result[key] for key in ("overall", "perAnswerType", "perQuestionType",
+                                                              "images_without_text")}
+                          for rung, result in rungs.items()}}
     samples = vqa_samples(spec, records, annotations, headline.predictions, headline.results, params)
     others = {mode: run.answers() for mode, run in runs.items() if run is not headline}
     for sample in samples:
@@ -171,12 +178,15 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
     return _ModeRun(results, predictions, descriptions)
 
 
-def _mode_metrics(results: dict, per_question_type: bool = False) -> dict:
-    """One mode's scores with the image and under each control."""
+def _mode_metrics(results: dict, rungs: dict, per_question_type: bool = False) -> dict:
+    """One mode's scores with the image and under each control, and the share of the gap from the blank
+    control to each rung of the ladder it closes."""
     keys = ("overall", "perAnswerType", "perQuestionType") if per_question_type else ("overall", "perAnswerType")
     return {**{key: results["image"][key] for key in keys},
             "controls": {c: {"overall": results[c]["overall"], "perAnswerType": results[c]["perAnswerType"]}
-                         for c in VQA_CONTROLS}}
+                         for c in VQA_CONTROLS},
+            "gap_closed": {rung: gap_closed(results["image"], results["blank"], result, per_question_type)
+                           for rung, result in rungs.items()}}
 
 
 def _write_vqa_files(folder: Path, run: _ModeRun) -> None:
@@ -288,7 +298,7 @@ def stage_inputs(params: EvaluateParams) -> dict:
                             "evaluate.plm")
     inputs: dict = {"student": params.student, "plm": params.plm, "teacher": params.teacher}
     for name, spec in params.benchmarks.items():
-        for field in ("images", "questions", "annotations"):
+        for field in BENCHMARK_FILES:
             if getattr(spec, field) is not None:
                 inputs[f"{name}.{field}"] = Path(getattr(spec, field))
     return inputs

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from vlkd.inference.asking import Asking
-from vlkd.models.infill import extract_infill, fill_prompt, generate_texts
+from vlkd.models.infill import extract_infill, fill_prompt, generate_infills
 from vlkd.models.student import Student
 
 
@@ -39,6 +39,7 @@ class Generator:
 
     def __init__(self, student: Student, plm: tuple, asking: Asking, max_new_tokens: int):
         self.student, self.plm, self.asking, self.max_new_tokens = student, plm, asking, max_new_tokens
+        self.forced = asking.decoding == "forced"
         self._answers: dict[tuple[int | None, str], str] = {}
         self._table: torch.Tensor | None = None
 
@@ -59,7 +60,7 @@ class Generator:
                 texts = self._text_only(texts_in)
             else:
                 texts = self.student.generate(features.table[long_tensor([row for row, _ in batch])], texts_in,
-                                              self.asking.num_beams, self.max_new_tokens)
+                                              self.asking.num_beams, self.max_new_tokens, self.forced)
             for key, text in zip(batch, texts, strict=True):
                 self._answers[key] = extract_infill(key[1], text)
         return [self._answers[key] for key in inputs]
@@ -67,8 +68,8 @@ class Generator:
     def _text_only(self, prompts: list[str]) -> list[str]:
         bart, tokenizer = self.plm
         encoded = tokenizer(prompts, return_tensors="pt", padding=True).to(bart.device)
-        return generate_texts(bart, tokenizer, dict(encoded), self.asking.num_beams,
-                              encoded.input_ids.shape[1] + self.max_new_tokens)
+        return generate_infills(bart, tokenizer, dict(encoded), prompts, self.asking.num_beams, self.max_new_tokens,
+                                self.forced)
 
 
 def described_answers(records: list[dict], prompts: list[str], features: FeatureRows | None, describer: Generator,

@@ -3,7 +3,7 @@ packaged model (vlkd-model.json), so its predictions are asked the way its score
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from vlkd.errors import VlkdError
 
@@ -19,16 +19,19 @@ class Asking:
     vqa_max_new_tokens: int
     caption_max_new_tokens: int
     batch_size: int
+    # free: BART rewrites the whole prompt and the answer is cut out of it; forced: the decoder is given the
+    # prompt up to its <mask> and writes only the answer. A model packaged before this field was asked freely.
+    decoding: str = "free"
 
     @classmethod
     def of(cls, settings: object, where: str = "evaluate") -> Asking:
         """The fields of `settings` (EvaluateParams, or a packaged model's record as a dict) that say how to ask."""
         values = settings if isinstance(settings, dict) else vars(settings)
-        missing = [f.name for f in fields(cls) if f.name not in values]
+        missing = [f.name for f in fields(cls) if f.name not in values and f.default is MISSING]
         if missing:
             raise VlkdError(f"{where} does not say how to ask the model ({', '.join(missing)} missing); package "
                             "the model again with `vlkd package`")
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -99,10 +99,55 @@ def _infill_end(suffix: str, text: str, start: int) -> int:
 
 
 @torch.no_grad()
-def generate_texts(bart, tokenizer, encoder_inputs: dict, num_beams: int, max_new_tokens: int) -> list[str]:
+def generate_texts(bart, tokenizer, encoder_inputs: dict, num_beams: int, max_new_tokens: int,
+                   forced: list[str] | None = None) -> list[str]:
     """Beam search of a BART from `encoder_inputs` (input_ids or inputs_embeds, and attention_mask), decoded
-    without special tokens; at most `max_new_tokens` tokens (capped at the model's positions)."""
-    limit = min(max_new_tokens, bart.config.max_position_embeddings)
+    without special tokens; at most `max_new_tokens` tokens (capped at the model's positions).
+
+    `forced`, one text per input: the decoder is made to start with that text (as BART's decoder starts a
+    rewrite: `</s> <s>` and its tokens) and beam search writes only what follows, `max_new_tokens` at most.
+    Inputs are generated in groups of equal forced length: BART's decoder has absolute positions, so a
+    padded start would shift them."""
     beams = {"num_beams": num_beams, "early_stopping": True} if num_beams > 1 else {"num_beams": 1}
-    output = bart.generate(**encoder_inputs, **beams, max_new_tokens=limit)
-    return tokenizer.batch_decode(output, skip_special_tokens=True)
+    if forced is None:
+        limit = min(max_new_tokens, bart.config.max_position_embeddings)
+        output = bart.generate(**encoder_inputs, **beams, max_new_tokens=limit)
+        return tokenizer.batch_decode(output, skip_special_tokens=True)
+    starts = [[bart.config.decoder_start_token_id] + tokenizer(text).input_ids[:-1] for text in forced]
+    groups: dict[int, list[int]] = {}
+    for row, start in enumerate(starts):
+        groups.setdefault(len(start), []).append(row)
+    texts: list[str] = [""] * len(starts)
+    for length, rows in sorted(groups.items()):
+        index = torch.tensor(rows, device=bart.device)
+        inputs = {name: tensor[index] for name, tensor in encoder_inputs.items()}
+        output = bart.generate(**inputs, decoder_input_ids=torch.tensor([starts[r] for r in rows], device=bart.device),
+                               **beams, max_new_tokens=max(1, min(max_new_tokens,
+                                                                  bart.config.max_position_embeddings - length)))
+        for row, text in zip(rows, tokenizer.batch_decode(output, skip_special_tokens=True), strict=True):
+            texts[row] = text
+    return texts
+
+
+def generate_infills(bart, tokenizer, encoder_inputs: dict, prompts: list[str], num_beams: int, max_new_tokens: int,
+                     forced: bool) -> list[str]:
+    """`generate_texts` for prompts with a `<mask>` (encoded in `encoder_inputs`), with the budget each way of
+    decoding needs for `max_new_tokens` of infill: free, the whole prompt rewritten; forced, the prompt up to
+    its mask given to the decoder, then the infill and the prompt's text after the mask."""
+    if not forced:
+        prompt_tokens = max(len(ids) for ids in tokenizer(prompts).input_ids)  # the padded prompts' length
+        return generate_texts(bart, tokenizer, encoder_inputs, num_beams, prompt_tokens + max_new_tokens)
+    return generate_texts(bart, tokenizer, encoder_inputs, num_beams,
+                          max_new_tokens + max(suffix_tokens(tokenizer, p) for p in prompts) + 1,
+                          forced=[forced_start(p) for p in prompts])
+
+
+def forced_start(prompt: str) -> str:
+    """What the decoder is made to write first under forced decoding: the prompt's text before its `<mask>`,
+    without the space before it (a byte-level BPE writes that space as part of the next word's token)."""
+    return prompt.split(MASK)[0].rstrip()
+
+
+def suffix_tokens(tokenizer, prompt: str) -> int:
+    """Tokens of the prompt's text after its `<mask>`, which a forced rewrite must still be able to write."""
+    return len(tokenizer(prompt.split(MASK)[1], add_special_tokens=False).input_ids)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, BartForConditionalGeneration, PreTrained
 
 from vlkd.errors import VlkdError, first_line
 from vlkd.io import write_json_atomic
-from vlkd.models.infill import generate_texts
+from vlkd.models.infill import generate_infills
 
 STUDENT_CONFIG = "vlkd-student.json"
 PROJECTIONS = "projections.safetensors"
@@ -109,10 +109,11 @@ class Student(nn.Module):
     # -- generation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, image_features: torch.Tensor | None, prompts: list[str], num_beams: int = 5,
-                 max_new_tokens: int = 30) -> list[str]:
+                 max_new_tokens: int = 30, forced: bool = False) -> list[str]:
         """Texts generated for `prompts` (each with a `<mask>`), with each image's prefix in front;
         `image_features` None: no prefix. BART rewrites the whole prompt with the mask filled in, so the
-        budget is the prompt's length plus `max_new_tokens` for the infill (`extract_infill` cuts it out)."""
+        budget is the prompt's length plus `max_new_tokens` for the infill (`extract_infill` cuts it out).
+        `forced`: the decoder is given the prompt up to its mask and writes only the rest (`generate_texts`)."""
         device = self.text_projection.weight.device
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(device)
         if image_features is None:
@@ -120,8 +121,7 @@ class Student(nn.Module):
         else:
             embeds, mask = self.encoder_inputs(encoded.input_ids, encoded.attention_mask, image_features.to(device))
             kwargs = {"inputs_embeds": embeds, "attention_mask": mask}
-        return generate_texts(self.bart, self.tokenizer, kwargs, num_beams,
-                              encoded.input_ids.shape[1] + max_new_tokens)
+        return generate_infills(self.bart, self.tokenizer, kwargs, prompts, num_beams, max_new_tokens, forced)
 
     # -- persistence ----------------------------------------------------------------------------------
     def projection_state(self) -> dict[str, torch.Tensor]:

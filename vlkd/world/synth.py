@@ -55,7 +55,7 @@ from vlkd.world.files import (
     write_scenes,
     write_urls,
 )
-from vlkd.world.language import caption_scene, text_corpus
+from vlkd.world.language import caption_scene, describe_scene, text_corpus
 from vlkd.world.noise import NOISE_KINDS, add_noise, is_noisy
 from vlkd.world.scenes import (
     BACKGROUNDS,
@@ -104,9 +104,15 @@ def _write_split(root: Path, split: str, scenes: Sequence[Scene], params: SynthP
         "questions": f"{prefix}vqa/questions.json",
         "annotations": f"{prefix}vqa/annotations.json",
         "captions": f"{prefix}captions/annotations.json",
+        "descriptions": f"{prefix}vqa/descriptions.json",
     }
     captions = [caption_scene(scene, rng, EVAL_CAPTIONS) for scene in scenes]
     write_json(root / entry["captions"], coco_captions(split, captions, params))
+    # The evaluation's top rung (vlkd.evaluate.ladder): each image's true scene in words, drawn from a stream of
+    # its own so that every other file stays as it was.
+    words = stream(params.seed, split, "descriptions")
+    write_json(root / entry["descriptions"], [{"image_id": image_id, "description": describe_scene(scene, words)}
+                                              for image_id, scene in enumerate(scenes)])
     questions, annotations = vqa_files(split, scenes, rng, params)
     write_json(root / entry["questions"], questions)
     write_json(root / entry["annotations"], annotations)
