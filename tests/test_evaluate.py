@@ -416,3 +416,14 @@ def test_the_ladder_reads_each_images_description_and_captions_and_closes_the_ga
             assert scores["gap_closed"][rung]["overall"] == expected, (mode, rung)
     assert set(metrics["gap_closed"]["description"]["perQuestionType"]) == set(metrics["perQuestionType"])
     assert "The ladder of ceilings" in (tmp_path / "eval" / "report.html").read_text()
+
+
+def test_forced_decoding_rewrites_every_prompt_and_free_decoding_reports_how_often_it_did(trained, tmp_path):
+    """`prompt_kept`: the share of direct-mode generations that wrote the prompt again before the answer
+    (the rewrite fidelity the paper's inference relies on); forced decoding gives the decoder the prompt."""
+    params = eval_params(trained, tmp_path / "free", vqa_modes=["direct"], num_beams=1)
+    params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
+    free = run.evaluate(params)["vqa"]
+    forced = run.evaluate(params.model_copy(update={"output": tmp_path / "forced", "decoding": "forced"}))["vqa"]
+    assert 0.0 <= free["prompt_kept"] <= 1.0 and free["modes"]["direct"]["prompt_kept"] == free["prompt_kept"]
+    assert forced["prompt_kept"] == 1.0

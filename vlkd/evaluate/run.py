@@ -117,9 +117,10 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     rungs = reading_rungs(name, spec, usable, prompts, questions, annotations, reader, params.plm, params.normalize)
     _write_predictions(folder / "ladder", {rung: result.pop("predictions") for rung, result in rungs.items()})
     headline = runs[params.vqa_modes[0]]
-    metrics = {**_mode_metrics(headline.results, rungs, per_question_type=True), "mode": params.vqa_modes[0],
+    metrics = {**_mode_metrics(headline.results, rungs, per_question_type=True), **_fidelity(headline),
+               "mode": params.vqa_modes[0],
                "questions": len(records), "images_not_decoded": len(image_ids) - len(row_of),
-               "modes": {mode: _mode_metrics(run.results, rungs) for mode, run in runs.items()},
+               "modes": {mode: {**_mode_metrics(run.results, rungs), **_fidelity(run)} for mode, run in runs.items()},
                "ladder": {rung: {key: result[key] for key in ("overall", "perAnswerType", "perQuestionType",
                                                               "images_without_text")}
                           for rung, result in rungs.items()}}
@@ -145,6 +146,7 @@ class _ModeRun:
     results: dict
     predictions: dict
     descriptions: dict
+    prompt_kept: float | None  # direct mode: the share of generations that rewrote the prompt before answering
 
     def answers(self) -> dict[int, dict]:
         """{question_id: {"answer", "score"}} with the image."""
@@ -159,7 +161,7 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
     """One way of asking (direct or describe) under every condition."""
     answerer = Generator(student, plm, Asking.of(params), params.vqa_max_new_tokens)  # direct, and describe's answers
     describer = Generator(student, plm, Asking.of(params), params.caption_max_new_tokens)
-    results, predictions, descriptions = {}, {}, {}
+    results, predictions, descriptions, prompt_kept = {}, {}, {}, None
     for condition, condition_features in conditions.items():
         what = f"{name} {mode} {condition}"
         if mode == "describe":
@@ -167,6 +169,8 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
                                                                   answerer, Asking.of(params), what)
         else:
             answers = answerer.answers(prompts, condition_features, what)
+            if condition == "image" and condition_features is not None:
+                prompt_kept = answerer.prompt_kept(prompts, condition_features)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
         # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
         predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
@@ -175,7 +179,7 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
                                        sources={"questions": str(spec.questions), "annotations": str(spec.annotations),
                                                 "predictions": f"{what} predictions"})
         log.info("%s: VQA accuracy %.2f", what, results[condition]["overall"])
-    return _ModeRun(results, predictions, descriptions)
+    return _ModeRun(results, predictions, descriptions, prompt_kept)
 
 
 def _mode_metrics(results: dict, rungs: dict, per_question_type: bool = False) -> dict:
@@ -187,6 +191,10 @@ def _mode_metrics(results: dict, rungs: dict, per_question_type: bool = False) -
                          for c in VQA_CONTROLS},
             "gap_closed": {rung: gap_closed(results["image"], results["blank"], result, per_question_type)
                            for rung, result in rungs.items()}}
+
+
+def _fidelity(run: _ModeRun) -> dict:
+    return {} if run.prompt_kept is None else {"prompt_kept": run.prompt_kept}
 
 
 def _write_vqa_files(folder: Path, run: _ModeRun) -> None:

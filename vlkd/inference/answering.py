@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from vlkd.inference.asking import Asking
-from vlkd.models.infill import extract_infill, fill_prompt, generate_infills
+from vlkd.models.infill import extract_infill, fill_prompt, generate_infills, rewrites_prompt
 from vlkd.models.student import Student
 
 
@@ -41,6 +41,7 @@ class Generator:
         self.student, self.plm, self.asking, self.max_new_tokens = student, plm, asking, max_new_tokens
         self.forced = asking.decoding == "forced"
         self._answers: dict[tuple[int | None, str], str] = {}
+        self._kept: dict[tuple[int | None, str], bool] = {}  # whether the generation rewrote the prompt first
         self._table: torch.Tensor | None = None
 
     def answers(self, prompts: list[str], features: FeatureRows | None, what: str) -> list[str]:
@@ -63,7 +64,14 @@ class Generator:
                                               self.asking.num_beams, self.max_new_tokens, self.forced)
             for key, text in zip(batch, texts, strict=True):
                 self._answers[key] = extract_infill(key[1], text)
+                self._kept[key] = rewrites_prompt(key[1], text)
         return [self._answers[key] for key in inputs]
+
+    def prompt_kept(self, prompts: list[str], features: FeatureRows) -> float:
+        """The share of these (already answered) inputs whose generation rewrote the prompt as given before
+        its answer: the rewrite fidelity the paper's inference relies on (1.0 under forced decoding)."""
+        keys = list(zip(features.rows.tolist(), prompts, strict=True))
+        return round(sum(self._kept[key] for key in keys) / max(1, len(keys)), 4)
 
     def _text_only(self, prompts: list[str]) -> list[str]:
         bart, tokenizer = self.plm

@@ -66,6 +66,12 @@ def extract_infill(prompt: str, generated: str) -> str:
     return generated[begin:finish].strip()
 
 
+def rewrites_prompt(prompt: str, generated: str) -> bool:
+    """Whether `generated` starts by writing `prompt`'s text before its `<mask>` again (case and whitespace
+    aside): BART's faithful rewrite of its input, which a student that writes a caption first does not do."""
+    return _squeeze(generated)[0].startswith(_squeeze(prompt.split(MASK)[0])[0])
+
+
 def _squeeze(text: str) -> tuple[str, list[int]]:
     """`text` lower-cased without whitespace, and for each kept character its index in `text`."""
     kept = [(index, char) for index, char in enumerate(text.lower()) if not char.isspace()]
