@@ -437,3 +437,38 @@ def test_changed_captions_of_downloaded_urls_are_counted_and_named(tmp_path, ima
     fresh = tmp_path / "fresh"
     download(with_lists, fresh, listed)
     assert download(with_lists, fresh, listed)["url_list"]["captions_changed"] == 0
+
+
+def test_a_list_read_in_many_batches_gives_the_folder_one_batch_gives(tmp_path, image_server):
+    """The list is read in record batches, several times (check, plan, account): duplicates, invalid rows,
+    failures and new rows spread over many batches give the bytes of reading it in one."""
+    urls = [image_server.url(f"/img/{i}.png") for i in range(12)] + [image_server.url("/404"), "not a url", ""]
+    urls += [image_server.url("/img/3.png"), image_server.url("/html"), image_server.url("/img/3.png")]
+    captions = [f"picture number {i}" for i in range(len(urls))]
+    captions[5] = ""
+    lists = [[caption, f"also {i}", ""] if i % 4 else None for i, caption in enumerate(captions)]
+    first = tmp_path / "v1.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": captions, "captions": lists}), first)
+    # the refresh: new rows at both ends and in the middle, one caption changed
+    urls2 = [image_server.url("/img/100.png"), *urls[:8], image_server.url("/img/101.png"), *urls[8:],
+             image_server.url("/img/102.png")]
+    captions2 = ["new 100", *captions[:8], "new 101", *captions[8:], "new 102"]
+    captions2[2] = "recaptioned"
+    second = tmp_path / "v2.parquet"
+    lists2 = [[caption, "other"] if i % 3 else None for i, caption in enumerate(captions2)]
+    pq.write_table(pa.table({"url": urls2, "caption": captions2, "captions": lists2}), second)
+    params = PARAMS.model_copy(update={"captions_col": "captions"})
+
+    def runs(output: Path, batch_size: int | None) -> list[dict]:
+        extra = {"batch_size": batch_size} if batch_size else {}
+        summaries = [download(first, output, params, **extra), download(second, output, params, **extra)]
+        for summary in summaries:
+            summary["this_run"].pop("seconds")
+        return summaries
+
+    in_batches_of_2 = runs(tmp_path / "small", 2)
+    whole = runs(tmp_path / "whole", None)
+    assert in_batches_of_2 == whole
+    assert folder_hashes(tmp_path / "small") == folder_hashes(tmp_path / "whole")
+    assert whole[0]["url_list"]["duplicates"] == 2 and whole[0]["url_list"]["invalid"] == 3
+    assert whole[1]["this_run"]["fetched"] == 3 and whole[1]["url_list"]["captions_changed"] > 1

@@ -20,21 +20,23 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlkd.config import DownloadParams
 from vlkd.corpus import shards
+from vlkd.corpus.accounting import FAILED, SUMMARY, outcomes_of, summarize, write_failed
+from vlkd.corpus.parquet_stream import ParquetStream
+from vlkd.corpus.row_check import BATCH_ROWS, CheckedRows, check_rows
 from vlkd.corpus.shard_writer import KeyOrderedWebDatasetWriter
-from vlkd.corpus.url_list import CheckedRows, check_rows, read_url_list
+from vlkd.corpus.url_list import open_url_list
 from vlkd.errors import VlkdError
-from vlkd.io import remove_path, tmp_path_for, write_json_atomic
+from vlkd.io import remove_path, write_json_atomic
 
 # img2dataset imports albumentations, which otherwise asks the network for a newer version.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -44,60 +46,68 @@ log = logging.getLogger(__name__)
 STAGING = "_staging"
 USER_AGENT_TOKEN = "vlkd"  # in the User-Agent, and the name an X-Robots-Tag directive can address
 PLAN, PLAN_ROWS, PLAN_LAYOUT = "_plan", "rows.parquet", "layout.json"  # under STAGING while a run fetches
-SUMMARY = "summary.json"
-FAILED = "failed.parquet"
 LOCK = ".lock"
-NOT_RECORDED = "not recorded by img2dataset (its shard failed); run again to retry"
 
 
-def download(url_list: Path, output: Path, params: DownloadParams, retry_failed: bool = False) -> dict:
+def download(url_list: Path, output: Path, params: DownloadParams, retry_failed: bool = False,
+             batch_size: int = BATCH_ROWS) -> dict:
     """Bring `output` up to date with `url_list`; returns the summary also written to summary.json, plus
-    `this_run` (what this run fetched and how long it took), which no file of the shards holds."""
+    `this_run` (what this run fetched and how long it took), which no file of the shards holds. The list is
+    read `batch_size` rows at a time."""
     started = time.perf_counter()
-    checked = check_rows(read_url_list(url_list, params), params)
+    checked = check_rows(open_url_list(url_list, params), params, batch_size)
     output.mkdir(parents=True, exist_ok=True)
     with _exclusive(output):
         staging = output / STAGING
         resumed, new_shards = _finish_interrupted_run(staging, output, params)
         ledger = shards.read_ledger(output)
-        pending = _rows_to_fetch(checked.valid, ledger.outcomes(), retry_failed)
-        changed = _captions_changed(checked.valid, ledger)
+        pending = _rows_to_fetch(checked, ledger, retry_failed)
+        fetching = int(np.count_nonzero(pending))
+        changed = _captions_changed(checked, ledger)
         if changed:
             log.warning("%d URL(s) of %s are in the shards with other captions than the list gives now; the shards "
                         "keep the captions they were downloaded with (downloads are incremental by URL); to take "
                         "the new captions, download into an empty --output", changed, url_list)
-        if pending.num_rows:
-            log.info("fetching %d new URL(s) of %d usable", pending.num_rows, checked.valid.num_rows)
-            new_shards += _fetch(pending, staging, output, shards.next_shard_id(output), params)
+        if fetching:
+            log.info("fetching %d new URL(s) of %d usable", fetching, checked.valid_count)
+            start_shard_id = shards.next_shard_id(output)
+            _write_plan(checked, pending, staging / PLAN, start_shard_id, params)
+            new_shards += _fetch(fetching, staging, output, start_shard_id, params)
         else:
-            log.info("all %d usable URL(s) are in the shards already", checked.valid.num_rows)
+            log.info("all %d usable URL(s) are in the shards already", checked.valid_count)
         staging.rmdir()
-        outcomes = shards.read_ledger(output).outcomes()
+        outcomes = outcomes_of(checked, shards.read_ledger(output))
         summary = summarize(checked, outcomes, output)
         summary["url_list"]["captions_changed"] = changed
-        _write_failed(checked, outcomes, output / FAILED)
+        write_failed(checked, outcomes, output / FAILED)
         write_json_atomic(output / SUMMARY, summary)
     summary["this_run"] = {
-        "fetched": resumed + pending.num_rows,
+        "fetched": resumed + fetching,
         "new_shards": new_shards,
         "seconds": round(time.perf_counter() - started, 3),
     }
     return summary
 
 
-def _fetch(rows: pa.Table, staging: Path, output: Path, start_shard_id: int,
-           params: DownloadParams, done: frozenset[int] = frozenset()) -> list[int]:
-    """Download `rows` into shards numbered from `start_shard_id` (but `done`) and move them into `output`.
+def _write_plan(checked: CheckedRows, pending: np.ndarray, plan: Path, start_shard_id: int,
+                params: DownloadParams) -> None:
+    """The rows to fetch (the usable rows where `pending`) and where their shards start, written before any
+    is fetched, so that a killed run is finished by the next one with the same row-to-shard assignment: a
+    resumed download gives the bytes an uninterrupted one would have."""
+    plan.mkdir(parents=True)
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string())]
+                       + ([("captions", pa.list_(pa.string()))] if checked.has_captions else []))
+    with ParquetStream(plan / PLAN_ROWS, schema) as rows:
+        for batch, _ in checked.valid_rows_where(pending):
+            rows.write(batch)
+    write_json_atomic(plan / PLAN_LAYOUT, {"start_shard_id": start_shard_id, "shard_size": params.shard_size})
 
-    The plan (the rows and where their shards start) is written first, so that a killed run is finished
-    by the next one with the same row-to-shard assignment: a resumed download gives the bytes an
-    uninterrupted one would have."""
-    plan = staging / PLAN
-    if not plan.is_dir():
-        plan.mkdir(parents=True)
-        pq.write_table(rows, plan / PLAN_ROWS)
-        write_json_atomic(plan / PLAN_LAYOUT, {"start_shard_id": start_shard_id, "shard_size": params.shard_size})
-    _run_img2dataset(plan / PLAN_ROWS, rows.num_rows, staging, start_shard_id, params, done)
+
+def _fetch(rows: int, staging: Path, output: Path, start_shard_id: int,
+           params: DownloadParams, done: frozenset[int] = frozenset()) -> list[int]:
+    """Download the plan's `rows` into shards numbered from `start_shard_id` (but `done`) and move them into
+    `output`."""
+    _run_img2dataset(staging / PLAN / PLAN_ROWS, rows, staging, start_shard_id, params, done)
     adopted = shards.adopt(staging, output)
     shards.reset_staging(staging)
     return adopted
@@ -116,7 +126,7 @@ def _finish_interrupted_run(staging: Path, output: Path,
         shards.reset_staging(staging)
         return 0, []
     rows, start = plan
-    planned = range(start, start + math.ceil(rows.num_rows / params.shard_size))
+    planned = range(start, start + math.ceil(rows / params.shard_size))
     done = frozenset(planned) & frozenset(shards.complete_shards(output))
     if len(done) == len(planned):
         shards.reset_staging(staging)
@@ -125,16 +135,18 @@ def _finish_interrupted_run(staging: Path, output: Path,
     for name in list(staging.iterdir()):
         if name.name != PLAN:
             remove_path(name)
-    fetched = sum(min(params.shard_size, rows.num_rows - (i - start) * params.shard_size)
+    fetched = sum(min(params.shard_size, rows - (i - start) * params.shard_size)
                   for i in planned if i not in done)
     return fetched, _fetch(rows, staging, output, start, params, done)
 
 
-def _read_plan(plan: Path, params: DownloadParams) -> tuple[pa.Table, int] | None:
-    """An interrupted run's plan, if there is a whole one that the current shard size can finish."""
+def _read_plan(plan: Path, params: DownloadParams) -> tuple[int, int] | None:
+    """An interrupted run's plan (its rows, its first shard), if there is a whole one that the current shard
+    size can finish. The rows file is written before the layout, so a plan with a layout has all its rows:
+    its footer says how many."""
     try:
         layout = json.loads((plan / PLAN_LAYOUT).read_text())
-        rows = pq.read_table(plan / PLAN_ROWS)
+        rows = pq.read_metadata(plan / PLAN_ROWS).num_rows
     except (OSError, ValueError, pa.ArrowException):
         return None
     if layout["shard_size"] != params.shard_size:
@@ -157,25 +169,23 @@ def _exclusive(output: Path) -> Iterator[None]:
         yield
 
 
-def _rows_to_fetch(valid: pa.Table, outcomes: dict[str, str | None], retry_failed: bool) -> pa.Table:
-    """Usable rows whose URL no shard holds yet (with `retry_failed`, also those that failed before)."""
-    done = [url for url, failure in outcomes.items() if failure is None or not retry_failed]
-    return valid.filter(pc.invert(pc.is_in(valid.column("url"), pa.array(done, pa.string()))))
+def _rows_to_fetch(checked: CheckedRows, ledger: shards.Ledger, retry_failed: bool) -> np.ndarray:
+    """Per usable row: no shard holds its URL yet (with `retry_failed`, or its latest attempt failed)."""
+    at = ledger.find(checked.valid_keys)
+    held = at >= 0
+    if retry_failed:
+        held[held] = ledger.outcomes[at[held]] == shards.SUCCESS
+    return ~held
 
 
-def _captions_changed(valid: pa.Table, ledger: shards.Ledger) -> int:
+def _captions_changed(checked: CheckedRows, ledger: shards.Ledger) -> int:
     """Rows whose URL the shards hold as a success, stored with another caption, or (when the list has a
     captions column) another caption list, than the row gives now."""
-    stored = ledger.table.filter(pc.equal(ledger.table.column("status"), "success"))
-    has_lists = "captions" in valid.column_names
-    by_url = {url: (caption, lists) for url, caption, lists in zip(
-        stored.column("url").to_pylist(), stored.column("caption").to_pylist(),
-        stored.column("captions").to_pylist() if "captions" in stored.column_names else [None] * stored.num_rows,
-        strict=True)}
-    rows = zip(valid.column("url").to_pylist(), valid.column("caption").to_pylist(),
-               valid.column("captions").to_pylist() if has_lists else [None] * valid.num_rows, strict=True)
-    return sum(url in by_url and (by_url[url][0] != caption or (has_lists and by_url[url][1] != lists))
-               for url, caption, lists in rows)
+    at = ledger.find(checked.valid_keys)
+    held = at >= 0
+    stored = (ledger.captions_keys if checked.has_captions else ledger.caption_keys)[at[held]]
+    success = ledger.outcomes[at[held]] == shards.SUCCESS
+    return int(np.count_nonzero(success & (stored != checked.caption_keys[held])))
 
 
 def _run_img2dataset(input_file: Path, rows: int, staging: Path, start_shard_id: int, params: DownloadParams,
@@ -238,54 +248,3 @@ def _check_engine(distributor: str) -> None:
                         f"({install}) or set download.distributor: multiprocessing")
     if distributor == "pyspark":
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-
-
-def summarize(checked: CheckedRows, outcomes: dict[str, str | None], output: Path) -> dict:
-    """Account for every row of the list, and roll up every shard of the folder."""
-    failures: Counter[str] = Counter()
-    successes = 0
-    for url in checked.valid.column("url").to_pylist():
-        reason = outcomes.get(url, NOT_RECORDED)
-        if reason is None:
-            successes += 1
-        else:
-            failures[reason] += 1
-    invalid = Counter(checked.invalid.column("reason").to_pylist())
-    stats = [json.loads((output / f"{i:05d}{shards.STATS_SUFFIX}").read_text())
-             for i in shards.complete_shards(output)]
-    summary = {
-        "url_list": {
-            "rows": checked.rows,
-            "successes": successes,
-            "failures": sum(failures.values()),
-            "duplicates": checked.duplicates,
-            "invalid": sum(invalid.values()),
-            "failures_by_reason": dict(failures.most_common()),
-            "invalid_by_reason": dict(invalid.most_common()),
-            **checked.caption_issues,
-        },
-        "shards": {
-            "count": len(stats),
-            "samples": sum(s["successes"] for s in stats),
-            "attempts": sum(s["count"] for s in stats),
-        },
-    }
-    url_list = summary["url_list"]
-    accounted = url_list["successes"] + url_list["failures"] + url_list["duplicates"] + url_list["invalid"]
-    assert accounted == checked.rows, f"row accounting is off: {accounted} != {checked.rows}"
-    return summary
-
-
-def _write_failed(checked: CheckedRows, outcomes: dict[str, str | None], path: Path) -> None:
-    """Every row of the list that yielded no sample, with its reason: failed downloads and invalid rows."""
-    valid = checked.valid
-    failed = [{"url": url, "caption": caption, "reason": outcomes.get(url, NOT_RECORDED), "kind": "download"}
-              for url, caption in zip(valid.column("url").to_pylist(), valid.column("caption").to_pylist(),
-                                      strict=True)
-              if outcomes.get(url, NOT_RECORDED) is not None]
-    failed += [{"url": row["url"], "caption": row["caption"], "reason": row["reason"], "kind": "invalid"}
-               for row in checked.invalid.to_pylist()]
-    schema = pa.schema([(name, pa.string()) for name in ("url", "caption", "reason", "kind")])
-    tmp = tmp_path_for(path)
-    pq.write_table(pa.Table.from_pylist(failed, schema=schema), tmp)
-    tmp.replace(path)

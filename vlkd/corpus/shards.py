@@ -14,9 +14,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow as pa
+import numpy as np
 import pyarrow.parquet as pq
 
+from vlkd.corpus.keys import CAPTION_KEY, URL_KEY, caption_keys, find, url_keys
 from vlkd.data.webdataset import STATS_SUFFIX
 from vlkd.io import write_json_atomic
 
@@ -28,19 +29,23 @@ RUN_FIELDS = ("start_time", "end_time", "duration")
 SHARD_SUFFIXES = (".tar", ".parquet", STATS_SUFFIX)  # the order in which a shard is moved into place
 
 
+SUCCESS = -1  # a ledger outcome: the URL's latest attempt gave a sample; other outcomes index `reasons`
+
+
 @dataclass(frozen=True)
 class Ledger:
-    """Every URL the shards hold, with the status of its latest attempt."""
+    """The latest attempt at every URL the shards hold, as arrays aligned with `keys` (keys.py): 36 bytes a
+    URL, where Python strings in a dict took about ten times that, and growing with every shard."""
 
-    table: pa.Table  # url, caption, key, status, error_message, shard[, captions] (one row per URL: the latest)
+    keys: np.ndarray  # URL keys, sorted, each once
+    outcomes: np.ndarray  # int32: SUCCESS, or the index of the failure's reason in `reasons`
+    reasons: list[str]  # failure reasons (`failure_reason`), each once
+    caption_keys: np.ndarray  # of the caption the sample was stored with
+    captions_keys: np.ndarray  # of the caption and caption list together (null for shards without lists)
 
-    def outcomes(self) -> dict[str, str | None]:
-        """URL -> None for a success, else the failure's reason (img2dataset's error, or its status)."""
-        return {
-            url: None if status == "success" else failure_reason(error or status)
-            for url, status, error in zip(*(self.table.column(c).to_pylist()
-                                            for c in ("url", "status", "error_message")), strict=True)
-        }
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """For each URL key, its index in the ledger, or -1 where the shards do not hold it."""
+        return find(self.keys, keys)
 
 
 # img2dataset's messages for common failures, and the line a person should read instead.
@@ -125,23 +130,27 @@ def next_shard_id(output: Path) -> int:
 def read_ledger(output: Path) -> Ledger:
     """The latest status of each URL over all complete shards (a retried URL's later shard wins), with the
     captions it was stored with (`captions` null for shards written without download.captions_col)."""
-    columns = ["url", "caption", "key", "status", "error_message"]
-    tables = []
-    for shard_id in complete_shards(output):
+    reasons: dict[str, int] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
+    # The latest shard first, each shard's rows in order: a URL's first row is then its latest attempt.
+    for shard_id in reversed(complete_shards(output)):
         path = output / f"{shard_id:05d}.parquet"
         listed = ["captions"] if "captions" in pq.read_schema(path).names else []
-        table = pq.read_table(path, columns=columns + listed)
-        tables.append(table.append_column("shard", pa.array([shard_id] * table.num_rows, pa.int64())))
-    if not tables:
-        schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
-                            ("status", pa.string()), ("error_message", pa.string()), ("shard", pa.int64())])
-        return Ledger(schema.empty_table())
-    every_attempt = pa.concat_tables(tables, promote_options="permissive")
-    # Sort so the latest attempt of a URL comes first, then keep the first row per URL.
-    ordered = every_attempt.sort_by([("url", "ascending"), ("shard", "descending")])
-    urls = ordered.column("url").to_pylist()
-    first = [i for i, url in enumerate(urls) if i == 0 or url != urls[i - 1]]
-    return Ledger(ordered.take(first))
+        table = pq.read_table(path, columns=["url", "caption", "status", "error_message", *listed])
+        outcomes = [SUCCESS if status == "success" else reasons.setdefault(failure_reason(error or status),
+                                                                           len(reasons))
+                    for status, error in zip(table.column("status").to_pylist(),
+                                             table.column("error_message").to_pylist(), strict=True)]
+        captions = table.column("caption").to_pylist()
+        lists = table.column("captions").to_pylist() if listed else [None] * table.num_rows
+        parts.append((url_keys(table.column("url")), np.array(outcomes, np.int32), caption_keys(captions),
+                      caption_keys(captions, lists)))
+    if not parts:
+        return Ledger(np.empty(0, URL_KEY), np.empty(0, np.int32), [], np.empty(0, CAPTION_KEY),
+                      np.empty(0, CAPTION_KEY))
+    keys, outcomes, captions, with_lists = (np.concatenate(columns) for columns in zip(*parts, strict=True))
+    keys, first = np.unique(keys, return_index=True)  # stable: the first row of each URL
+    return Ledger(keys, outcomes[first], list(reasons), captions[first], with_lists[first])
 
 
 def reset_staging(staging: Path) -> None:

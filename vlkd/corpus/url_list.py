@@ -1,17 +1,17 @@
-"""Reading a URL list (parquet, csv, tsv) and sorting its rows into valid, duplicate and invalid.
+"""Reading a URL list (parquet, csv, tsv) in record batches of its url, caption[, captions] columns.
 
-img2dataset reads lists itself, but it neither reports which rows it could not use nor deduplicates,
-and the accounting `successes + failures + duplicates + invalid = rows` needs both, so the rows are
-checked here and only the valid, new ones are handed to img2dataset.
+The list is read in batches rather than whole so that the download's memory does not grow with it (CC3M has
+3.3M rows, LAION-400M 400M); the download reads it more than once (checking, planning, accounting), which
+costs less than holding it. Lines of a csv/tsv that cannot be parsed are reported, never fatal.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -25,53 +25,97 @@ log = logging.getLogger(__name__)
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 
 
-@dataclass
-class CheckedRows:
-    """The rows of a URL list after checking, in input order."""
-
-    rows: int  # parsed rows plus lines that could not be parsed
-    valid: pa.Table  # url, caption[, captions]: first occurrence of each usable URL
-    invalid: pa.Table  # row, url, caption, reason
-    duplicates: int
-    caption_issues: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
+@dataclass(frozen=True)
 class UrlList:
-    table: pa.Table  # url, caption (strings, may be null)[, captions (lists of strings)]
-    malformed: list[dict]  # csv/tsv lines that could not be parsed: line, text, reason
+    """A URL list whose columns were found; `batches` reads it."""
+
+    path: Path
+    params: DownloadParams
+    fmt: str
+    has_captions: bool  # the list has the `captions_col` column
+    stamp: tuple[int, int]  # size and mtime when opened: a list that changes between reads is an error
+
+    def batches(self, batch_size: int, malformed: list[dict] | None = None) -> Iterator[pa.RecordBatch]:
+        """Batches of at most `batch_size` rows: url and caption as strings, with `has_captions` captions as
+        lists of strings. csv/tsv lines that cannot be parsed are skipped and, with `malformed`, appended to
+        it (line, text, reason)."""
+        try:
+            for batch in self._read(batch_size, malformed):
+                for start in range(0, batch.num_rows, batch_size):
+                    yield self._columns(batch.slice(start, batch_size))
+        except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
+            raise _unreadable(self.path, self.fmt, err) from err
+
+    def check_unchanged(self, rows_read: int | None = None, rows: int | None = None) -> None:
+        """Stop with one clear line if the file is not the one opened, or a read gave another row count."""
+        if _stamp(self.path) != self.stamp or rows_read != rows:
+            raise VlkdError(f"URL list {self.path} changed while the download was reading it; run the download "
+                            "again once the list is written")
+
+    def _read(self, batch_size: int, malformed: list[dict] | None) -> Iterator[pa.RecordBatch]:
+        names = self._wanted_columns()
+        if self.fmt == "parquet":
+            yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_size, columns=names)
+            return
+
+        def skip_malformed(row: pacsv.InvalidRow) -> str:
+            if malformed is not None:
+                malformed.append({"line": row.number, "text": row.text,
+                                  "reason": f"malformed line: expected {row.expected_columns} fields, "
+                                            f"got {row.actual_columns}"})
+            return "skip"
+
+        with _open_csv(self.path, self.fmt, self.params.column_names, skip_malformed) as reader:
+            for batch in reader:
+                yield batch.select(names)
+
+    def _wanted_columns(self) -> list[str]:
+        names = [self.params.url_col, self.params.caption_col]
+        return list(dict.fromkeys(names + ([self.params.captions_col] if self.has_captions else [])))
+
+    def _columns(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        columns = {"url": _as_strings(batch.column(self.params.url_col)),
+                   "caption": _as_strings(batch.column(self.params.caption_col))}
+        if self.has_captions:
+            columns["captions"] = _as_string_lists(batch.column(self.params.captions_col))
+        return pa.RecordBatch.from_pydict(columns)
 
 
-def read_url_list(path: Path, params: DownloadParams) -> UrlList:
-    """The list's url and caption columns as strings, renamed to `url` and `caption`, and with
-    `captions_col` set, that column as lists of strings, renamed to `captions`."""
+def open_url_list(path: Path, params: DownloadParams) -> UrlList:
+    """The list, after checking that it can be read and has the columns `params` names."""
     if not path.is_file():
         raise VlkdError(f"URL list {path} does not exist; check --url-list (or download.url_list)")
     fmt = _format_of(path, params.input_format)
     try:
-        table, malformed = _read_table(path, fmt, params.column_names)
+        schema = _schema(path, fmt, params.column_names)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
-        reason = str(err).splitlines()[0]
-        raise VlkdError(
-            f"cannot read URL list {path} as {fmt} ({reason}); check the file and --input-format"
-        ) from err
+        raise _unreadable(path, fmt, err) from err
     for option, column in (("--url-col", params.url_col), ("--caption-col", params.caption_col)):
-        if column not in table.column_names:
+        if column not in schema.names:
             hint = "" if params.column_names else " (a file without a header needs --column-names)"
             raise VlkdError(
-                f"URL list {path} has no column {column!r} (it has {table.column_names}); "
-                f"set {option}{hint}"
+                f"URL list {path} has no column {column!r} (it has {schema.names}); set {option}{hint}"
             )
-    if table.num_rows == 0 and not malformed:
-        raise VlkdError(f"URL list {path} has no rows; nothing to download")
-    columns = {"url": _as_strings(table.column(params.url_col)),
-               "caption": _as_strings(table.column(params.caption_col))}
-    if params.captions_col and params.captions_col not in table.column_names:
+    has_captions = bool(params.captions_col) and params.captions_col in schema.names
+    if params.captions_col and not has_captions:
         log.warning("URL list %s has no column %r (download.captions_col): one caption per image", path,
                     params.captions_col)
-    elif params.captions_col:
-        columns["captions"] = _as_string_lists(table.column(params.captions_col), path, params.captions_col)
-    return UrlList(pa.table(columns), malformed)
+    if has_captions:
+        kind = schema.field(params.captions_col).type
+        if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_string(kind)):
+            raise VlkdError(f"column {params.captions_col!r} of URL list {path} is {kind}, not a list of captions; "
+                            "point --captions-col at a list<string> column or leave it unset")
+    return UrlList(path, params, fmt, has_captions, _stamp(path))
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    status = path.stat()
+    return status.st_size, status.st_mtime_ns
+
+
+def _unreadable(path: Path, fmt: str, err: Exception) -> VlkdError:
+    reason = str(err).splitlines()[0]
+    return VlkdError(f"cannot read URL list {path} as {fmt} ({reason}); check the file and --input-format")
 
 
 def _format_of(path: Path, requested: str) -> str:
@@ -85,29 +129,24 @@ def _format_of(path: Path, requested: str) -> str:
     return fmt
 
 
-def _read_table(path: Path, fmt: str, column_names: list[str] | None) -> tuple[pa.Table, list[dict]]:
-    """The table, and the lines that could not be parsed (recorded as invalid rows, never fatal)."""
+def _schema(path: Path, fmt: str, column_names: list[str] | None) -> pa.Schema:
     if fmt == "parquet":
-        return pq.read_table(path), []
+        return pq.read_schema(path)
+    with _open_csv(path, fmt, column_names, lambda row: "skip") as reader:
+        return reader.schema
+
+
+def _open_csv(path: Path, fmt: str, column_names: list[str] | None, on_invalid_row) -> pacsv.CSVStreamingReader:
     delimiter = "\t" if fmt == "tsv" else ","
     names = column_names or _header(path, delimiter)
-    malformed: list[dict] = []
-
-    def skip_malformed(row: pacsv.InvalidRow) -> str:
-        malformed.append({"line": row.number, "text": row.text,
-                          "reason": f"malformed line: expected {row.expected_columns} fields, "
-                                    f"got {row.actual_columns}"})
-        return "skip"
-
-    table = pacsv.read_csv(
+    return pacsv.open_csv(
         path,
         # Single-threaded so that a malformed line is reported with its line number.
         read_options=pacsv.ReadOptions(column_names=column_names, use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip_malformed),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid_row),
         # Everything as text: a caption "2" or a numeric-looking id must stay a string.
         convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
     )
-    return table, malformed
 
 
 def _header(path: Path, delimiter: str) -> list[str]:
@@ -115,91 +154,15 @@ def _header(path: Path, delimiter: str) -> list[str]:
         return next(csv.reader(file, delimiter=delimiter), [])
 
 
-def _as_strings(column: pa.ChunkedArray) -> pa.ChunkedArray:
+def _as_strings(column: pa.Array) -> pa.Array:
     return column if pa.types.is_string(column.type) else column.cast(pa.string())
 
 
-def _as_string_lists(column: pa.ChunkedArray, path: Path, name: str) -> pa.ChunkedArray:
+def _as_string_lists(column: pa.Array) -> pa.Array:
     """A list column as lists of strings; a string column (csv, tsv) as one-caption lists."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        if not pa.types.is_string(column.type.value_type):
-            return column.cast(pa.list_(pa.string()))
-        return column
     if pa.types.is_string(column.type):
-        return pa.chunked_array([[[value] if value is not None else None for value in column.to_pylist()]],
-                                pa.list_(pa.string()))
-    raise VlkdError(f"column {name!r} of URL list {path} is {column.type}, not a list of captions; "
-                    "point --captions-col at a list<string> column or leave it unset")
-
-
-def _squeeze(caption: str | None) -> str:
-    return " ".join((caption or "").split())  # newlines and tabs would break .txt and tsv
-
-
-def _truncate(caption: str, params: DownloadParams, issues: dict[str, int]) -> str:
-    if len(caption) > params.max_caption_chars:
-        caption = caption[: params.max_caption_chars]
-        issues["captions_truncated"] += 1
-    return caption
-
-
-def check_rows(url_list: UrlList, params: DownloadParams) -> CheckedRows:
-    """Sort rows into usable, duplicate and invalid ones, and clean captions."""
-    table = url_list.table
-    seen: set[str] = set()
-    valid_urls, valid_captions, valid_lists = [], [], []
-    lists = (table.column("captions").to_pylist() if "captions" in table.column_names
-             else [None] * table.num_rows)
-    invalid = [{"row": None, "url": None, "caption": None, "reason": f"{bad['reason']} (line {bad['line']})"}
-               for bad in url_list.malformed]
-    duplicates = 0
-    issues = {"captions_truncated": 0, "captions_non_ascii": 0}
-    for row, (url, caption, others) in enumerate(zip(table.column("url").to_pylist(),
-                                                    table.column("caption").to_pylist(), lists, strict=True)):
-        url = (url or "").strip()
-        reason = _url_problem(url)
-        caption = _squeeze(caption)
-        if reason is None and not caption:
-            reason = "empty or missing caption"
-        if reason is not None:
-            invalid.append({"row": row, "url": url, "caption": caption, "reason": reason})
-            continue
-        if url in seen:
-            duplicates += 1
-            continue
-        seen.add(url)
-        caption = _truncate(caption, params, issues)
-        if not caption.isascii():
-            issues["captions_non_ascii"] += 1
-        valid_urls.append(url)
-        valid_captions.append(caption)
-        # The sample's every caption, its main one first; empty ones are dropped.
-        extra = [_truncate(_squeeze(text), params, issues) for text in others or []]
-        valid_lists.append(list(dict.fromkeys([caption, *filter(None, extra)])))
-    invalid_schema = pa.schema([("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
-                                ("reason", pa.string())])
-    valid = pa.table({"url": valid_urls, "caption": valid_captions},
-                     schema=pa.schema([("url", pa.string()), ("caption", pa.string())]))
-    if "captions" in table.column_names:
-        valid = valid.append_column("captions", pa.array(valid_lists, pa.list_(pa.string())))
-    return CheckedRows(
-        rows=table.num_rows + len(url_list.malformed),
-        valid=valid,
-        invalid=pa.Table.from_pylist(invalid, schema=invalid_schema),
-        duplicates=duplicates,
-        caption_issues=issues,
-    )
-
-
-def _url_problem(url: str) -> str | None:
-    if not url:
-        return "empty or missing url"
-    try:
-        parts = urlsplit(url)
-    except ValueError as err:
-        return f"malformed url ({err})"
-    if parts.scheme not in ("http", "https"):
-        return f"not an http(s) url (scheme {parts.scheme!r})" if parts.scheme else "not an http(s) url"
-    if not parts.netloc:
-        return "url has no host"
-    return None
+        return pa.array([[value] if value is not None else None for value in column.to_pylist()],
+                        pa.list_(pa.string()))
+    if not pa.types.is_string(column.type.value_type):
+        return column.cast(pa.list_(pa.string()))
+    return column
