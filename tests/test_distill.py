@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from click.testing import CliRunner
 from conftest import TEST_MODEL, make_random_teacher, make_tiny_plm
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from vlkd.cli import main
@@ -706,3 +707,22 @@ def test_distillation_with_caption_reading_lowers_it(setup, tmp_path, tiny_world
     means = [epoch["reading"] for epoch in metrics["this_run"]["epoch_means"]]
     assert set(metrics["final"]) == {"icti", "reading", "loss"}
     assert means[-1] < 0.9 * means[0], means
+
+
+def test_an_aligned_teacher_student_reads_the_captions_text_embedding_where_the_image_was(setup, tmp_path):
+    """The ladder's diagnostic rung: with aligned_teacher every objective gets the caption's text embedding in
+    place of the image embedding, and the student records it (evaluation then feeds it caption features)."""
+    student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=4))
+    batch = {"caption": ["a red circle", "a blue star"], "image_embedding": torch.eye(4)[:2],
+             "text_embedding": torch.eye(4)[2:]}
+    aligned = objective.model_inputs(batch, student, params(setup, tmp_path, aligned_teacher=True),
+                                     np.random.default_rng(0), torch.device("cpu"))
+    assert torch.equal(aligned["prefix_features"], batch["text_embedding"])
+    assert torch.equal(aligned["image_embedding"], batch["text_embedding"])
+    usual = objective.model_inputs(batch, student, params(setup, tmp_path), np.random.default_rng(0),
+                                   torch.device("cpu"))
+    assert torch.equal(usual["prefix_features"], batch["image_embedding"])
+    with pytest.raises(ValidationError, match="aligned_teacher"):
+        params(setup, tmp_path, aligned_teacher=True, prefix="patch")
+    train.distill(params(setup, tmp_path, aligned_teacher=True, epochs=1))
+    assert Student.from_pretrained(tmp_path / "student").config.aligned_teacher

@@ -18,6 +18,7 @@ from vlkd.data.feature_writer import Encoding, extract_features
 from vlkd.data.image_features import BLANK_KEY
 from vlkd.data.vqa_metric import score_vqa
 from vlkd.distill.train import distill
+from vlkd.errors import VlkdError
 from vlkd.evaluate import run
 from vlkd.evaluate.images import image_features
 from vlkd.evaluate.ladder import fitted_evidence, reading_length
@@ -26,7 +27,7 @@ from vlkd.io import sha256_file
 from vlkd.models import student as student_module
 from vlkd.models.infill import fill_prompt
 from vlkd.models.student import Student, load_language_model
-from vlkd.models.teacher import load_teacher
+from vlkd.models.teacher import load_teacher, resolve_teacher
 from vlkd.record import RECORD
 from vlkd.teacher.build import MANIFEST, SOURCE_FILE
 
@@ -130,18 +131,18 @@ def record_student_generation(monkeypatch) -> list[dict]:
     """Every Student.generate call of an evaluation, in order: its features (None: no image), prompts, the
     student, and the encoder inputs BART generated from."""
     calls: list[dict] = []
-    generate, generate_texts = Student.generate, student_module.generate_texts
+    generate, generate_infills = Student.generate, student_module.generate_infills
 
     def recording_generate(self, image_features, prompts, *args):
         calls.append({"student": self, "features": image_features, "prompts": list(prompts)})
         return generate(self, image_features, prompts, *args)
 
-    def recording_generate_texts(bart, tokenizer, encoder_inputs, *args):
+    def recording_generate_infills(bart, tokenizer, encoder_inputs, *args):
         calls[-1]["encoder"] = encoder_inputs
-        return generate_texts(bart, tokenizer, encoder_inputs, *args)
+        return generate_infills(bart, tokenizer, encoder_inputs, *args)
 
     monkeypatch.setattr(Student, "generate", recording_generate)
-    monkeypatch.setattr(student_module, "generate_texts", recording_generate_texts)
+    monkeypatch.setattr(student_module, "generate_infills", recording_generate_infills)
     return calls
 
 
@@ -425,5 +426,34 @@ def test_forced_decoding_rewrites_every_prompt_and_free_decoding_reports_how_oft
     params = params.model_copy(update={"benchmarks": {"vqa": params.benchmarks["vqa"]}})
     free = run.evaluate(params)["vqa"]
     forced = run.evaluate(params.model_copy(update={"output": tmp_path / "forced", "decoding": "forced"}))["vqa"]
-    assert 0.0 <= free["prompt_kept"] <= 1.0 and free["modes"]["direct"]["prompt_kept"] == free["prompt_kept"]
-    assert forced["prompt_kept"] == 1.0
+    assert free["modes"]["direct"]["prompt_kept"] == free["prompt_kept"]
+    assert set(free["prompt_kept"]) == {"image", "text_only"} and 0 <= free["prompt_kept"]["image"] <= 1
+    assert forced["prompt_kept"] == {"image": 1.0, "text_only": 1.0}
+
+
+def test_an_aligned_teacher_student_is_evaluated_on_each_images_first_caption_text_features(trained, tmp_path,
+                                                                                         monkeypatch):
+    """The ladder's diagnostic rung: a student distilled with aligned_teacher gets, for each image, the teacher's
+    normalised text embedding of its first reference caption, and of an empty caption for the blank control."""
+    world, teacher_dir, plm, root = trained
+    distill(DistillParams(features=root / "features", kept=None, plm=plm, output=tmp_path / "aligned",
+                          checkpoints=tmp_path / "ckpt", plots=tmp_path / "curves", epochs=1, batch_size=6,
+                          device="cpu", aligned_teacher=True))
+    params = eval_params(trained, tmp_path / "eval", student=tmp_path / "aligned", vqa_modes=["direct"], num_beams=1)
+    vqa = params.benchmarks["vqa"].model_copy(update={"captions": world / "captions" / "annotations.json"})
+    calls = record_student_generation(monkeypatch)
+    run.evaluate(params.model_copy(update={"benchmarks": {"vqa": vqa}}))
+
+    teacher = load_teacher(*resolve_teacher(teacher_dir))
+    first: dict[int, str] = {}
+    for annotation in json.loads((world / "captions" / "annotations.json").read_text())["annotations"]:
+        first.setdefault(annotation["image_id"], annotation["caption"])
+    questions = json.loads((world / "vqa" / "questions.json").read_text())["questions"]
+    with torch.no_grad():
+        texts = [first[q["image_id"]] for q in questions] + [""]
+        expected = torch.nn.functional.normalize(teacher.model.encode_text(teacher.tokenizer(texts)).float(), dim=-1)
+    fed = torch.cat([call["features"] for call in calls])
+    assert torch.allclose(fed[:len(questions)], expected[:-1], atol=1e-5)  # the image condition, question order
+    assert any(torch.allclose(row, expected[-1], atol=1e-5) for row in fed[len(questions):])  # the blank control
+    with pytest.raises(VlkdError, match="aligned_teacher.*captions"):
+        run.evaluate(params.model_copy(update={"output": tmp_path / "other"}))

@@ -220,6 +220,10 @@ class DistillParams(Section):
     plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
     prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding (pooled only)")
+    # A diagnostic, not a recipe (the ladder's `aligned` rung, vlkd.evaluate.ladder): every image embedding is
+    # replaced by the teacher's text embedding of the row's caption, as a perfectly aligned teacher would give;
+    # evaluation then feeds such a student the text embedding of each image's first reference caption.
+    aligned_teacher: bool = False
     ttdm_weight: float = Field(1.0, ge=0)
     itcl_weight: float = Field(1.0, ge=0)
     icti_weight: float = Field(1.0, ge=0)
@@ -258,6 +262,13 @@ class DistillParams(Section):
         if self.whole_caption_keep and not self.whole_caption_share:
             raise ValueError("whole_caption_keep applies to the captions masked whole, and whole_caption_share is 0; "
                              "set whole_caption_share above 0 or whole_caption_keep to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _aligned_teacher_needs_the_pooled_prefix(self) -> DistillParams:
+        if self.aligned_teacher and self.prefix != "pooled":
+            raise ValueError("aligned_teacher stands the caption's text embedding in for the pooled image embedding; "
+                             "image tokens have no text counterpart: set prefix: pooled or aligned_teacher: false")
         return self
 
     @model_validator(mode="after")

@@ -110,10 +110,11 @@ def model_inputs(batch: dict, student: Student, params: DistillParams, noise: np
                                                                 padding=True, return_tensors="pt")
     noisy = noisy_batch(_unpadded(infill), tokenizer, params.mask_ratio, params.poisson_lambda, noise,
                         params.whole_caption_share, params.whole_caption_keep)
-    prefix = batch["image_tokens"] if params.prefix == "patch" else batch.get("image_embedding")
+    image = batch.get("text_embedding" if params.aligned_teacher else "image_embedding")
+    prefix = batch["image_tokens"] if params.prefix == "patch" else image
     inputs = {"text_ids": encoded.input_ids, "text_mask": encoded.attention_mask, "noisy_ids": noisy["input_ids"],
               "noisy_mask": noisy["attention_mask"], "labels": noisy["labels"], "prefix_features": prefix,
-              "image_embedding": batch.get("image_embedding"), "text_embedding": batch.get("text_embedding")}
+              "image_embedding": image, "text_embedding": batch.get("text_embedding")}
     return {name: None if value is None else value.to(device, non_blocking=True) for name, value in inputs.items()}
 
 

@@ -23,10 +23,10 @@ logger = logging.getLogger(__name__)
 def needed_columns(params: DistillParams, store: FeatureStore) -> list[str]:
     names = set(pq.read_schema(store.files[0]).names)
     needed = {"image_embedding"}
-    if params.ttdm_weight:
+    if params.ttdm_weight or params.aligned_teacher:
         if "text_embedding" not in names:
-            raise VlkdError(f"{store.files[0]} has no text_embedding column, which TTDM needs; re-extract the "
-                            "features or set distill.ttdm_weight: 0")
+            raise VlkdError(f"{store.files[0]} has no text_embedding column, which TTDM and aligned_teacher need; "
+                            "re-extract the features or set distill.ttdm_weight: 0 and aligned_teacher: false")
         needed.add("text_embedding")
     if (params.icti_weight or params.reading_weight) and "captions" in names:
         needed.add("captions")
@@ -46,6 +46,9 @@ def build_student(params: DistillParams, store: FeatureStore, init: Path | None)
         except VlkdError as err:  # after a change of teacher, the usual way out is a new student
             raise VlkdError(f"{err}; or, for a new student of this teacher, empty distill.init {init} (keep its "
                             "README.md) or set distill.init: null") from err
+        if student.config.aligned_teacher != params.aligned_teacher:
+            raise VlkdError(f"the student in {init} was distilled with aligned_teacher "
+                            f"{student.config.aligned_teacher}, not {params.aligned_teacher}; drop distill.init")
         if student.config.prefix != params.prefix:
             raise VlkdError(f"the student in {init} has a {student.config.prefix} prefix, not "
                             f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
@@ -55,7 +58,8 @@ def build_student(params: DistillParams, store: FeatureStore, init: Path | None)
         visual_width = pq.read_schema(store.files[0]).field("image_tokens").type.value_type.list_size
     config = StudentConfig(teacher=store.teacher, embed_dim=store.embed_dim, prefix=params.prefix,
                            prefix_tokens=params.prefix_tokens, visual_width=visual_width,
-                           itcl_temperature=params.itcl_temperature, plm=plm_manifest(params.plm))
+                           itcl_temperature=params.itcl_temperature, plm=plm_manifest(params.plm),
+                           aligned_teacher=params.aligned_teacher)
     student = Student.from_language_model(params.plm, config)
     student.logit_scale.requires_grad_(params.itcl_learnable_temperature)
     return student

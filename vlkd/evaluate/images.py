@@ -39,6 +39,28 @@ def image_features(spec: BenchmarkSpec, image_ids: list[int], teacher: Teacher, 
     return {image_id: by_key[str(image_id)] for image_id in image_ids if str(image_id) in by_key}, blank
 
 
+@torch.inference_mode()
+def caption_features(captions: Path, image_ids: list[int], teacher: Teacher) -> tuple[dict[int, torch.Tensor],
+                                                                                      torch.Tensor]:
+    """For a student distilled with `aligned_teacher` (a diagnostic): the teacher's normalised text embedding of
+    each image's first reference caption (COCO caption annotations) in place of its image embedding, and of an
+    empty caption for the blank control. Images without a caption are left out, as undecodable ones are."""
+    from vlkd.evaluate.ladder import read_references  # the ladder's reader of the same files
+
+    references = read_references(captions)
+    kept = [image_id for image_id in image_ids if references.get(image_id)]
+    if len(kept) < len(image_ids):
+        log.warning("%d evaluation image(s) have no caption in %s and are left out", len(image_ids) - len(kept),
+                    captions)
+    model = teacher.model
+    texts = [references[image_id][0] for image_id in kept] + [""]
+    run_on = next(model.parameters()).device
+    embedded = torch.cat([model.encode_text(teacher.tokenizer(texts[begin:begin + 256]).to(run_on)).float()
+                          for begin in range(0, len(texts), 256)])
+    embedded = torch.nn.functional.normalize(embedded, dim=-1).cpu()
+    return dict(zip(kept, embedded[:-1], strict=True)), embedded[-1]
+
+
 def _content_key(files: dict[int, Path]) -> str:
     """Names the cache entry after what is in it: image ids, file names, sizes and modification times."""
     record = [(image_id, str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns)

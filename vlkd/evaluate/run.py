@@ -37,7 +37,7 @@ from vlkd.data.text import read_documents
 from vlkd.data.vqa_metric import question_type_prior, read_json, score_vqa
 from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
-from vlkd.evaluate.images import image_features
+from vlkd.evaluate.images import caption_features, image_features
 from vlkd.evaluate.ladder import gap_closed, reading_rungs
 from vlkd.evaluate.report import caption_samples, vqa_samples, write_report
 from vlkd.inference.answering import (
@@ -99,8 +99,7 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
     if not isinstance(records, list):
         raise VlkdError(f"{spec.questions} has no \"questions\" list; use the VQAv2 questions format")
     image_ids = sorted({record["image_id"] for record in records})
-    table, row_of = _per_image_table(*image_features(spec, image_ids, teacher, params.cache / name,
-                                                     student.config.prefix == "patch", params.device))
+    table, row_of = _per_image_table(*_benchmark_features(name, spec, image_ids, teacher, student, params))
     usable = [record for record in records if record["image_id"] in row_of]
     prompts = [fill_prompt(params.vqa_prompt, question=record["question"]) for record in usable]
     conditions = _vqa_conditions(table, row_of, usable, _derangement(image_ids, params.seed))
@@ -146,7 +145,9 @@ class _ModeRun:
     results: dict
     predictions: dict
     descriptions: dict
-    prompt_kept: float | None  # direct mode: the share of generations that rewrote the prompt before answering
+    # direct mode: the share of generations that rewrote the prompt before answering, the student's (image) and
+    # the language model's before distillation (text_only)
+    prompt_kept: dict
 
     def answers(self) -> dict[int, dict]:
         """{question_id: {"answer", "score"}} with the image."""
@@ -161,7 +162,7 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
     """One way of asking (direct or describe) under every condition."""
     answerer = Generator(student, plm, Asking.of(params), params.vqa_max_new_tokens)  # direct, and describe's answers
     describer = Generator(student, plm, Asking.of(params), params.caption_max_new_tokens)
-    results, predictions, descriptions, prompt_kept = {}, {}, {}, None
+    results, predictions, descriptions, prompt_kept = {}, {}, {}, {}
     for condition, condition_features in conditions.items():
         what = f"{name} {mode} {condition}"
         if mode == "describe":
@@ -169,8 +170,8 @@ def _vqa_mode(mode: str, name: str, spec: BenchmarkSpec, questions: dict, annota
                                                                   answerer, Asking.of(params), what)
         else:
             answers = answerer.answers(prompts, condition_features, what)
-            if condition == "image" and condition_features is not None:
-                prompt_kept = answerer.prompt_kept(prompts, condition_features)
+            if condition in ("image", "text_only"):
+                prompt_kept[condition] = answerer.prompt_kept(prompts, condition_features)
         by_id = {record["question_id"]: answer for record, answer in zip(usable, answers, strict=True)}
         # Questions whose image could not be decoded get an empty answer: counted and scored 0, not dropped.
         predictions[condition] = [{"question_id": r["question_id"], "answer": by_id.get(r["question_id"], "")}
@@ -194,7 +195,7 @@ def _mode_metrics(results: dict, rungs: dict, per_question_type: bool = False) -
 
 
 def _fidelity(run: _ModeRun) -> dict:
-    return {} if run.prompt_kept is None else {"prompt_kept": run.prompt_kept}
+    return {"prompt_kept": run.prompt_kept} if run.prompt_kept else {}
 
 
 def _write_vqa_files(folder: Path, run: _ModeRun) -> None:
@@ -226,8 +227,7 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
     if not isinstance(images, list):
         raise VlkdError(f"{spec.annotations} has no \"images\" list; use the COCO captions format")
     image_ids = sorted(image["id"] for image in images)
-    table, row_of = _per_image_table(*image_features(spec, image_ids, teacher, params.cache / name,
-                                                     student.config.prefix == "patch", params.device))
+    table, row_of = _per_image_table(*_benchmark_features(name, spec, image_ids, teacher, student, params))
     usable = [image_id for image_id in image_ids if image_id in row_of]
     prompt = fill_prompt(params.caption_prompt)
     blank_rows = torch.full((len(usable),), len(table) - 1, dtype=torch.long)
@@ -266,6 +266,21 @@ def _retention(params: EvaluateParams, student: Student, plm: tuple, device: tor
 
 
 # -- helpers -------------------------------------------------------------------------------------------------
+def _benchmark_features(name: str, spec: BenchmarkSpec, image_ids: list[int], teacher, student: Student,
+                        params: EvaluateParams) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """The teacher's features of each image and of the blank image; for a student distilled with
+    `aligned_teacher` (the ladder's diagnostic rung), its text features of each image's first caption."""
+    if not student.config.aligned_teacher:
+        return image_features(spec, image_ids, teacher, params.cache / name, student.config.prefix == "patch",
+                              params.device)
+    captions = spec.captions if spec.task == "vqa" else spec.annotations
+    if captions is None:
+        raise VlkdError(f"{params.student} was distilled with aligned_teacher: it reads a caption's text features "
+                        f"in place of an image's, and benchmark {name} has no `captions`; add them or evaluate "
+                        "another student")
+    return caption_features(captions, image_ids, teacher)
+
+
 def _per_image_table(features: dict[int, torch.Tensor], blank: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
     """Every decoded image's features once, in image id order, with the blank image's as the last row
     ([images + 1, ...]), and each image id's row. Called on `image_features`' result directly, so its

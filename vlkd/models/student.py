@@ -42,6 +42,7 @@ class StudentConfig:
     visual_width: int = 0  # input width of W_v: embed_dim (pooled) or the patch tokens' width
     itcl_temperature: float = 0.01
     plm: dict = field(default_factory=dict)  # the language model's manifest (name, source, sha256)
+    aligned_teacher: bool = False  # a diagnostic student: distilled with captions' text embeddings for images
     format: int = FORMAT
 
     def __post_init__(self):
