@@ -726,3 +726,14 @@ def test_an_aligned_teacher_student_reads_the_captions_text_embedding_where_the_
         params(setup, tmp_path, aligned_teacher=True, prefix="patch")
     train.distill(params(setup, tmp_path, aligned_teacher=True, epochs=1))
     assert Student.from_pretrained(tmp_path / "student").config.aligned_teacher
+
+
+def test_the_language_model_can_train_at_its_own_rate_and_the_projections_at_lr(setup, tmp_path):
+    student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8))
+    rates = train._rates(params(setup, tmp_path, lr=1e-3, language_model_lr=1e-4))
+    groups = Optimization(student, 1e-3, 0.01, 0, 10, lr_multipliers=rates).optimizer.param_groups
+    rate_of = {id(p): group["initial_lr"] for group in groups for p in group["params"]}
+    for name, param in student.named_parameters():
+        if param.requires_grad:
+            assert rate_of[id(param)] == pytest.approx(1e-4 if name.startswith("bart.") else 1e-3), name
+    assert train._rates(params(setup, tmp_path)) is None

@@ -247,6 +247,9 @@ class DistillParams(Section):
     batch_size: int = Field(64, ge=2)
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(5e-4, gt=0)
+    # The language model's own weights at this rate, the new projections (W_t, W_v) at `lr`; null: everything
+    # at `lr`. The paper trains both and does not give their rates.
+    language_model_lr: float | None = Field(None, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(50, ge=0)
     schedule: Literal["cosine", "linear"] = "cosine"

@@ -110,7 +110,7 @@ def _distill(params: DistillParams, ranks: Ranks) -> dict:
     # warmup as long as the run would end it at its peak learning rate, undecayed.
     warmup = min(params.warmup_steps, total_steps // 10)
     optimization = Optimization(student, params.lr, params.weight_decay, warmup, total_steps,
-                                params.schedule, params.max_grad_norm)
+                                params.schedule, params.max_grad_norm, lr_multipliers=_rates(params))
     checkpoint = Checkpoint(params.checkpoints / _run_key(params, selection, record)[:16] / CHECKPOINT)
     start_step, _ = checkpoint.resume(student, optimization, ranks.device)
     live = _open_live(params.plots, start_step) if ranks.is_main else None
@@ -301,6 +301,11 @@ def _precision(params: DistillParams, device: torch.device) -> str:
     if params.precision == "bf16" and device.type != "cuda":
         raise VlkdError("distill.precision bf16 needs a CUDA device; use auto or fp32 on CPU")
     return resolve_precision(params.precision, device)
+
+
+def _rates(params: DistillParams) -> dict[str, float] | None:
+    """The language model's parameters (the student's `bart.`) at distill.language_model_lr, if set."""
+    return None if params.language_model_lr is None else {"bart.": params.language_model_lr / params.lr}
 
 
 def _open_live(folder: Path, start_step: int):
