@@ -191,7 +191,7 @@ def test_the_ledger_holds_each_urls_latest_attempt(tmp_path):
                               row("d", "failed_to_resize", None)], with_lists=True)
     write_shard(tmp_path, 2, [row("c", "failed_to_download", "Image decoding error")])
     (tmp_path / "00003.parquet").write_bytes(b"a shard without its stats file: not complete, not read")
-    ledger = shards.read_ledger(tmp_path)
+    ledger = shards.read_ledger(tmp_path, "caption and list")
 
     at = ledger.find(url_keys(pa.array(list("abcde"))))
     outcomes = [None if i < 0 else ledger.outcomes[i] for i in at]
@@ -199,8 +199,9 @@ def test_the_ledger_holds_each_urls_latest_attempt(tmp_path):
     assert reasons == [shards.SUCCESS, shards.SUCCESS, "not a decodable image (HTML page, truncated or corrupt file)",
                        "failed_to_resize", None]
     assert len(ledger.keys) == 4 and list(ledger.keys) == sorted(ledger.keys)
-    assert list(ledger.captions_keys[at[:2]]) == list(caption_keys(["new", "c"], [["new", "x"], None]))
-    assert list(ledger.caption_keys[at[:2]]) == list(caption_keys(["new", "c"]))
+    assert list(ledger.caption_keys[at[:2]]) == list(caption_keys(["new", "c"], [["new", "x"], None]))
+    assert list(shards.read_ledger(tmp_path, "caption").caption_keys[at[:2]]) == list(caption_keys(["new", "c"]))
+    assert not len(shards.read_ledger(tmp_path).caption_keys)
 
 
 def digest(path) -> str:

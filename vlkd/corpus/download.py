@@ -60,10 +60,11 @@ def download(url_list: Path, output: Path, params: DownloadParams, retry_failed:
     with _exclusive(output):
         staging = output / STAGING
         resumed, new_shards = _finish_interrupted_run(staging, output, params)
-        ledger = shards.read_ledger(output)
+        ledger = shards.read_ledger(output, "caption and list" if checked.has_captions else "caption")
         pending = _rows_to_fetch(checked, ledger, retry_failed)
         fetching = int(np.count_nonzero(pending))
         changed = _captions_changed(checked, ledger)
+        del ledger  # the fetch adds shards: the accounting reads the ledger again, and need not hold both
         if changed:
             log.warning("%d URL(s) of %s are in the shards with other captions than the list gives now; the shards "
                         "keep the captions they were downloaded with (downloads are incremental by URL); to take "
@@ -183,7 +184,7 @@ def _captions_changed(checked: CheckedRows, ledger: shards.Ledger) -> int:
     captions column) another caption list, than the row gives now."""
     at = ledger.find(checked.valid_keys)
     held = at >= 0
-    stored = (ledger.captions_keys if checked.has_captions else ledger.caption_keys)[at[held]]
+    stored = ledger.caption_keys[at[held]]  # read as the list has them: with caption lists or without
     success = ledger.outcomes[at[held]] == shards.SUCCESS
     return int(np.count_nonzero(success & (stored != checked.caption_keys[held])))
 

@@ -23,7 +23,9 @@ from vlkd.corpus.keys import caption_keys, url_keys
 from vlkd.corpus.url_list import UrlList
 from vlkd.errors import VlkdError
 
-BATCH_ROWS = 65_536  # rows read at a time: about 16 MB of a web list in Arrow (URL and caption ~250 bytes)
+# Rows read at a time: about 1 MB of a web list in Arrow, a few MB of Python strings while keys are computed.
+# Measured on 2 cores, a 1M-row list: 4,096 peaked 60 MB below 16,384, in about the same seconds.
+BATCH_ROWS = 4096
 
 # What str.isspace() calls whitespace: Python's strip() and split() cleaned URLs and captions before, and the
 # Arrow kernels below must clean them the same (tests/test_row_check.py holds this list to Python's).
@@ -62,28 +64,29 @@ class CheckedRows:
 
     def valid_batches(self) -> Iterator[pa.Table]:
         """The usable rows, read again and cleaned as they were checked: url, caption[, captions]."""
-        self.url_list.check_unchanged()
-        start = 0
-        for batch in self.url_list.batches(self.batch_size):
-            if start + batch.num_rows > len(self.usable):
-                self.url_list.check_unchanged(start + batch.num_rows, len(self.usable))
-            usable = self.usable[start:start + batch.num_rows]
-            start += batch.num_rows
-            if usable.any():
-                yield _usable_columns(batch.filter(pa.array(usable)), self.url_list.params)[0]
-        self.url_list.check_unchanged(start, len(self.usable))
+        for rows, _ in self.valid_rows_where(np.ones(self.valid_count, bool)):
+            yield rows
 
     def valid_rows_where(self, wanted: np.ndarray) -> Iterator[tuple[pa.Table, np.ndarray]]:
-        """The usable rows where `wanted` (a flag per usable row), batch by batch, with their numbers among the
-        usable rows. The list is read again only if some row is wanted."""
+        """The usable rows where `wanted` (a flag per usable row), read again and cleaned as they were checked,
+        batch by batch, with their numbers among the usable rows. Only those rows are cleaned, and the list is
+        read only if some row is wanted."""
         if not wanted.any():
             return
-        start = 0
-        for batch in self.valid_batches():
-            picked = wanted[start:start + batch.num_rows]
-            if picked.any():
-                yield batch.filter(pa.array(picked)), start + np.flatnonzero(picked)
-            start += batch.num_rows
+        self.url_list.check_unchanged()
+        read = before = 0  # rows read, usable rows before this batch
+        for batch in self.url_list.batches(self.batch_size):
+            if read + batch.num_rows > len(self.usable):
+                self.url_list.check_unchanged(read + batch.num_rows, len(self.usable))
+            usable = np.flatnonzero(self.usable[read:read + batch.num_rows])
+            read += batch.num_rows
+            picked = np.flatnonzero(wanted[before:before + len(usable)])
+            if len(picked):
+                keep = np.zeros(batch.num_rows, bool)
+                keep[usable[picked]] = True
+                yield _usable_columns(batch.filter(pa.array(keep)), self.url_list.params)[0], before + picked
+            before += len(usable)
+        self.url_list.check_unchanged(read, len(self.usable))
 
 
 def check_rows(url_list: UrlList, params: DownloadParams, batch_size: int = BATCH_ROWS) -> CheckedRows:
@@ -162,29 +165,40 @@ def _usable_columns(batch: pa.RecordBatch, params: DownloadParams) -> tuple[pa.T
     columns = {"url": url, "caption": caption}
     truncated = truncated.astype(np.int64)
     if "captions" in batch.schema.names:
-        # Order-preserving deduplication within each list has no Arrow kernel; this is per batch, and only for
-        # lists that have a captions column.
-        lists = []
-        for row, (main, others) in enumerate(zip(caption.to_pylist(), batch.column("captions").to_pylist(),
-                                                 strict=True)):
-            extra = [_squeeze(text) for text in others or []]
-            truncated[row] += sum(len(text) > params.max_caption_chars for text in extra)
-            extra = [text[: params.max_caption_chars] for text in extra]
-            # The sample's every caption, its main one first; empty ones are dropped.
-            lists.append(list(dict.fromkeys([main, *filter(None, extra)])))
-        columns["captions"] = pa.array(lists, pa.list_(pa.string()))
+        columns["captions"], truncated_extras = _caption_lists(caption, batch.column("captions"),
+                                                               params.max_caption_chars)
+        truncated += truncated_extras
     schema = pa.schema([(name, column.type) for name, column in columns.items()])
     return pa.table(columns, schema=schema), truncated
 
 
+def _caption_lists(main: pa.Array, lists: pa.Array, max_chars: int) -> tuple[pa.Array, np.ndarray]:
+    """Each row's every caption, its main one first, the others cleaned and truncated as the main one, empty
+    ones and repeats dropped (the first kept); and per row, how many of the others were truncated."""
+    rows = len(main)
+    extra = _squeezed(pc.list_flatten(lists))  # a null list has no captions, a null caption is empty
+    parent = pc.list_parent_indices(lists).to_numpy()
+    too_long = pc.greater(pc.utf8_length(extra), max_chars).to_numpy(zero_copy_only=False)
+    truncated = np.bincount(parent, weights=too_long, minlength=rows).astype(np.int64)
+    extra = pc.utf8_slice_codeunits(extra, 0, max_chars)
+    # Candidates (row, position, text): the main caption at position -1, then the others in list order.
+    position = np.arange(len(parent)) - np.searchsorted(parent, parent)  # `parent` ascends
+    candidates = pa.table({"row": np.concatenate([np.arange(rows), parent]),
+                           "position": np.concatenate([np.full(rows, -1), position]),
+                           "text": pa.concat_arrays([main, extra])})
+    candidates = candidates.filter(pc.not_equal(candidates.column("text"), ""))
+    firsts = candidates.group_by(["row", "text"]).aggregate([("position", "min")])
+    firsts = firsts.sort_by([("row", "ascending"), ("position_min", "ascending")])
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(firsts.column("row").to_numpy(), minlength=rows))])
+    texts = firsts.column("text").combine_chunks()
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), texts), truncated
+
+
 def _squeezed(captions: pa.Array) -> pa.Array:
-    """`_squeeze` in Arrow: whitespace runs to one space, none at the ends, a missing caption empty."""
+    """Python's `" ".join((caption or "").split())` in Arrow: whitespace runs to one space, none at the ends
+    (newlines and tabs would break .txt and tsv), a missing caption empty."""
     trimmed = pc.utf8_trim(pc.fill_null(captions, ""), characters=WHITESPACE)
     return pc.replace_substring_regex(trimmed, pattern=_WHITESPACE_RUN, replacement=" ")
-
-
-def _squeeze(caption: str | None) -> str:
-    return " ".join((caption or "").split())  # newlines and tabs would break .txt and tsv
 
 
 def _url_problems(urls: pa.Array) -> pa.Array:

@@ -13,8 +13,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlkd.corpus.keys import CAPTION_KEY, URL_KEY, caption_keys, find, url_keys
@@ -40,8 +42,7 @@ class Ledger:
     keys: np.ndarray  # URL keys, sorted, each once
     outcomes: np.ndarray  # int32: SUCCESS, or the index of the failure's reason in `reasons`
     reasons: list[str]  # failure reasons (`failure_reason`), each once
-    caption_keys: np.ndarray  # of the caption the sample was stored with
-    captions_keys: np.ndarray  # of the caption and caption list together (null for shards without lists)
+    caption_keys: np.ndarray  # of what the URL was stored with, as `read_ledger` was asked (else empty)
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """For each URL key, its index in the ledger, or -1 where the shards do not hold it."""
@@ -127,30 +128,40 @@ def next_shard_id(output: Path) -> int:
     return max(shard_ids(output), default=-1) + 1
 
 
-def read_ledger(output: Path) -> Ledger:
-    """The latest status of each URL over all complete shards (a retried URL's later shard wins), with the
-    captions it was stored with (`captions` null for shards written without download.captions_col)."""
+def read_ledger(output: Path, captions: Literal["caption", "caption and list"] | None = None) -> Ledger:
+    """The latest status of each URL over all complete shards (a retried URL's later shard wins), with, if
+    asked, keys of the caption it was stored with, or of the caption and caption list (the list null for
+    shards written without download.captions_col)."""
     reasons: dict[str, int] = {}
     parts: list[tuple[np.ndarray, ...]] = []
     # The latest shard first, each shard's rows in order: a URL's first row is then its latest attempt.
     for shard_id in reversed(complete_shards(output)):
         path = output / f"{shard_id:05d}.parquet"
         listed = ["captions"] if "captions" in pq.read_schema(path).names else []
-        table = pq.read_table(path, columns=["url", "caption", "status", "error_message", *listed])
+        listed = listed if captions == "caption and list" else []
+        table = pq.read_table(path, columns=["url", "status", "error_message", *(["caption"] if captions else []),
+                                             *listed])
         outcomes = [SUCCESS if status == "success" else reasons.setdefault(failure_reason(error or status),
                                                                            len(reasons))
                     for status, error in zip(table.column("status").to_pylist(),
                                              table.column("error_message").to_pylist(), strict=True)]
-        captions = table.column("caption").to_pylist()
-        lists = table.column("captions").to_pylist() if listed else [None] * table.num_rows
-        parts.append((url_keys(table.column("url")), np.array(outcomes, np.int32), caption_keys(captions),
-                      caption_keys(captions, lists)))
+        parts.append((url_keys(table.column("url")), np.array(outcomes, np.int32),
+                      _stored_caption_keys(table, captions)))
     if not parts:
-        return Ledger(np.empty(0, URL_KEY), np.empty(0, np.int32), [], np.empty(0, CAPTION_KEY),
-                      np.empty(0, CAPTION_KEY))
-    keys, outcomes, captions, with_lists = (np.concatenate(columns) for columns in zip(*parts, strict=True))
+        return Ledger(np.empty(0, URL_KEY), np.empty(0, np.int32), [], np.empty(0, CAPTION_KEY))
+    keys, outcomes, stored = (np.concatenate(columns) for columns in zip(*parts, strict=True))
     keys, first = np.unique(keys, return_index=True)  # stable: the first row of each URL
-    return Ledger(keys, outcomes[first], list(reasons), captions[first], with_lists[first])
+    return Ledger(keys, outcomes[first], list(reasons), stored[first] if captions else stored)
+
+
+def _stored_caption_keys(table: pa.Table, captions: str | None) -> np.ndarray:
+    if captions is None:
+        return np.empty(0, CAPTION_KEY)
+    lists = None
+    if captions == "caption and list":
+        lists = (table.column("captions").to_pylist() if "captions" in table.column_names
+                 else [None] * table.num_rows)
+    return caption_keys(table.column("caption").to_pylist(), lists)
 
 
 def reset_staging(staging: Path) -> None:

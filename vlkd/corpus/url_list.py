@@ -23,6 +23,7 @@ from vlkd.errors import VlkdError
 log = logging.getLogger(__name__)
 
 FORMATS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
+READ_BUFFER_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,10 @@ class UrlList:
     def _read(self, batch_size: int, malformed: list[dict] | None) -> Iterator[pa.RecordBatch]:
         names = self._wanted_columns()
         if self.fmt == "parquet":
-            yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_size, columns=names)
+            # Buffered reads: by default a row group's column chunks are loaded whole before decoding, and
+            # pq.write_table's row groups hold up to 1Mi rows (about 250 MB of a web list's text).
+            source = pq.ParquetFile(self.path, buffer_size=READ_BUFFER_BYTES, pre_buffer=False)
+            yield from source.iter_batches(batch_size=batch_size, columns=names)
             return
 
         def skip_malformed(row: pacsv.InvalidRow) -> str:
