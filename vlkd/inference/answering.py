@@ -67,10 +67,12 @@ class Generator:
                 self._kept[key] = rewrites_prompt(key[1], text)
         return [self._answers[key] for key in inputs]
 
-    def prompt_kept(self, prompts: list[str], features: FeatureRows) -> float:
+    def prompt_kept(self, prompts: list[str], features: FeatureRows | None) -> float:
         """The share of these (already answered) inputs whose generation rewrote the prompt as given before
-        its answer: the rewrite fidelity the paper's inference relies on (1.0 under forced decoding)."""
-        keys = list(zip(features.rows.tolist(), prompts, strict=True))
+        its answer: the rewrite fidelity the paper's inference relies on (1.0 under forced decoding).
+        `features` None: the language model's own, without an image."""
+        rows: list[int | None] = [None] * len(prompts) if features is None else features.rows.tolist()
+        keys = list(zip(rows, prompts, strict=True))
         return round(sum(self._kept[key] for key in keys) / max(1, len(keys)), 4)
 
     def _text_only(self, prompts: list[str]) -> list[str]:
