@@ -36,7 +36,7 @@ SUCCESS = -1  # a ledger outcome: the URL's latest attempt gave a sample; other 
 
 @dataclass(frozen=True)
 class Ledger:
-    """The latest attempt at every URL the shards hold, as arrays aligned with `keys` (keys.py): 36 bytes a
+    """The latest attempt at every URL the shards hold, as arrays aligned with `keys` (keys.py): 28 bytes a
     URL, where Python strings in a dict took about ten times that, and growing with every shard."""
 
     keys: np.ndarray  # URL keys, sorted, each once
