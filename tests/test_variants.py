@@ -13,7 +13,7 @@ import pytest
 import yaml
 from test_dvc_pipeline import PROJECT, make_tiny_project
 
-from vlkd.config import load_params
+from vlkd.config import DistillParams, load_params
 from vlkd.errors import VlkdError
 from vlkd.orchestrate.params import (
     apply_overrides,
@@ -169,3 +169,18 @@ def test_the_world_is_planned_only_when_a_stage_reads_it(tmp_path):
     assert [stage.name for stage in plan(root)] == ["download", "teacher", "features", "filter", "plm", "distill",
                                                     "evaluate", "package", "vlm", "finetune"]
     assert [stage.name for stage in plan(root, "synth")] == ["synth"]
+
+
+def test_the_papers_recipe_on_the_world_turns_off_exactly_the_worlds_extensions(project):
+    """configs/embedded-paper.yaml: the world's recipe with every distillation setting that is not the paper's
+    set back to the code's default (the paper's), and nothing else changed."""
+    for file in ("embedded", "embedded-paper"):
+        shutil.copy(PROJECT / "configs" / f"{file}.yaml", project / "configs" / f"{file}.yaml")
+    variant = find_project(project / "configs" / "embedded-paper.yaml")
+    params = preview(variant.root, variant.overrides, variant.recipe)
+    world = preview(variant.root, {}, variant.recipe)
+    paper = DistillParams()
+    changed = {key for key in DistillParams.model_fields if getattr(params.distill, key) != getattr(world.distill, key)}
+    assert changed == {"prefix", "retention_weight", "reading_weight", "whole_caption_share", "whole_caption_keep"}
+    assert all(getattr(params.distill, key) == getattr(paper, key) for key in changed)
+    assert params.model_dump(exclude={"distill"}) == world.model_dump(exclude={"distill"})
