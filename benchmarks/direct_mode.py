@@ -12,6 +12,8 @@ Against the same questions in the same run:
   plm, no text      the language model with the prompt alone (the question-type prior it has learnt)
   student, image    `[image prefix ; prompt]`, the paper's inference
   student, blank    the blank image's prefix (the evaluation's blank control)
+  student, true scene as text   the student's language model reading the scene's true description, no
+                    image: what distillation left of the reading it started from
 
 and for each, per question type: `gold` the mean probability of the gold answer's first token; `kind` the
 probability mass on first tokens of answers of the question's kind (every gold answer of that type in
@@ -80,6 +82,10 @@ def main() -> None:
                                              params.evaluate.cache / f"direct-{args.split}", patch, "cpu")
         features, blank = embedded[patch]
         name = "student" if not args.student or len(args.student) == 1 else f"student {folder}"
+        # the student's own language model reading the true scene as text, no image: what distillation left of
+        # the reading its language model had ("plm, true scene"), whatever the prefix does
+        readings[f"{name}, true scene as text"] = read(student, tokenizer, [d + p for d, p in zip(
+            described, prompts, strict=True)], [d + h for d, h in zip(described, heads, strict=True)])
         for condition, prefix in (("image", torch.stack([features[q["image_id"]] for q in questions])),
                                   ("blank", blank.expand(len(questions), *blank.shape))):
             readings[f"{name}, {condition}"] = read(student, tokenizer, prompts, heads, prefix)

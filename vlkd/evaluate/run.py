@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +112,8 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         run.predictions["prior"], run.results["prior"] = prior, prior_result
         _write_vqa_files(mode_folder(folder, mode, params.vqa_modes), run)
         runs[mode] = run
-    reader = Generator(student, plm, Asking.of(params), params.vqa_max_new_tokens)  # the language model alone
+    # the language model alone, forced to the prompt whatever evaluate.decoding: a rung is a ceiling (ladder.py)
+    reader = Generator(student, plm, replace(Asking.of(params), decoding="forced"), params.vqa_max_new_tokens)
     rungs = reading_rungs(name, spec, usable, prompts, questions, annotations, reader, params.plm, params.normalize)
     _write_predictions(folder / "ladder", {rung: result.pop("predictions") for rung, result in rungs.items()})
     headline = runs[params.vqa_modes[0]]
