@@ -15,6 +15,7 @@ import torch
 from vlkd.config import BenchmarkSpec
 from vlkd.data.image_features import embed_images
 from vlkd.errors import VlkdError
+from vlkd.evaluate.ladder import read_references
 from vlkd.models.teacher import Teacher
 from vlkd.record import fingerprint
 
@@ -45,8 +46,6 @@ def caption_features(captions: Path, image_ids: list[int], teacher: Teacher) -> 
     """For a student distilled with `aligned_teacher` (a diagnostic): the teacher's normalised text embedding of
     each image's first reference caption (COCO caption annotations) in place of its image embedding, and of an
     empty caption for the blank control. Images without a caption are left out, as undecodable ones are."""
-    from vlkd.evaluate.ladder import read_references  # the ladder's reader of the same files
-
     references = read_references(captions)
     kept = [image_id for image_id in image_ids if references.get(image_id)]
     if len(kept) < len(image_ids):

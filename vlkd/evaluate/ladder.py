@@ -9,6 +9,8 @@ From the top:
   captions     the language model reads the image's human reference captions (`captions`: COCO caption
                annotations of the benchmark's images; VQAv2's and OK-VQA's images are COCO's). What a student
                that read the image as well as a person describes it could reach.
+  aligned      (not computed here) a student distilled with `distill.aligned_teacher`: the caption's text
+               embedding in place of the image's, so that distillation is measured without the teacher.
   student      the student with the real teacher (each VQA mode), and under it the controls (blank,
                shuffled, text only, prior).
 
@@ -17,9 +19,8 @@ decoding: a rung is a ceiling, and the embedded language model does not rewrite 
 faithfully, so reading the answer out of its free rewrite measured the captions rung 24 points lower (41.07
 against 65.30; docs/experiments.md). A rung the benchmark has no file for is left out.
 
-`gap_closed` = (student - blank) / (rung - blank): the
-share of the way from the blank-image control to the rung that the student covers, overall and per question
-type.
+`gap_closed` = (student - blank) / (rung - blank): the share of the way from the blank-image control to the
+rung that the student covers, overall and per question type.
 
 Captions are joined in the annotations' order, as many whole captions as fit the language model's trained
 length with the prompt and the answer (past it a model reads noise, and past its positions it cannot read);
@@ -39,9 +40,6 @@ from vlkd.inference.answering import Generator
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
 
 log = logging.getLogger(__name__)
-
-RUNGS = ("description", "captions")
-
 
 def reading_rungs(name: str, spec: BenchmarkSpec, usable: list[dict], prompts: list[str], questions: dict,
                   annotations: dict, answerer: Generator, plm_folder: Path, normalize: str) -> dict[str, dict]:
