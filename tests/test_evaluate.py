@@ -417,6 +417,8 @@ def test_the_ladder_reads_each_images_description_and_captions_and_closes_the_ga
             expected = round((scores["overall"] - blank) / (top - blank), 4) if top - blank > 1e-9 else None
             assert scores["gap_closed"][rung]["overall"] == expected, (mode, rung)
     assert set(metrics["gap_closed"]["description"]["perQuestionType"]) == set(metrics["perQuestionType"])
+    assert all(metrics["ladder"][rung]["images_without_text"] == 0 and metrics["ladder"][rung]["images_shortened"] >= 0
+               for rung in ("description", "captions"))
     assert "The ladder of ceilings" in (tmp_path / "eval" / "report.html").read_text()
 
 

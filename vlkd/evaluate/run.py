@@ -122,7 +122,7 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
                "questions": len(records), "images_not_decoded": len(image_ids) - len(row_of),
                "modes": {mode: {**_mode_metrics(run.results, rungs), **_fidelity(run)} for mode, run in runs.items()},
                "ladder": {rung: {key: result[key] for key in ("overall", "perAnswerType", "perQuestionType",
-                                                              "images_without_text")}
+                                                              "images_without_text", "images_shortened")}
                           for rung, result in rungs.items()}}
     samples = vqa_samples(spec, records, annotations, headline.predictions, headline.results, params)
     others = {mode: run.answers() for mode, run in runs.items() if run is not headline}
