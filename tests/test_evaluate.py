@@ -422,6 +422,39 @@ def test_the_ladder_reads_each_images_description_and_captions_and_closes_the_ga
     assert "The ladder of ceilings" in (tmp_path / "eval" / "report.html").read_text()
 
 
+def test_the_ladders_answers_are_read_once_and_again_when_what_they_read_changes(trained, tmp_path, monkeypatch):
+    """A rung does not depend on the student: another evaluation reuses its answers from the cache, and a
+    changed input (here one image's description) reads that rung again, and only that rung."""
+    world = tmp_path / "world"
+    shutil.copytree(trained[0], world, ignore=shutil.ignore_patterns("images"))
+    params = eval_params(trained, tmp_path / "first", vqa_modes=["direct"], num_beams=1, cache=tmp_path / "cache")
+    vqa = params.benchmarks["vqa"].model_copy(update={"captions": world / "captions" / "annotations.json",
+                                                      "descriptions": world / "vqa" / "descriptions.json"})
+    params = params.model_copy(update={"benchmarks": {"vqa": vqa}})
+    asked: list[tuple[str, list[str]]] = []
+    answers = answering.Generator.answers
+
+    def recording(self, prompts, features, what):
+        asked.append((what, prompts))
+        return answers(self, prompts, features, what)
+
+    monkeypatch.setattr(answering.Generator, "answers", recording)
+    first = run.evaluate(params)["vqa"]
+    assert {"vqa description", "vqa captions"} <= {what for what, _ in asked}
+    asked.clear()
+    second = run.evaluate(params.model_copy(update={"output": tmp_path / "second"}))["vqa"]
+    assert asked and not {"vqa description", "vqa captions"} & {what for what, _ in asked}
+    assert second["ladder"] == first["ladder"]
+    descriptions = json.loads(vqa.descriptions.read_text())
+    descriptions[0]["description"] = "nothing to see here"
+    vqa.descriptions.write_text(json.dumps(descriptions))
+    asked.clear()
+    run.evaluate(params.model_copy(update={"output": tmp_path / "third"}))
+    read = {what: prompts for what, prompts in asked}
+    assert "vqa captions" not in read
+    assert any(prompt.startswith("nothing to see here. ") for prompt in read["vqa description"])
+
+
 def test_forced_decoding_rewrites_every_prompt_and_free_decoding_reports_how_often_it_did(trained, tmp_path):
     """`prompt_kept`: the share of direct-mode generations that wrote the prompt again before the answer
     (the rewrite fidelity the paper's inference relies on); forced decoding gives the decoder the prompt."""

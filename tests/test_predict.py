@@ -17,6 +17,7 @@ from test_evaluate import trained as trained  # noqa: F401 (the module fixture, 
 from vlkd import load_model
 from vlkd.cli import main
 from vlkd.config import PackageParams
+from vlkd.errors import VlkdError
 from vlkd.evaluate import run
 from vlkd.inference import answering
 from vlkd.inference.asking import Asking
@@ -177,3 +178,15 @@ def test_bad_input_is_one_clear_line(case, trained, packaged, tmp_path):  # noqa
                 "bad question file": "line 2 is not JSON", "no question": "no questions"}[case]
     assert expected in message
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_packaged_record_that_cannot_say_how_to_ask_is_one_clear_error():
+    record = {"vqa_prompt": "Question: {question} Answer: <mask>", "caption_prompt": "A picture of <mask>",
+              "describe_prompt": "A picture of <mask>", "num_beams": 5, "vqa_max_new_tokens": 10,
+              "caption_max_new_tokens": 30, "batch_size": 64}
+    assert Asking.of(record).decoding == "free"  # packaged before decoding was a setting
+    assert Asking.of({**record, "decoding": "forced"}).decoding == "forced"
+    with pytest.raises(VlkdError, match="decoding 'greedy'; it is one of free, forced"):
+        Asking.of({**record, "decoding": "greedy"}, "the model")
+    with pytest.raises(VlkdError, match="num_beams missing"):
+        Asking.of({k: v for k, v in record.items() if k != "num_beams"}, "the model")

@@ -25,6 +25,11 @@ rung that the student covers, overall and per question type.
 Captions are joined in the annotations' order, as many whole captions as fit the language model's trained
 length with the prompt and the answer (past it a model reads noise, and past its positions it cannot read);
 a description too long for it is cut. How many images' evidence was shortened is recorded.
+
+A rung's answers depend on the language model and the evidence, not on the student, yet every evaluation of a
+new student would read them again (half of the embedded world's evaluation). They are kept in the evaluation
+cache under everything they are computed from (the language model's files, the contexts read, the decoding
+settings, the code and the libraries' versions), so a changed input recomputes them, as the stage would.
 """
 
 from __future__ import annotations
@@ -37,15 +42,18 @@ from vlkd.config import BenchmarkSpec
 from vlkd.data.vqa_metric import read_json, score_vqa
 from vlkd.errors import VlkdError
 from vlkd.inference.answering import Generator
+from vlkd.io import write_json_atomic
 from vlkd.models.language_model import MANIFEST as PLM_MANIFEST
+from vlkd.record import content_hash, fingerprint, library_versions, stage_code
 
 log = logging.getLogger(__name__)
 
 def reading_rungs(name: str, spec: BenchmarkSpec, usable: list[dict], prompts: list[str], questions: dict,
-                  annotations: dict, answerer: Generator, plm_folder: Path, normalize: str) -> dict[str, dict]:
+                  annotations: dict, answerer: Generator, plm_folder: Path, normalize: str,
+                  cache: Path | None = None) -> dict[str, dict]:
     """{rung: score_vqa's result, with its "predictions"} for each rung the benchmark has a file for.
     Questions whose image has no text in the file are answered with nothing (scored 0) and
-    counted in "images_without_text"."""
+    counted in "images_without_text". `cache`: a folder that keeps the rungs' answers (None: always read)."""
     evidence = {}
     if spec.descriptions is not None:
         evidence["description"] = {i: [text] for i, text in read_descriptions(spec.descriptions).items()}
@@ -64,7 +72,7 @@ def reading_rungs(name: str, spec: BenchmarkSpec, usable: list[dict], prompts: l
     for rung, by_image in texts.items():
         asked = [(record, f"{by_image[record['image_id']].rstrip('. ')}. {prompt}")
                  for record, prompt in zip(usable, prompts, strict=True) if record["image_id"] in by_image]
-        answers = answerer.answers([context for _, context in asked], None, f"{name} {rung}")
+        answers = read_answers([context for _, context in asked], answerer, plm_folder, cache, f"{name} {rung}")
         by_id = {record["question_id"]: answer for (record, _), answer in zip(asked, answers, strict=True)}
         predictions = [{"question_id": q["question_id"], "answer": by_id.get(q["question_id"], "")}
                        for q in questions["questions"]]
@@ -78,6 +86,30 @@ def reading_rungs(name: str, spec: BenchmarkSpec, usable: list[dict], prompts: l
                           "predictions": predictions}
         log.info("%s %s rung: VQA accuracy %.2f", name, rung, results[rung]["overall"])
     return results
+
+
+def read_answers(contexts: list[str], answerer: Generator, plm_folder: Path, cache: Path | None,
+                 what: str) -> list[str]:
+    """The language model's answers to `contexts`, from `cache` when they were read before from the same
+    inputs; a language model without local files (a hub name) is always read."""
+    model = content_hash(plm_folder)
+    if cache is None or model is None:
+        return answerer.answers(contexts, None, what)
+    key = fingerprint({"language_model": model, "contexts": contexts, "num_beams": answerer.asking.num_beams,
+                       "batch_size": answerer.asking.batch_size, "decoding": answerer.asking.decoding,
+                       "max_new_tokens": answerer.max_new_tokens, "code": stage_code([__name__]),
+                       "libraries": library_versions()})
+    path = Path(cache) / f"{key[:24]}.json"
+    if path.is_file():
+        saved = read_json(path)
+        if saved.get("key") == key and len(saved.get("answers", ())) == len(contexts):
+            log.info("%s: the language model's answers to the same %d contexts reused from %s", what,
+                     len(contexts), path)
+            return saved["answers"]
+    answers = answerer.answers(contexts, None, what)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"key": key, "answers": answers})
+    return answers
 
 
 def gap_closed(score: dict, blank: dict, rung: dict, per_question_type: bool) -> dict:

@@ -114,7 +114,8 @@ def _vqa(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teacher, 
         runs[mode] = run
     # the language model alone, forced to the prompt whatever evaluate.decoding: a rung is a ceiling (ladder.py)
     reader = Generator(student, plm, replace(Asking.of(params), decoding="forced"), params.vqa_max_new_tokens)
-    rungs = reading_rungs(name, spec, usable, prompts, questions, annotations, reader, params.plm, params.normalize)
+    rungs = reading_rungs(name, spec, usable, prompts, questions, annotations, reader, params.plm, params.normalize,
+                          params.cache / name / "ladder")
     _write_predictions(folder / "ladder", {rung: result.pop("predictions") for rung, result in rungs.items()})
     headline = runs[params.vqa_modes[0]]
     metrics = {**_mode_metrics(headline.results, rungs, per_question_type=True), **_fidelity(headline),

@@ -7,6 +7,8 @@ from dataclasses import MISSING, asdict, dataclass, fields
 
 from vlkd.errors import VlkdError
 
+DECODINGS = ("free", "forced")
+
 
 @dataclass(frozen=True)
 class Asking:
@@ -31,7 +33,11 @@ class Asking:
         if missing:
             raise VlkdError(f"{where} does not say how to ask the model ({', '.join(missing)} missing); package "
                             "the model again with `vlkd package`")
-        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        asking = cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+        if asking.decoding not in DECODINGS:
+            raise VlkdError(f"{where} asks with decoding {asking.decoding!r}; it is one of {', '.join(DECODINGS)} "
+                            "(evaluate.decoding in params.yaml, or the packaged model's vlkd-model.json)")
+        return asking
 
     def as_dict(self) -> dict:
         return asdict(self)
