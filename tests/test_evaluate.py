@@ -113,6 +113,10 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert set(metrics["vqa"]) >= {"overall", "perAnswerType", "perQuestionType", "controls", "questions"}
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(metrics["captions"])
     assert metrics["retention"]["student_loss"] > 0 and metrics["retention"]["language_model_loss"] > 0
+    # the student was distilled with the code's defaults, the paper's recipe, and the scorecard says so
+    assert metrics["recipe"] == {"name": "VLKD (the paper's recipe)", "objectives": ["TTDM", "ITCL", "ICTI"],
+                                 "extensions": []}
+    assert "Student: VLKD (the paper&#x27;s recipe)" in (tmp_path / "eval" / "report.html").read_text()
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == metrics
 
     described = json.loads((tmp_path / "eval" / "vqa" / "descriptions_image.json").read_text())

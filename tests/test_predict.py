@@ -133,6 +133,7 @@ def test_the_model_card_names_teacher_lineage_params_and_scorecard_with_controls
     vqa = record["scorecard"]["vqa"]["modes"]["direct"]
     assert f"| vqa | direct | {vqa['overall']:.2f} | {vqa['controls']['blank']['overall']:.2f} |" in card
     assert "from vlkd import load_model" in card
+    assert "Student: VLKD (the paper's recipe).\n" in card
 
 
 def test_predict_counts_and_reports_an_undecodable_image_and_tags_rows_with_the_model(trained, evaluated, packaged,

@@ -15,6 +15,7 @@ from test_dvc_pipeline import PROJECT, make_tiny_project
 
 from vlkd.config import DistillParams, load_params
 from vlkd.errors import VlkdError
+from vlkd.evaluate.recipe import recipe
 from vlkd.orchestrate.params import (
     apply_overrides,
     check_pipeline_paths,
@@ -184,3 +185,9 @@ def test_the_papers_recipe_on_the_world_turns_off_exactly_the_worlds_extensions(
     assert changed == {"prefix", "retention_weight", "reading_weight", "whole_caption_share", "whole_caption_keep"}
     assert all(getattr(params.distill, key) == getattr(paper, key) for key in changed)
     assert params.model_dump(exclude={"distill"}) == world.model_dump(exclude={"distill"})
+    # each scorecard names the recipe: the paper's, or the world's with its extensions (vlkd/evaluate/recipe.py)
+    assert recipe(params.distill.model_dump())["name"] == "VLKD (the paper's recipe)"
+    assert recipe(world.distill.model_dump())["name"] == \
+        "VLKD + pseudo-QA + retention + patch prefix + whole-caption masking"
+    assert recipe({**params.distill.model_dump(), "ttdm_weight": 0, "itcl_weight": 0.0})["name"] == \
+        "VLKD without TTDM and ITCL"

@@ -257,6 +257,7 @@ def evaluate(params: Params, metrics_file: Path | None, run_log: Path | None, **
     stage = with_overrides(params.evaluate, **flags)
     metrics = run_evaluate(stage)
     write_metrics(metrics_file, run_log, metrics, started)
+    click.echo(f"student: {metrics['recipe']['name']}")
     for name, result in metrics.items():
         if "overall" in result:
             controls = ", ".join(f"{c} {v['overall']:.2f}" for c, v in result["controls"].items())

@@ -29,7 +29,7 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3
 
 def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParams) -> None:
     parts = [f"<!doctype html><meta charset=utf-8><title>vlkd evaluation</title><style>{_STYLE}</style>",
-             "<h1>vlkd: zero-shot evaluation</h1>",
+             "<h1>vlkd: zero-shot evaluation</h1>", _recipe(metrics.get("recipe")),
              f"<p class=small>student {html.escape(str(params.student))}, language model "
              f"{html.escape(str(params.plm))}; prompts <code>{html.escape(params.vqa_prompt)}</code> and "
              f"<code>{html.escape(params.caption_prompt)}</code> (VQA modes {', '.join(params.vqa_modes)}, "
@@ -49,6 +49,16 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
         parts.append(f"<h2>{html.escape(name)}: samples</h2><div class=cards>{cards}</div>")
     parts.append(_curves(params.curves))
     path.write_text(project_relative("\n".join(parts) + "\n", path), encoding="utf-8")
+
+
+def _recipe(recipe: dict | None) -> str:
+    """The student's recipe as the headline says it: VLKD as published, or with each extension named."""
+    if not recipe:
+        return ""
+    extensions = recipe.get("extensions") or []
+    note = ("; not in the paper: " + ", ".join(extensions) + " (docs/method.md)") if extensions else ""
+    return (f"<p><b>Student: {html.escape(recipe['name'])}</b><br><span class=small>objectives "
+            f"{' + '.join(recipe.get('objectives') or []) or 'none'}{html.escape(note)}</span></p>")
 
 
 def _summary_table(metrics: dict, params: EvaluateParams) -> str:

@@ -39,6 +39,7 @@ from vlkd.errors import VlkdError
 from vlkd.evaluate.caption_metric import score_captions
 from vlkd.evaluate.images import caption_features, image_features
 from vlkd.evaluate.ladder import gap_closed, reading_rungs
+from vlkd.evaluate.recipe import student_recipe
 from vlkd.evaluate.report import caption_samples, vqa_samples, write_report
 from vlkd.inference.answering import (
     FeatureRows,
@@ -79,7 +80,7 @@ def evaluate(params: EvaluateParams) -> dict:
     check_teacher(student.config.teacher, teacher.fingerprint.as_dict(), where=f"the teacher {params.teacher}")
     bart, tokenizer = load_language_model(params.plm, "evaluate.plm")
     plm = (bart.to(device).eval(), tokenizer)
-    metrics, samples = {}, {}
+    metrics, samples = {"recipe": student_recipe(params.student)}, {}
     with building_folder(params.output, MANIFEST, "evaluation", "evaluate.output") as building:
         for name, spec in params.benchmarks.items():
             run = _vqa if spec.task == "vqa" else _captions

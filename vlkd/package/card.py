@@ -69,6 +69,10 @@ def _scorecard(scorecard: dict, modes: list[str]) -> str:
     """Each benchmark's score with the image and under each control: a score is read against what the
     question alone, a blank image or another image already get."""
     lines = ["## Scorecard\n", "Zero-shot, with the controls each score is to be read against (vlkd evaluate).\n"]
+    if scorecard.get("recipe"):
+        extensions = scorecard["recipe"].get("extensions")
+        lines.append(f"Student: {scorecard['recipe']['name']}"
+                     + (f" (not in the paper: {', '.join(extensions)})" if extensions else "") + ".\n")
     vqa = {name: m for name, m in scorecard.items() if isinstance(m, dict) and "perAnswerType" in m}
     if vqa:
         lines += ["| benchmark | mode | with the image | " + " | ".join(VQA_CONTROLS) + " |",
