@@ -26,6 +26,9 @@ td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3
 .small{font-size:85%;color:#555}svg{border:1px solid #ddd;margin:4px}
 """
 
+_DECODING = {"free": "the answer is cut out of the model's rewrite of the prompt",
+             "forced": "the decoder is given the prompt up to its mask and writes only the answer"}
+
 
 def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParams) -> None:
     parts = [f"<!doctype html><meta charset=utf-8><title>vlkd evaluation</title><style>{_STYLE}</style>",
@@ -34,7 +37,7 @@ def write_report(path: Path, metrics: dict, samples: dict, params: EvaluateParam
              f"{html.escape(str(params.plm))}; prompts <code>{html.escape(params.vqa_prompt)}</code> and "
              f"<code>{html.escape(params.caption_prompt)}</code> (VQA modes {', '.join(params.vqa_modes)}, "
              f"describing with <code>{html.escape(params.describe_prompt)}</code>), {params.num_beams} beams, "
-             f"VQA normalisation {params.normalize}</p>",
+             f"{params.decoding} decoding ({_DECODING[params.decoding]}), VQA normalisation {params.normalize}</p>",
              _summary_table(metrics, params), _retention(metrics.get("retention", {}))]
     ladders = [_ladder(name, metrics[name]) for name, spec in params.benchmarks.items()
                if spec.task == "vqa" and metrics[name].get("ladder")]
