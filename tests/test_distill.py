@@ -178,6 +178,24 @@ def test_prefixes_have_the_right_shape_and_wrong_features_are_refused(setup):
         patch.visual_prefix(torch.randn(2, 16))
 
 
+@pytest.mark.parametrize("where", ["after_prefix", "from_start"])
+def test_from_start_the_text_is_read_at_the_positions_of_pretraining(setup, where):
+    """With the prefix hidden from attention, the encoder's text states equal the language model's own on the text
+    alone when the text keeps its pretraining positions (from_start), and differ when it sits behind the prefix."""
+    student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8, prefix_tokens=3,
+                                                                  text_positions=where)).eval()
+    encoded = student.tokenizer(["a red circle", "a large blue square at the top"], padding=True, return_tensors="pt")
+    encoder = student.bart.get_encoder()
+    with torch.no_grad():
+        alone = encoder(input_ids=encoded.input_ids, attention_mask=encoded.attention_mask).last_hidden_state
+        embeds, mask = student.encoder_inputs(encoded.input_ids, encoded.attention_mask, torch.randn(2, 8))
+        mask[:, :3] = 0
+        behind = encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, 3:]
+    real = encoded.attention_mask.bool()
+    same = torch.allclose(alone[real], behind[real], atol=1e-5, rtol=1e-4)
+    assert same == (where == "from_start")
+
+
 def test_text_embedding_ignores_padding(setup):
     student = Student.from_language_model(setup[1], StudentConfig(teacher=TEACHER, embed_dim=8)).eval()
     alone = student.tokenizer(["a red circle"], return_tensors="pt")

@@ -220,6 +220,9 @@ class DistillParams(Section):
     plots: Path = Path("metrics/distill")  # dvclive's per-step curves, for `dvc plots`
     prefix: Literal["pooled", "patch"] = "pooled"  # visual prefix: the pooled embedding or patch tokens
     prefix_tokens: int = Field(1, ge=1, description="visual tokens made from the pooled embedding (pooled only)")
+    # Where the text sits behind the prefix (vlkd/models/student.py): after_prefix, a plain concatenation; from_start,
+    # the text at the positions of the language model's pretraining and the prefix without a text position.
+    text_positions: Literal["after_prefix", "from_start"] = "after_prefix"
     # A diagnostic, not a recipe (the ladder's `aligned` rung, vlkd.evaluate.ladder): every image embedding is
     # replaced by the teacher's text embedding of the row's caption, as a perfectly aligned teacher would give;
     # evaluation then feeds such a student the text embedding of each image's first reference caption.

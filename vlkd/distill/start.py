@@ -49,6 +49,9 @@ def build_student(params: DistillParams, store: FeatureStore, init: Path | None)
         if student.config.aligned_teacher != params.aligned_teacher:
             raise VlkdError(f"the student in {init} was distilled with aligned_teacher "
                             f"{student.config.aligned_teacher}, not {params.aligned_teacher}; drop distill.init")
+        if student.config.text_positions != params.text_positions:
+            raise VlkdError(f"the student in {init} reads its text {student.config.text_positions}, not distill."
+                            f"text_positions {params.text_positions}; set it to match or drop distill.init")
         if student.config.prefix != params.prefix:
             raise VlkdError(f"the student in {init} has a {student.config.prefix} prefix, not "
                             f"distill.prefix {params.prefix}; set distill.prefix to match or drop distill.init")
@@ -59,7 +62,7 @@ def build_student(params: DistillParams, store: FeatureStore, init: Path | None)
     config = StudentConfig(teacher=store.teacher, embed_dim=store.embed_dim, prefix=params.prefix,
                            prefix_tokens=params.prefix_tokens, visual_width=visual_width,
                            itcl_temperature=params.itcl_temperature, plm=plm_manifest(params.plm),
-                           aligned_teacher=params.aligned_teacher)
+                           aligned_teacher=params.aligned_teacher, text_positions=params.text_positions)
     student = Student.from_language_model(params.plm, config)
     student.logit_scale.requires_grad_(params.itcl_learnable_temperature)
     return student

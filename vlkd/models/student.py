@@ -5,6 +5,10 @@
       prefix in front of the token embeddings at the encoder input, with the attention mask extended.
       `pooled`: the pooled image embedding [B, E] → `prefix_tokens` tokens; `patch`: the teacher's
       final-layer patch tokens [B, T, W] → T tokens.
+  Where the text sits (`text_positions`): `after_prefix`, a plain concatenation, the prefix takes BART's
+      positions 0..P-1 and the text P.. ; `from_start`, the text keeps the positions 0.. it had in the language
+      model's pretraining and the prefix tokens carry no text position (as VL-T5/VL-BART give visual tokens
+      their own embeddings), so the language model reads its text where it learnt to, with or without an image.
 
 On disk (`Student.save_pretrained`): BART's and the tokenizer's own `save_pretrained` files, the
 projections in `projections.safetensors`, and `vlkd-student.json` naming the teacher the student was
@@ -31,6 +35,7 @@ from vlkd.models.infill import generate_infills
 STUDENT_CONFIG = "vlkd-student.json"
 PROJECTIONS = "projections.safetensors"
 FORMAT = 1
+TEXT_POSITIONS = ("after_prefix", "from_start")
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,14 @@ class StudentConfig:
     itcl_temperature: float = 0.01
     plm: dict = field(default_factory=dict)  # the language model's manifest (name, source, sha256)
     aligned_teacher: bool = False  # a diagnostic student: distilled with captions' text embeddings for images
+    text_positions: str = "after_prefix"  # after_prefix | from_start (the module's docstring)
     format: int = FORMAT
 
     def __post_init__(self):
         if self.prefix not in ("pooled", "patch"):
             raise VlkdError(f"unknown prefix kind {self.prefix!r}; use pooled or patch")
+        if self.text_positions not in TEXT_POSITIONS:
+            raise VlkdError(f"unknown text_positions {self.text_positions!r}; use {' or '.join(TEXT_POSITIONS)}")
 
 
 class Student(nn.Module):
@@ -88,10 +96,20 @@ class Student(nn.Module):
     def encoder_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[visual prefix ; token embeddings] and the attention mask extended over the prefix."""
+        encoder = self.bart.get_encoder()
         prefix = self.visual_prefix(image_features)
-        embeddings = self.bart.get_encoder().embed_tokens(input_ids)  # BART's scaled embedding
+        embeddings = encoder.embed_tokens(input_ids)  # BART's scaled embedding
+        prefix = prefix.to(embeddings.dtype)
+        if self.config.text_positions == "from_start":
+            # BART's encoder adds the learnt embedding of positions 0..P+T-1 to whatever it is given; taking out
+            # what it will add and putting in positions 0..T-1 moves the text to where pretraining had it and
+            # leaves the prefix without a text position (the module's own table: any BART's offset and size).
+            count, length = prefix.shape[1], embeddings.shape[1]
+            table = encoder.embed_positions(embeddings.new_zeros(1, count + length))[0].to(embeddings.dtype)
+            prefix = prefix - table[:count]
+            embeddings = embeddings + (table[:length] - table[count:])
         prefix_mask = attention_mask.new_ones(prefix.shape[:2])
-        return torch.cat([prefix.to(embeddings.dtype), embeddings], 1), torch.cat([prefix_mask, attention_mask], 1)
+        return torch.cat([prefix, embeddings], 1), torch.cat([prefix_mask, attention_mask], 1)
 
     def infilling_loss(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                        image_features: torch.Tensor | None) -> torch.Tensor:
