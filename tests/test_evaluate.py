@@ -113,6 +113,8 @@ def test_evaluation_writes_official_predictions_metrics_controls_and_a_report(tr
     assert set(metrics["vqa"]) >= {"overall", "perAnswerType", "perQuestionType", "controls", "questions"}
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(metrics["captions"])
     assert metrics["retention"]["student_loss"] > 0 and metrics["retention"]["language_model_loss"] > 0
+    # the same held-out text read behind the blank image's prefix, as the student was distilled
+    assert 0 < metrics["retention"]["student_loss_blank_image"] != metrics["retention"]["student_loss"]
     # the student was distilled with the code's defaults, the paper's recipe, and the scorecard says so
     assert metrics["recipe"] == {"name": "VLKD (the paper's recipe)", "objectives": ["TTDM", "ITCL", "ICTI"],
                                  "extensions": []}

@@ -140,7 +140,12 @@ def _retention(retention: dict) -> str:
         return f"<p>Text retention: {html.escape(str(retention.get('skipped', 'not measured')))}</p>"
     return (f"<h2>Text retention</h2><p>Infilling loss on {retention['documents']} held-out documents: language "
             f"model {retention['language_model_loss']:.4f}, student {retention['student_loss']:.4f} "
-            f"(change {retention['loss_increase']:+.4f}).</p>")
+            f"(change {retention['loss_increase']:+.4f}); the student with the blank image's prefix in front, as it "
+            f"was distilled, {_loss(retention.get('student_loss_blank_image'))}.</p>")
+
+
+def _loss(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
 
 
 def _vqa_cards(samples: list[dict]) -> str:
