@@ -1,20 +1,22 @@
-"""The VLKD paper's own recipe on the embedded world (configs/embedded-paper.yaml: TTDM + ITCL + ICTI from the
-pooled image embedding), with variants and seeds, and where its score is lost on the ladder of ceilings. The
-reproducible form of docs/experiments.md's "The paper's recipe on the miniature".
+"""The VLKD paper's recipe on the embedded world (the project's params.yaml, configs/embedded.yaml: TTDM + ITCL +
+ICTI from the pooled image embedding), with variants and seeds, and where its score is lost on the ladder of
+ceilings. The reproducible form of docs/experiments.md's "The paper's recipe as recorded".
 
     python benchmarks/paper_recipe.py --workdir /tmp/paper [--project .] [--seeds 0 1 2]
-        [--only paper paper-forced ...] [--variant NAME KEY=VALUE ...]... [--set KEY=VALUE ...]
+        [--only paper no-ttdm ...] [--variant NAME KEY=VALUE ...]... [--set KEY=VALUE ...]
 
 Variants (VARIANTS below; `--variant` adds one, `--only` picks some, in its order; the first is the one the
-others are compared with): paper (the overlay as is, free decoding), paper-forced (forced decoding), no-ttdm,
-no-itcl, no-icti (one objective's weight 0, forced), aligned (distill.aligned_teacher: the ladder's rung of a
-perfectly aligned teacher, forced).
+others are compared with): paper (params.yaml as is), paper-free (the answer read from the free rewrite), one-token
+(one prefix token and every weight at one rate: the code's defaults, the paper's recipe as first measured),
+no-ttdm, no-itcl, no-icti (one objective's weight 0), aligned (distill.aligned_teacher: the ladder's rung of a
+perfectly aligned teacher), plus-retention and plus-pseudoqa (one extension on), extended (every setting of
+configs/embedded-extended.yaml: the four extensions).
 
 Each variant and seed is a scratch project, `<workdir>/<variant>/seed<k>/`: `data/` links to the project's built
 features, filtered rows, language model, teacher, world and evaluation cache (`dvc repro filter plm` builds them),
-and its params.yaml is the project's with the overlay's sections over it, then the variant's and `--set`'s
-values (`section.field=<YAML>`) and `distill.seed=<k>`. In it the project's own `vlkd distill` and `vlkd
-evaluate` run (logs in `logs/`); a step whose metrics file exists is not run again, so a killed run resumes.
+and its params.yaml is the project's with the variant's and `--set`'s values (`section.field=<YAML>`) and
+`distill.seed=<k>`. In it the project's own `vlkd distill` and `vlkd evaluate` run (logs in `logs/`); a step
+whose metrics file exists is not run again, so a killed run resumes.
 
 Collects each evaluation's direct VQA with its controls, the ladder's rungs (the language model reading the
 image's captions or its true description) and the share of the gap from the blank control to each rung the
@@ -22,8 +24,8 @@ student closes, prompt_kept, describe-mode VQA, the shifted world's VQA, CIDEr a
 writes them to `<workdir>/results.json` and prints markdown tables: each score's mean ± sd over seeds per
 variant, and each variant's paired difference from the first with a 95% t-interval.
 
-One variant and seed on a quiet 2-core CPU: about 2 minutes of distillation (the paper's pooled prefix) and 2-3
-of evaluation; the six built-in variants with three seeds, about an hour and a half.
+One variant and seed on a quiet 2-core CPU: about a minute and a half of distillation (three with pseudo-QA) and
+one of evaluation once the ladder's answers are cached.
 """
 
 from __future__ import annotations
@@ -40,16 +42,20 @@ import yaml
 from noisy_world import interval, spread  # benchmarks/, this script's folder, is on sys.path
 
 PROJECT = Path(__file__).resolve().parents[1]
-OVERLAY = "configs/embedded-paper.yaml"
+EXTENDED = "configs/embedded-extended.yaml"
 LINKED = ("features", "filtered", "plm", "teacher", "world", "cache")  # data/ folders the runs read, never write
-FORCED = {"evaluate.decoding": "forced"}
+FREE = {"evaluate.decoding": "free"}
 VARIANTS = {
     "paper": {},
-    "paper-forced": FORCED,
-    "no-ttdm": {"distill.ttdm_weight": 0, **FORCED},
-    "no-itcl": {"distill.itcl_weight": 0, **FORCED},
-    "no-icti": {"distill.icti_weight": 0, **FORCED},
-    "aligned": {"distill.aligned_teacher": True, **FORCED},
+    "paper-free": FREE,
+    "one-token": {"distill.prefix_tokens": 1, "distill.language_model_lr": None},
+    "no-ttdm": {"distill.ttdm_weight": 0},
+    "no-itcl": {"distill.itcl_weight": 0},
+    "no-icti": {"distill.icti_weight": 0},
+    "aligned": {"distill.aligned_teacher": True},
+    "plus-retention": {"distill.retention_weight": 1.0},
+    "plus-pseudoqa": {"distill.reading_weight": 1.0},
+    "extended": None,  # configs/embedded-extended.yaml's settings, read when the variant runs
 }
 SCRATCH = {"distill.init": None, "distill.checkpoints": "data/checkpoints/distill", "distill.plots": "metrics/distill",
            "evaluate.curves": "metrics/distill"}
@@ -85,7 +91,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="section.field=value overrides (YAML) for every variant")
     args = parser.parse_args()
     project, work = args.project.resolve(), args.workdir.resolve()
-    variants = {**VARIANTS, **{name: dict(map(assignment, rest)) for name, *rest in args.variant}}
+    variants = {**VARIANTS, "extended": overlay_values(args.project.resolve() / EXTENDED),
+                **{name: dict(map(assignment, rest)) for name, *rest in args.variant}}
     if args.only:
         unknown = [name for name in args.only if name not in variants]
         if unknown:
@@ -95,7 +102,7 @@ def main() -> None:
     if missing:
         sys.exit(f"{project}/data lacks {', '.join(missing)}: run `dvc repro filter plm` there first")
     base = recipe(project, dict(map(assignment, args.set)))
-    results = {"project": str(project), "overlay": OVERLAY, "set": args.set, "seeds": args.seeds, "variants": {}}
+    results = {"project": str(project), "set": args.set, "seeds": args.seeds, "variants": {}}
     for name, overrides in variants.items():
         results["variants"][name] = {"overrides": overrides, "seeds": {}}
         for seed in args.seeds:
@@ -114,13 +121,15 @@ def assignment(text: str) -> tuple[str, object]:
 
 
 def recipe(project: Path, overrides: dict) -> dict:
-    """The project's params.yaml with the overlay's sections over it, then `overrides`."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    overlay = yaml.safe_load((project / OVERLAY).read_text())
-    for section, values in overlay.items():
-        if section != "base":
-            params[section].update(values)
-    return with_values(params, overrides)
+    """The project's params.yaml with `overrides`."""
+    return with_values(yaml.safe_load((project / "params.yaml").read_text()), overrides)
+
+
+def overlay_values(path: Path) -> dict:
+    """An overlay's settings as {"section.field": value} (its `base` is the project's recipe)."""
+    overlay = yaml.safe_load(path.read_text())
+    return {f"{section}.{field}": value for section, values in overlay.items() if section != "base"
+            for field, value in values.items()}
 
 
 def with_values(params: dict, overrides: dict) -> dict:

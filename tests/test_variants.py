@@ -172,22 +172,27 @@ def test_the_world_is_planned_only_when_a_stage_reads_it(tmp_path):
     assert [stage.name for stage in plan(root, "synth")] == ["synth"]
 
 
-def test_the_papers_recipe_on_the_world_turns_off_exactly_the_worlds_extensions(project):
-    """configs/embedded-paper.yaml: the world's recipe with every distillation setting that is not the paper's
-    set back to the code's default (the paper's), and nothing else changed."""
-    for file in ("embedded", "embedded-paper"):
+def test_the_worlds_recipe_is_the_papers_and_the_extended_overlay_turns_on_exactly_the_extensions(project):
+    """configs/embedded.yaml distils with the paper's recipe: every extension at the code's default (off).
+    configs/embedded-extended.yaml turns on the four extensions, with the rate and decoding they were recorded with,
+    and changes nothing else."""
+    for file in ("embedded", "embedded-extended"):
         shutil.copy(PROJECT / "configs" / f"{file}.yaml", project / "configs" / f"{file}.yaml")
-    variant = find_project(project / "configs" / "embedded-paper.yaml")
-    params = preview(variant.root, variant.overrides, variant.recipe)
+    variant = find_project(project / "configs" / "embedded-extended.yaml")
+    extended = preview(variant.root, variant.overrides, variant.recipe)
     world = preview(variant.root, {}, variant.recipe)
-    paper = DistillParams()
-    changed = {key for key in DistillParams.model_fields if getattr(params.distill, key) != getattr(world.distill, key)}
-    assert changed == {"prefix", "retention_weight", "reading_weight", "whole_caption_share", "whole_caption_keep"}
-    assert all(getattr(params.distill, key) == getattr(paper, key) for key in changed)
-    assert params.model_dump(exclude={"distill"}) == world.model_dump(exclude={"distill"})
-    # each scorecard names the recipe: the paper's, or the world's with its extensions (vlkd/evaluate/recipe.py)
-    assert recipe(params.distill.model_dump())["name"] == "VLKD (the paper's recipe)"
-    assert recipe(world.distill.model_dump())["name"] == \
+    code = DistillParams()
+    extensions = {"prefix", "retention_weight", "reading_weight", "whole_caption_share", "whole_caption_keep"}
+    assert all(getattr(world.distill, key) == getattr(code, key) for key in extensions)
+    changed = {key for key in DistillParams.model_fields
+               if getattr(extended.distill, key) != getattr(world.distill, key)}
+    assert changed == extensions | {"prefix_tokens", "language_model_lr"}
+    assert extended.evaluate.decoding == "free" and world.evaluate.decoding == "forced"
+    assert extended.model_dump(exclude={"distill", "evaluate"}) == world.model_dump(exclude={"distill", "evaluate"})
+    assert extended.evaluate.model_dump(exclude={"decoding"}) == world.evaluate.model_dump(exclude={"decoding"})
+    # each scorecard names the recipe: the paper's, or with each extension (vlkd/evaluate/recipe.py)
+    assert recipe(world.distill.model_dump())["name"] == "VLKD (the paper's recipe)"
+    assert recipe(extended.distill.model_dump())["name"] == \
         "VLKD + pseudo-QA + retention + patch prefix + whole-caption masking"
-    assert recipe({**params.distill.model_dump(), "ttdm_weight": 0, "itcl_weight": 0.0})["name"] == \
+    assert recipe({**world.distill.model_dump(), "ttdm_weight": 0, "itcl_weight": 0.0})["name"] == \
         "VLKD without TTDM and ITCL"
