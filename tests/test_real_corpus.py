@@ -172,7 +172,7 @@ def test_evaluation_scores_the_variants_benchmarks_only(user_run):
     root, result = user_run
     metrics = json.loads((root / "metrics/evaluate.json").read_text())
     assert set(metrics) == {"recipe", "vqav2", "coco-captions", "retention"}
-    assert metrics["recipe"]["name"] == "VLKD (the paper's recipe)"  # the CC3M variant runs the paper's recipe
+    assert metrics["recipe"]["name"] == "VLKD + patch prefix"  # the paper's recipe, with the user's patch prefix
     assert metrics["vqav2"]["questions"] == 2 * len(EVAL_IMAGE_IDS) and metrics["vqav2"]["images_not_decoded"] == 0
     assert metrics["vqav2"]["mode"] == "direct"
     assert metrics["coco-captions"]["images_not_decoded"] == 0
