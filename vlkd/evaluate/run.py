@@ -255,6 +255,7 @@ def _captions(name: str, spec: BenchmarkSpec, student: Student, plm: tuple, teac
     return metrics, caption_samples(spec, annotations, predictions, results, params)
 
 
+@torch.inference_mode()
 def _retention(params: EvaluateParams, student: Student, plm: tuple, device: torch.device,
                blank: torch.Tensor) -> dict:
     """Infilling loss on held-out text before and after distillation, with the same noise for both; and the
